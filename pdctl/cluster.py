@@ -1,0 +1,54 @@
+"""The verbs behind the CLI, callable from tests and scripts: load a profile, plan it on this host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdctl.engines import runtime, tinymodel
+from pdctl.engines.commands import LaunchPrefix
+from pdctl.gpus import GpuSource, discover
+from pdctl.plan import Plan, make_plan
+from pdctl.profile import ClusterProfile, load_profile
+
+
+@dataclass
+class PlannedCluster:
+    profile: ClusterProfile
+    plan: Plan
+
+
+def engine_python(profile: ClusterProfile) -> Path | None:
+    if profile.engine.kind == "sim" or profile.engine.command:
+        return None
+    return profile.engine.python or runtime.default_runtime_dir() / "bin" / "python"
+
+
+def launch_prefix(profile: ClusterProfile, python: Path | None) -> LaunchPrefix:
+    if profile.engine.command:
+        return LaunchPrefix(argv=tuple(profile.engine.command))
+    if python is None:
+        return LaunchPrefix(argv=())
+    return runtime.launch_prefix(python)
+
+
+def model_path(profile: ClusterProfile) -> str:
+    return str(tinymodel.default_model_dir()) if profile.model.is_builtin_tiny else profile.model.path
+
+
+def plan_profile(
+    path: Path, gpu_source: GpuSource | None = None, force: bool = False, cores: list[int] | None = None
+) -> PlannedCluster:
+    profile = load_profile(path)
+    python = engine_python(profile)
+    plan = make_plan(
+        profile,
+        discover(gpu_source),
+        model_path=model_path(profile),
+        launch_prefix=launch_prefix(profile, python),
+        engine_python=python,
+        profile_path=path.resolve(),
+        force=force,
+        cores=cores,
+    )
+    return PlannedCluster(profile, plan)

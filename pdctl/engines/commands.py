@@ -1,0 +1,173 @@
+"""From a planned instance to the exact argv and environment of its engine: pure functions.
+
+The README's "Profile to engine" table documents this mapping; tests pin it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
+from pdctl.placement import Assignment, DeviceMode
+from pdctl.profile import ClusterProfile
+
+KV_ROLE = {
+    ExecutionInstanceType.PREFILLING: "kv_producer",
+    ExecutionInstanceType.DECODING: "kv_consumer",
+}
+SIM_ROLE = {
+    ExecutionInstanceType.PREFILLING: "prefill",
+    ExecutionInstanceType.DECODING: "decode",
+    ExecutionInstanceType.HYBRID: "hybrid",
+}
+
+
+@dataclass(frozen=True)
+class LaunchPrefix:
+    """How the engine program is started: `vllm serve MODEL` takes the model positionally, the module form
+    (`python -m vllm.entrypoints.openai.api_server --model MODEL`) as a flag."""
+
+    argv: tuple[str, ...]
+    model_positional: bool = False
+
+
+@dataclass
+class EngineCommand:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InstanceContext:
+    """Everything about one instance that the profile alone does not say."""
+
+    instance: ExecutionInstance
+    assignment: Assignment
+    device: DeviceMode
+    model_path: str
+    nixl_port: int
+
+
+def vllm_command(profile: ClusterProfile, ctx: InstanceContext, prefix: LaunchPrefix) -> EngineCommand:
+    instance = ctx.instance
+    model = [ctx.model_path] if prefix.model_positional else ["--model", ctx.model_path]
+    argv = [*prefix.argv, *model, "--served-model-name", instance.model_name or profile.served_model_name]
+    argv += ["--host", instance.host, "--port", str(instance.port)]
+    argv += _parallelism_args(instance)
+    argv += _batching_args(profile, instance)
+    argv += _model_args(profile)
+    if profile.router.scheduling_policy == "slo_aware":
+        argv += ["--scheduling-policy", "priority"]
+    command = EngineCommand(argv=argv)
+    _add_kv_transfer(profile, ctx, command)
+    _add_device_env(profile, ctx, command)
+    if ctx.device == "cuda":
+        command.argv += ["--gpu-memory-utilization", str(memory_fraction(profile, instance))]
+    command.argv += profile.engine.extra_args
+    command.env.update(profile.engine.env)
+    return command
+
+
+def memory_fraction(profile: ClusterProfile, instance: ExecutionInstance) -> float:
+    """Share of each GPU's memory the engine takes. PrefillingConfig has no such knob: the PD config's applies."""
+    if instance.instance_type is ExecutionInstanceType.PREFILLING:
+        return profile.pd.kv_cache_memory_fraction
+    return (instance.decoding_config or profile.decode).kv_cache_memory_fraction
+
+
+def _parallelism_args(instance: ExecutionInstance) -> list[str]:
+    tp = instance.tensor_parallel_size or 1
+    pp = instance.pipeline_parallel_size or 1
+    argv = ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+    data_parallel = (instance.gpu_count or tp * pp) // (tp * pp)
+    if data_parallel > 1:
+        argv += ["--data-parallel-size", str(data_parallel)]
+    return argv
+
+
+def _batching_args(profile: ClusterProfile, instance: ExecutionInstance) -> list[str]:
+    prefix_caching = (instance.decoding_config or profile.decode).enable_prefix_caching
+    argv = ["--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
+    if instance.instance_type is ExecutionInstanceType.PREFILLING:
+        prefill = instance.prefilling_config or profile.prefill
+        argv += ["--max-num-seqs", str(prefill.target_batch_size)]
+        argv += ["--enable-chunked-prefill" if prefill.enable_chunked_prefill else "--no-enable-chunked-prefill"]
+        argv += ["--max-num-batched-tokens", str(prefill.max_chunk_size_tokens)]
+    else:
+        decode = instance.decoding_config or profile.decode
+        argv += ["--max-num-seqs", str(decode.max_parallel_requests)]
+    return argv
+
+
+def _model_args(profile: ClusterProfile) -> list[str]:
+    argv: list[str] = []
+    load_format = profile.engine.load_format or ("dummy" if profile.model.is_builtin_tiny else None)
+    if load_format:
+        argv += ["--load-format", load_format]
+    if profile.model.max_model_len:
+        argv += ["--max-model-len", str(profile.model.max_model_len)]
+    if profile.model.dtype:
+        argv += ["--dtype", profile.model.dtype]
+    if profile.engine.seed is not None:
+        argv += ["--seed", str(profile.engine.seed)]
+    return argv
+
+
+def _add_kv_transfer(profile: ClusterProfile, ctx: InstanceContext, command: EngineCommand) -> None:
+    role = KV_ROLE.get(ctx.instance.instance_type)
+    if role is None or not profile.pd.enabled:
+        return
+    host_buffer = ctx.device == "cpu" or profile.pd.kv_cache_storage == "cpu"
+    config = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu" if host_buffer else "cuda"}
+    command.argv += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
+    command.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ctx.nixl_port)
+    command.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = ctx.instance.host
+
+
+def _add_device_env(profile: ClusterProfile, ctx: InstanceContext, command: EngineCommand) -> None:
+    if ctx.device == "cpu":
+        command.env["VLLM_CPU_KVCACHE_SPACE"] = _number(profile.cpu.kv_cache_space_gib)
+        command.env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_spec(ctx.assignment.cpu_cores, ctx.instance)
+        return
+    # UUIDs, not indices: CUDA's own device order can differ from NVML's, UUIDs cannot be misread.
+    command.env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu.uuid for gpu in ctx.assignment.gpus)
+    command.env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+
+
+def cpu_bind_spec(cores: list[int], instance: ExecutionInstance) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND: one core range per tensor/pipeline rank, ranks separated by `|`."""
+    ranks = (instance.tensor_parallel_size or 1) * (instance.pipeline_parallel_size or 1)
+    share = max(1, len(cores) // ranks)
+    groups = [cores[i * share : (i + 1) * share] or cores[-1:] for i in range(ranks)]
+    return "|".join(_core_range(group) for group in groups)
+
+
+def _core_range(cores: list[int]) -> str:
+    if len(cores) > 1 and cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(str(core) for core in cores)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def sim_command(profile: ClusterProfile, ctx: InstanceContext) -> EngineCommand:
+    instance = ctx.instance
+    max_num_seqs = (
+        (instance.prefilling_config or profile.prefill).target_batch_size
+        if instance.instance_type is ExecutionInstanceType.PREFILLING
+        else (instance.decoding_config or profile.decode).max_parallel_requests
+    )
+    argv = [sys.executable, "-m", "pdctl.engines.sim", "--host", instance.host, "--port", str(instance.port)]
+    argv += ["--served-model-name", instance.model_name or profile.served_model_name]
+    argv += ["--role", SIM_ROLE[instance.instance_type], "--max-num-seqs", str(max_num_seqs)]
+    argv += ["--prefill-ms-per-token", str(profile.engine.sim.prefill_ms_per_token)]
+    argv += ["--decode-ms-per-token", str(profile.engine.sim.decode_ms_per_token)]
+    command = EngineCommand(argv=argv + profile.engine.extra_args)
+    command.env.update(profile.engine.env)
+    command.notes.append("engine: sim is an emulator of vLLM's HTTP API, not vLLM: its figures are modelled")
+    return command

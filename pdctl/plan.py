@@ -1,0 +1,215 @@
+"""Profile + host devices -> the plan: every instance with its devices, ports, argv and environment.
+
+`pdctl plan` prints it, `pdctl up` acts on it; both take this one path, so a dry run cannot drift from
+what really runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
+from pdctl.engines import commands
+from pdctl.engines.commands import EngineCommand, InstanceContext, LaunchPrefix
+from pdctl.errors import PlacementError
+from pdctl.gpus import GpuInventory
+from pdctl.placement import (
+    Assignment,
+    DeviceMode,
+    GpuSlot,
+    PlacementRequest,
+    available_cores,
+    choose_device_mode,
+    place_on_cpus,
+    place_on_gpus,
+)
+from pdctl.profile import ClusterProfile, RouterSpec, is_secret_name
+
+MASK = "***"
+_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+class PlannedInstance(BaseModel):
+    id: str
+    role: ExecutionInstanceType
+    host: str
+    port: int
+    launch: bool
+    nixl_side_channel_port: int | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpus: list[GpuSlot] = Field(default_factory=list)
+    cpu_cores: list[int] = Field(default_factory=list)
+    argv: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+class Plan(BaseModel):
+    cluster: str
+    profile_path: str | None = None
+    device: DeviceMode
+    engine: Literal["vllm", "sim"]
+    engine_python: str | None = None
+    model_path: str
+    served_model_name: str
+    router: RouterSpec
+    instances: list[PlannedInstance]
+    notes: list[str] = Field(default_factory=list)
+
+    def masked(self) -> Plan:
+        """The plan with secret values hidden: what `plan` prints and what state files hold."""
+        copy = self.model_copy(deep=True)
+        for instance in copy.instances:
+            instance.env = {key: mask_value(key, value) for key, value in instance.env.items()}
+            instance.argv = mask_argv(instance.argv)
+        return copy
+
+    @property
+    def launched(self) -> list[PlannedInstance]:
+        return [instance for instance in self.instances if instance.launch]
+
+
+def mask_value(name: str, value: str) -> str:
+    # A ${VAR} reference is resolved at launch from the environment: it is safe to show as written.
+    return MASK if is_secret_name(name) and not _REFERENCE.match(value) else value
+
+
+def mask_argv(argv: list[str]) -> list[str]:
+    masked = list(argv)
+    for index, arg in enumerate(argv[:-1]):
+        if arg.startswith("--") and is_secret_name(arg.lstrip("-").replace("-", "_")):
+            masked[index + 1] = MASK
+    return [
+        f"{arg.split('=', 1)[0]}={MASK}"
+        if arg.startswith("--") and "=" in arg and is_secret_name(arg.split("=")[0])
+        else arg
+        for arg in masked
+    ]
+
+
+def make_plan(
+    profile: ClusterProfile,
+    inventory: GpuInventory,
+    *,
+    model_path: str,
+    launch_prefix: LaunchPrefix,
+    engine_python: Path | None = None,
+    profile_path: Path | None = None,
+    force: bool = False,
+    cores: list[int] | None = None,
+) -> Plan:
+    instances = profile.resolved_instances()
+    device = choose_device_mode(profile.device, inventory)
+    assignments = _assign(profile, instances, device, inventory, force, cores)
+    planned: list[PlannedInstance] = []
+    notes = _profile_notes(profile, device)
+    for index, instance in enumerate(instances):
+        ctx = InstanceContext(
+            instance=instance,
+            assignment=assignments.get(instance.instance_id, Assignment(instance_id=instance.instance_id)),
+            device=device,
+            model_path=model_path,
+            nixl_port=profile.ports.nixl_side_channel + index,
+        )
+        command = _engine_command(profile, ctx, launch_prefix) if instance.launch else EngineCommand(argv=[])
+        notes += [note for note in command.notes if note not in notes]
+        planned.append(_planned(instance, ctx, command))
+    return Plan(
+        cluster=profile.name,
+        profile_path=str(profile_path) if profile_path else None,
+        device=device,
+        engine=profile.engine.kind,
+        engine_python=str(engine_python) if engine_python else None,
+        model_path=model_path,
+        served_model_name=profile.served_model_name,
+        router=profile.router,
+        instances=planned,
+        notes=notes,
+    )
+
+
+def _engine_command(profile: ClusterProfile, ctx: InstanceContext, prefix: LaunchPrefix) -> EngineCommand:
+    if profile.engine.kind == "sim":
+        return commands.sim_command(profile, ctx)
+    return commands.vllm_command(profile, ctx, prefix)
+
+
+def _planned(instance: ExecutionInstance, ctx: InstanceContext, command: EngineCommand) -> PlannedInstance:
+    return PlannedInstance(
+        id=instance.instance_id,
+        role=instance.instance_type,
+        host=instance.host,
+        port=instance.port or 0,
+        launch=instance.launch,
+        nixl_side_channel_port=int(command.env["VLLM_NIXL_SIDE_CHANNEL_PORT"])
+        if "VLLM_NIXL_SIDE_CHANNEL_PORT" in command.env
+        else None,
+        tensor_parallel_size=instance.tensor_parallel_size or 1,
+        pipeline_parallel_size=instance.pipeline_parallel_size or 1,
+        gpus=ctx.assignment.gpus,
+        cpu_cores=ctx.assignment.cpu_cores,
+        argv=command.argv,
+        env=command.env,
+    )
+
+
+def _assign(
+    profile: ClusterProfile,
+    instances: list[ExecutionInstance],
+    device: DeviceMode,
+    inventory: GpuInventory,
+    force: bool,
+    cores: list[int] | None,
+) -> dict[str, Assignment]:
+    requests = [
+        PlacementRequest(instance=instance, memory_fraction=commands.memory_fraction(profile, instance))
+        for instance in instances
+        if instance.launch
+    ]
+    if profile.engine.kind == "sim":
+        return {}  # the emulator needs no devices of its own
+    if device == "cuda":
+        return {a.instance_id: a for a in place_on_gpus(requests, inventory, force=force)}
+    cores = cores if cores is not None else available_cores()
+    for request in requests:
+        ranks = (request.instance.tensor_parallel_size or 1) * (request.instance.pipeline_parallel_size or 1)
+        if ranks > len(cores):
+            raise PlacementError(
+                f"instance {request.instance.instance_id} asks for tensor x pipeline parallel size {ranks} "
+                f"on the CPU, but only {len(cores)} cores are available: set tensor_parallel_size to 1"
+            )
+    return {a.instance_id: a for a in place_on_cpus(requests, cores)}
+
+
+def _profile_notes(profile: ClusterProfile, device: DeviceMode) -> list[str]:
+    notes = [
+        "prefill.target_throughput_tokens_per_sec, decode.target_latency_ms and "
+        "decode.target_tokens_per_sec_per_gpu are goals for the router and the dashboard, not engine flags",
+    ]
+    if profile.pd.kv_cache_eviction_policy == "lfu":
+        notes.append(
+            "kv_cache_eviction_policy: lfu: vLLM's prefix cache evicts LRU only; LFU applies where pdctl owns "
+            "eviction (the router's prefix-affinity table, the sim engine)"
+        )
+    if profile.pd.kv_cache_storage == "cpu":
+        notes.append("kv_cache_storage: cpu: NIXL stages KV transfers through host memory (kv_buffer_device: cpu)")
+    if profile.pd.enable_dynamic_scaling:
+        notes.append(
+            "enable_dynamic_scaling: the pools start at their minimum sizes; the autoscaler that grows them "
+            "is not part of this release"
+        )
+    if device == "cpu":
+        notes.append(
+            "device: cpu: KV cache size comes from cpu.kv_cache_space_gib (VLLM_CPU_KVCACHE_SPACE), "
+            "not from the memory fractions"
+        )
+    return notes

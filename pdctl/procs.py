@@ -1,0 +1,89 @@
+"""Process identity and termination: stop exactly the processes pdctl started, and all of them.
+
+vLLM's API server starts an EngineCore child in its process group; killed alone, the server leaves that
+child behind holding ports and memory. So pdctl signals whole process groups, and finds stragglers by a
+random token it put into every launched process's environment (children inherit it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterable
+
+import psutil
+
+from pdctl.state import ProcessRecord
+
+TOKEN_ENV = "PDCTL_CLUSTER_TOKEN"
+INSTANCE_ENV = "PDCTL_INSTANCE"
+
+
+def record_of(pid: int) -> ProcessRecord:
+    process = psutil.Process(pid)
+    return ProcessRecord(pid=pid, create_time=process.create_time(), cmdline=process.cmdline())
+
+
+def live_process(record: ProcessRecord | None) -> psutil.Process | None:
+    """The process of the record if it still runs: same pid, start time and command line."""
+    if record is None:
+        return None
+    try:
+        process = psutil.Process(record.pid)
+        if abs(process.create_time() - record.create_time) > 0.01 or process.cmdline() != record.cmdline:
+            return None
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def marked_processes(token: str) -> list[psutil.Process]:
+    """Every process carrying this cluster's token, orphans reparented to init included."""
+    found: list[psutil.Process] = []
+    for process in psutil.process_iter(["pid"]):
+        if process.pid == os.getpid():
+            continue
+        try:
+            if process.environ().get(TOKEN_ENV) == token and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
+def _signal_group_or_process(process: psutil.Process, sig: signal.Signals) -> None:
+    try:
+        pgid = os.getpgid(process.pid)
+        if pgid == process.pid:  # a group leader pdctl made with start_new_session: the group is ours
+            os.killpg(pgid, sig)
+        else:
+            process.send_signal(sig)
+    except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+        pass
+
+
+def terminate(processes: Iterable[psutil.Process], grace_s: float) -> list[int]:
+    """SIGTERM (to their groups), wait up to grace_s, SIGKILL what remains. Returns the pids it had to kill."""
+    targets = [p for p in processes if p.is_running()]
+    for process in targets:
+        _signal_group_or_process(process, signal.SIGTERM)
+    _, alive = psutil.wait_procs(targets, timeout=grace_s)
+    for process in alive:
+        _signal_group_or_process(process, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in alive]
+
+
+def wait_gone(token: str, timeout_s: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout_s
+    remaining = marked_processes(token)
+    while remaining and time.monotonic() < deadline:
+        time.sleep(0.1)
+        remaining = marked_processes(token)
+    return remaining

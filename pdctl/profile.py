@@ -1,0 +1,334 @@
+"""The cluster profile: one YAML file describing the whole cluster, validated into typed parts.
+
+Its sections are the design document's own types (``pdctl.control_plane.types``); the rest says what
+those types leave open on a real host: the model, the engine, devices, ports, the router, the cost.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pdctl.control_plane.types import (
+    DecodingConfig,
+    ExecutionInstance,
+    ExecutionInstanceType,
+    PDSeparationConfig,
+    PrefillingConfig,
+)
+from pdctl.errors import ProfileError
+from pdctl.yaml_source import Loc, YamlSource, dotted, load_yaml
+
+ScenarioName = Literal["qa", "chat", "code"]
+BUILTIN_TINY_MODEL = "builtin:tiny-llama"
+
+# The design document's values for each scenario; the base example gives every other default.
+SCENARIO_PRESETS: dict[str, dict[str, Any]] = {
+    "qa": {
+        "pd": {
+            "prefilling_threshold_input_tokens": 2000,
+            "prefilling_threshold_ratio": 10.0,
+            "routing_policy": "threshold",
+            "prefilling_min_instances": 2,
+            "decoding_min_instances": 1,
+        },
+        "router": {"slo": {"ttft_ms": 3000.0, "tpot_ms": 100.0}},
+    },
+    "chat": {
+        "pd": {
+            "prefilling_threshold_input_tokens": 200,
+            "prefilling_threshold_ratio": 1.0,
+            "routing_policy": "adaptive",
+            "prefilling_min_instances": 1,
+            "decoding_min_instances": 3,
+            "kv_cache_storage": "gpu",
+        },
+        "router": {"slo": {"ttft_ms": 500.0, "tpot_ms": 50.0}},
+    },
+    "code": {
+        "pd": {
+            "prefilling_threshold_input_tokens": 500,
+            "prefilling_threshold_ratio": 0.5,
+            "routing_policy": "adaptive",
+            "prefilling_min_instances": 1,
+            "decoding_min_instances": 4,
+            "enable_dynamic_scaling": True,
+            "decoding_max_instances": 8,
+        },
+        "router": {"slo": {"ttft_ms": 1000.0, "tpot_ms": 50.0}},
+    },
+}
+
+_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL|_KEY$)", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    path: str = Field(description=f"a local directory, a hub id, or {BUILTIN_TINY_MODEL}")
+    served_name: str | None = Field(None, description="the name clients ask for; the path when unset")
+    max_model_len: int | None = Field(None, ge=16)
+    dtype: str | None = None
+
+    @property
+    def is_builtin_tiny(self) -> bool:
+        return self.path == BUILTIN_TINY_MODEL
+
+
+class SimTiming(_Section):
+    prefill_ms_per_token: float = Field(0.05, ge=0)
+    decode_ms_per_token: float = Field(10.0, ge=0)
+
+
+class EngineSpec(_Section):
+    kind: Literal["vllm", "sim"] = "vllm"
+    python: Path | None = Field(None, description="the engine runtime's python; `pdctl engine install`'s when unset")
+    command: list[str] | None = Field(
+        None, description="replaces the launch prefix (python -m vllm...) with a program of your own"
+    )
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    load_format: str | None = Field(None, description="`dummy` for random weights (the builtin model)")
+    seed: int | None = None
+    start_timeout_s: float = Field(600.0, gt=0)
+    sim: SimTiming = Field(default_factory=SimTiming)
+
+
+class CpuSpec(_Section):
+    kv_cache_space_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE per instance")
+
+
+class PortsSpec(_Section):
+    instances: int = Field(8100, ge=1024, le=65000, description="first port of launched instances")
+    nixl_side_channel: int = Field(5600, ge=1024, le=65000, description="first VLLM_NIXL_SIDE_CHANNEL_PORT")
+
+
+class SLOSpec(_Section):
+    ttft_ms: float = Field(1000.0, gt=0)
+    tpot_ms: float | None = Field(None, gt=0, description="decode.target_latency_ms when unset")
+
+
+class RouterSpec(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    scheduling_policy: Literal["slo_aware", "fifo"] = "slo_aware"
+    routing_strategy: Literal["load_balanced", "round_robin", "cache_aware"] = "load_balanced"
+    slo: SLOSpec = Field(default_factory=SLOSpec)
+
+
+class CostSpec(_Section):
+    gpu_hour_usd: float = Field(2.0, ge=0, description="price of one GPU-hour, for cost figures")
+
+
+class ClusterProfile(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    scenario: ScenarioName | None = None
+    model: ModelSpec
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    cpu: CpuSpec = Field(default_factory=CpuSpec)
+    ports: PortsSpec = Field(default_factory=PortsSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
+    pd: PDSeparationConfig = Field(default_factory=PDSeparationConfig)
+    prefill: PrefillingConfig = Field(default_factory=PrefillingConfig)
+    decode: DecodingConfig = Field(default_factory=DecodingConfig)
+    instances: list[ExecutionInstance] | None = Field(
+        None, description="explicit instances; when unset, the pools' minimum sizes are launched"
+    )
+
+    @model_validator(mode="after")
+    def _link_and_check(self) -> Self:
+        # The document reaches the role configs through the PD config: make those the same objects.
+        object.__setattr__(self.pd, "prefilling_config", self.prefill)
+        object.__setattr__(self.pd, "decoding_config", self.decode)
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model.served_name or ("pdctl-tiny-llama" if self.model.is_builtin_tiny else self.model.path)
+
+    @property
+    def slo_tpot_ms(self) -> float:
+        return self.router.slo.tpot_ms or self.decode.target_latency_ms
+
+    def resolved_instances(self) -> list[ExecutionInstance]:
+        """Every instance with nothing left unset: the explicit list, or the pools at their minimum."""
+        specs = self.instances if self.instances is not None else self._pool_instances()
+        return [self._resolve(spec, index) for index, spec in enumerate(specs)]
+
+    def _pool_instances(self) -> list[ExecutionInstance]:
+        if not self.pd.enabled:
+            count = max(1, self.pd.decoding_min_instances)
+            return [ExecutionInstance(id=f"hybrid-{i}", type="HYBRID") for i in range(count)]
+        prefill = [
+            ExecutionInstance(id=f"prefill-{i}", type="PREFILLING") for i in range(self.pd.prefilling_min_instances)
+        ]
+        decode = [ExecutionInstance(id=f"decode-{i}", type="DECODING") for i in range(self.pd.decoding_min_instances)]
+        return prefill + decode
+
+    def _resolve(self, spec: ExecutionInstance, index: int) -> ExecutionInstance:
+        role_config = self.prefill if spec.instance_type is ExecutionInstanceType.PREFILLING else self.decode
+        tp = spec.tensor_parallel_size or role_config.tensor_parallel_size
+        pp = spec.pipeline_parallel_size or role_config.pipeline_parallel_size
+        return ExecutionInstance(
+            id=spec.instance_id,
+            type=spec.instance_type,
+            host=spec.host,
+            port=spec.port or self.ports.instances + index,
+            model_name=spec.model_name or self.served_model_name,
+            gpu_count=spec.gpu_count or tp * pp,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            launch=spec.launch,
+            prefilling_config=spec.prefilling_config
+            or (self.prefill if spec.instance_type is ExecutionInstanceType.PREFILLING else None),
+            decoding_config=spec.decoding_config
+            or (None if spec.instance_type is ExecutionInstanceType.PREFILLING else self.decode),
+        )
+
+
+def instance_problems(profile: ClusterProfile) -> list[tuple[Loc, str]]:
+    """Instance ids and ports used twice, GPU counts that don't fit, each with the field that caused it."""
+    explicit = profile.instances is not None
+    specs = profile.instances if explicit else profile._pool_instances()
+    owners: dict[tuple[str, int], str] = {("127.0.0.1", profile.router.port): "the router"}
+    ids: set[str] = set()
+    problems: list[tuple[Loc, str]] = []
+    for index, spec in enumerate(specs):
+        here: Loc = ("instances", index) if explicit else ()
+        if spec.instance_id in ids:
+            problems.append(((*here, "id"), f"instance id {spec.instance_id!r} is used twice"))
+        ids.add(spec.instance_id)
+        port = spec.port or profile.ports.instances + index
+        key = (_local_alias(spec.host), port)
+        if key in owners:
+            field = (*here, "port") if spec.port else ("ports", "instances")
+            loc = ("router", "port") if owners[key] == "the router" and not spec.port else field
+            problems.append((loc, f"port {port} is used twice: by {owners[key]} and by {spec.instance_id}"))
+        owners[key] = spec.instance_id
+        problems += _gpu_count_problem(profile, spec, here)
+    return problems
+
+
+def _gpu_count_problem(profile: ClusterProfile, spec: ExecutionInstance, here: Loc) -> list[tuple[Loc, str]]:
+    role = profile.prefill if spec.instance_type is ExecutionInstanceType.PREFILLING else profile.decode
+    per_replica = (spec.tensor_parallel_size or role.tensor_parallel_size) * (
+        spec.pipeline_parallel_size or role.pipeline_parallel_size
+    )
+    if spec.gpu_count is None or spec.gpu_count % per_replica == 0:
+        return []
+    return [
+        (
+            (*here, "gpu_count"),
+            f"gpu_count {spec.gpu_count} is not a multiple of tensor_parallel_size x pipeline_parallel_size "
+            f"= {per_replica}",
+        )
+    ]
+
+
+def _local_alias(host: str) -> str:
+    return "127.0.0.1" if host in ("localhost", "127.0.0.1", "0.0.0.0", "::1") else host
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_profile(path: Path | str) -> ClusterProfile:
+    """Load and validate a profile file, or raise ProfileError naming file, line, column and field."""
+    source = load_yaml(Path(path))
+    if not isinstance(source.data, dict):
+        raise ProfileError(
+            [f"{source.path}:1:1: the profile must be a mapping of sections, not {type(source.data).__name__}"]
+        )
+    return profile_from_data(source.data, source)
+
+
+def profile_from_data(data: dict[str, Any], source: YamlSource) -> ClusterProfile:
+    raw = dict(data)
+    raw.setdefault("name", source.path.stem)
+    scenario = raw.get("scenario")
+    if isinstance(scenario, str) and scenario in SCENARIO_PRESETS:
+        raw = deep_merge(SCENARIO_PRESETS[scenario], raw)
+    try:
+        profile = ClusterProfile.model_validate(raw)
+    except ValidationError as error:
+        raise ProfileError([_describe(item, source) for item in error.errors()]) from None
+    problems = instance_problems(profile)
+    if problems:
+        raise ProfileError([f"{source.where(loc)}: {dotted(loc)}: {message}" for loc, message in problems])
+    return profile
+
+
+def _describe(item: Any, source: YamlSource) -> str:
+    message = item["msg"].removeprefix("Value error, ")
+    loc = _user_loc(tuple(item["loc"]))
+    # A model-level check names its field first ("x_min_instances (4) is above ..."): point at that field.
+    first_word = message.split(" ", 1)[0]
+    if first_word in _known_keys(loc):
+        loc = (*loc, first_word)
+    field = dotted(loc)
+    if item["type"] == "extra_forbidden":
+        message = f"unknown key{_suggestion(loc)}"
+    elif item["type"] == "missing":
+        message = "required field is missing"
+    elif item["type"] == "literal_error":
+        message = f"{message}, got {item['input']!r}"
+    return f"{source.where(loc)}: {field}: {message}"
+
+
+def _user_loc(loc: Loc) -> Loc:
+    # pydantic puts validator names and union branches into locs; users only know their own keys.
+    return tuple(part for part in loc if not (isinstance(part, str) and ("[" in part or part.startswith("function-"))))
+
+
+def _suggestion(loc: Loc) -> str:
+    known = _known_keys(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(sorted(known))}" if known else "")
+
+
+def _known_keys(parent: Loc) -> list[str]:
+    model: Any = ClusterProfile
+    for part in parent:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    names: list[str] = []
+    for name, field in model.model_fields.items():
+        names.append(field.alias or name)
+        if field.alias:
+            names.append(name)
+    return names
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found:
+            return found
+    return None

@@ -1,0 +1,319 @@
+"""The daemon's process supervisor: launch every instance in parallel, health-check, restart with backoff.
+
+A small explicit state machine per instance (launching -> loading -> healthy; exited -> backoff ->
+launching; too many failures in a window -> failed), driven by one periodic tick, like supervisord's.
+The clock and the process constructor are injectable for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import httpx
+
+from pdctl import procs
+from pdctl.plan import Plan, PlannedInstance
+from pdctl.state import ClusterDir, ClusterPhase, ClusterState, InstancePhase, InstanceStatus
+
+log = logging.getLogger("pdctl.supervisor")
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class SupervisorPolicy:
+    start_timeout_s: float = 600.0
+    tick_s: float = 0.25
+    health_interval_s: float = 2.0
+    unhealthy_after_failures: int = 3
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    max_failures: int = 5
+    failure_window_s: float = 300.0
+    stop_grace_s: float = 15.0
+
+
+@dataclass
+class _Managed:
+    planned: PlannedInstance
+    status: InstanceStatus
+    popen: subprocess.Popen[bytes] | None = None
+    launched_at: float = 0.0
+    log_size_at_launch: int = 0
+    restart_at: float | None = None
+    failures: collections.deque[float] = field(default_factory=collections.deque)
+    health_failures: int = 0
+    last_health_check: float = 0.0
+
+
+def expand_env(env: dict[str, str], environ: dict[str, str]) -> dict[str, str]:
+    """Resolve ${VAR} references at launch, so secrets live in the environment, never in state files."""
+    return {key: _REFERENCE.sub(lambda m: environ.get(m.group(1), ""), value) for key, value in env.items()}
+
+
+class Supervisor:
+    def __init__(
+        self,
+        plan: Plan,
+        cluster_dir: ClusterDir,
+        state: ClusterState,
+        policy: SupervisorPolicy,
+        clock: Callable[[], float] = time.monotonic,
+        spawn: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
+    ):
+        self.plan = plan
+        self.dir = cluster_dir
+        self.state = state
+        self.policy = policy
+        self.clock = clock
+        self.spawn = spawn
+        self.managed = {i.id: _Managed(i, state.instances.get(i.id) or InstanceStatus(id=i.id)) for i in plan.instances}
+        for managed in self.managed.values():
+            state.instances[managed.planned.id] = managed.status
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(3.0), trust_env=False)
+        self._dirty = True
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    async def start_all(self, stopping: asyncio.Event) -> bool:
+        """Launch every instance at once; True when all are healthy, False as soon as one fails."""
+        for managed in self.managed.values():
+            if managed.planned.launch:
+                self._launch(managed)
+            else:
+                managed.status.phase = InstancePhase.LOADING
+        while not stopping.is_set():
+            await self._check_all(starting=True)
+            self._save()
+            if any(m.status.phase is InstancePhase.FAILED for m in self.managed.values()):
+                self.state.phase = ClusterPhase.FAILED
+                self._save(force=True)
+                return False
+            if all(m.status.phase in (InstancePhase.HEALTHY, InstancePhase.ATTACHED) for m in self.managed.values()):
+                self.state.phase = ClusterPhase.READY
+                self._save(force=True)
+                return True
+            await _sleep_or_stop(stopping, self.policy.tick_s)
+        return False
+
+    async def supervise(self, stopping: asyncio.Event) -> None:
+        """After start: restart what crashes, mark what keeps crashing failed, keep the rest serving."""
+        while not stopping.is_set():
+            await self._check_all(starting=False)
+            self._update_cluster_phase()
+            self._save()
+            await _sleep_or_stop(stopping, self.policy.tick_s)
+
+    async def stop(self) -> None:
+        self.state.phase = ClusterPhase.STOPPING
+        for managed in self.managed.values():
+            if managed.popen is not None:
+                managed.status.phase = InstancePhase.STOPPING
+        self._save(force=True)
+        await asyncio.to_thread(self._terminate_all)
+        for managed in self.managed.values():
+            if managed.planned.launch:
+                managed.status.phase = InstancePhase.STOPPED
+                managed.status.exit_code = managed.popen.poll() if managed.popen else managed.status.exit_code
+        self._save(force=True)
+        await self._http.aclose()
+
+    def _terminate_all(self) -> None:
+        procs.terminate(procs.marked_processes(self.state.token), self.policy.stop_grace_s)
+        for managed in self.managed.values():
+            if managed.popen is not None:
+                managed.popen.poll()  # reap our direct children so none stays a zombie
+
+    # ---- one tick --------------------------------------------------------------------------------------
+
+    async def _check_all(self, starting: bool) -> None:
+        await asyncio.gather(*(self._check(m, starting) for m in self.managed.values()))
+
+    async def _check(self, managed: _Managed, starting: bool) -> None:
+        phase = managed.status.phase
+        if phase in (InstancePhase.FAILED, InstancePhase.STOPPING, InstancePhase.STOPPED):
+            return
+        if not managed.planned.launch:
+            await self._check_attached(managed)
+            return
+        if phase is InstancePhase.BACKOFF:
+            if self.clock() >= (managed.restart_at or 0):
+                self._launch(managed)
+            return
+        exit_code = managed.popen.poll() if managed.popen else None
+        if exit_code is not None:
+            await self._exited(managed, exit_code, starting)
+            return
+        if phase in (InstancePhase.LAUNCHING, InstancePhase.LOADING):
+            await self._check_starting(managed, starting)
+        else:
+            await self._check_running(managed)
+
+    async def _check_starting(self, managed: _Managed, starting: bool) -> None:
+        if managed.status.phase is InstancePhase.LAUNCHING and self._log_grew(managed):
+            self._set(managed, InstancePhase.LOADING)
+        if await self._healthy(managed.planned):
+            managed.status.healthy_at = time.time()
+            managed.health_failures = 0
+            self._set(managed, InstancePhase.HEALTHY, message=None)
+            log.info("%s is healthy after %.1f s", managed.planned.id, self.clock() - managed.launched_at)
+            return
+        if self.clock() - managed.launched_at > self.policy.start_timeout_s:
+            message = f"not healthy within its start timeout of {self.policy.start_timeout_s:g} s"
+            log.error("%s: %s", managed.planned.id, message)
+            await asyncio.to_thread(self._kill_instance, managed)
+            if starting:
+                self._set(managed, InstancePhase.FAILED, message=message)
+            else:
+                self._record_failure(managed, message)
+
+    async def _check_running(self, managed: _Managed) -> None:
+        now = self.clock()
+        if now - managed.last_health_check < self.policy.health_interval_s:
+            return
+        managed.last_health_check = now
+        if await self._healthy(managed.planned):
+            managed.health_failures = 0
+            if managed.status.phase is InstancePhase.UNHEALTHY:
+                self._set(managed, InstancePhase.HEALTHY, message=None)
+            return
+        managed.health_failures += 1
+        if managed.health_failures >= self.policy.unhealthy_after_failures:
+            self._set(managed, InstancePhase.UNHEALTHY, message="health check failing")
+
+    async def _check_attached(self, managed: _Managed) -> None:
+        now = self.clock()
+        if (
+            managed.status.phase is InstancePhase.ATTACHED
+            and now - managed.last_health_check < self.policy.health_interval_s
+        ):
+            return
+        managed.last_health_check = now
+        healthy = await self._healthy(managed.planned)
+        self._set(managed, InstancePhase.ATTACHED if healthy else InstancePhase.UNREACHABLE)
+
+    async def _exited(self, managed: _Managed, exit_code: int, starting: bool) -> None:
+        managed.status.exit_code = exit_code
+        message = f"exited with code {exit_code}"
+        log.error("%s %s", managed.planned.id, message)
+        # Its EngineCore child may outlive it, holding ports: clear the instance's whole group first.
+        await asyncio.to_thread(self._kill_instance, managed)
+        if starting:
+            self._set(managed, InstancePhase.FAILED, message=message)
+        else:
+            self._record_failure(managed, message)
+
+    def _record_failure(self, managed: _Managed, message: str) -> None:
+        now = self.clock()
+        managed.failures.append(now)
+        while managed.failures and now - managed.failures[0] > self.policy.failure_window_s:
+            managed.failures.popleft()
+        if len(managed.failures) >= self.policy.max_failures:
+            text = f"{message}; failed {len(managed.failures)} times in {self.policy.failure_window_s:g} s: given up"
+            log.error("%s: %s", managed.planned.id, text)
+            self._set(managed, InstancePhase.FAILED, message=text)
+            return
+        delay = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2 ** (len(managed.failures) - 1))
+        managed.restart_at = now + delay
+        log.warning("%s: %s; restarting in %.1f s", managed.planned.id, message, delay)
+        self._set(managed, InstancePhase.BACKOFF, message=f"{message}; restarting in {delay:g} s")
+
+    def _update_cluster_phase(self) -> None:
+        healthy = all(m.status.phase in (InstancePhase.HEALTHY, InstancePhase.ATTACHED) for m in self.managed.values())
+        phase = ClusterPhase.READY if healthy else ClusterPhase.DEGRADED
+        if phase is not self.state.phase:
+            self.state.phase = phase
+            self._dirty = True
+
+    # ---- processes -------------------------------------------------------------------------------------
+
+    def _launch(self, managed: _Managed) -> None:
+        planned = managed.planned
+        log_path = self.dir.instance_log(planned.id)
+        with log_path.open("ab") as handle:
+            handle.write(f"\n=== pdctl: starting {planned.id} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            managed.log_size_at_launch = handle.tell()
+            managed.popen = self._spawn(planned, handle)
+        record = procs.record_of(managed.popen.pid)
+        if managed.status.process is not None:
+            managed.status.restarts += 1
+        managed.status.process = record
+        managed.status.started_at = time.time()
+        managed.status.exit_code = None
+        managed.launched_at = self.clock()
+        managed.health_failures = 0
+        self._set(managed, InstancePhase.LAUNCHING, message=None)
+        log.info("%s launched as pid %d", planned.id, record.pid)
+
+    def _spawn(self, planned: PlannedInstance, log_handle: IO[bytes]) -> subprocess.Popen[bytes]:
+        env: dict[str, Any] = dict(os.environ)
+        env.update(expand_env(planned.env, dict(os.environ)))
+        env[procs.TOKEN_ENV] = self.state.token
+        env[procs.INSTANCE_ENV] = planned.id
+        return self.spawn(
+            planned.argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the whole engine is signalled as one
+            cwd=self.dir.path,
+        )
+
+    def _kill_instance(self, managed: _Managed) -> None:
+        token = self.state.token
+        mine = [p for p in procs.marked_processes(token) if _environ(p).get(procs.INSTANCE_ENV) == managed.planned.id]
+        procs.terminate(mine, self.policy.stop_grace_s)
+        if managed.popen is not None:
+            managed.popen.poll()
+
+    def _log_grew(self, managed: _Managed) -> bool:
+        try:
+            return self.dir.instance_log(managed.planned.id).stat().st_size > managed.log_size_at_launch
+        except FileNotFoundError:
+            return False
+
+    async def _healthy(self, planned: PlannedInstance) -> bool:
+        try:
+            health = await self._http.get(f"{planned.url}/health")
+            if health.status_code != 200:
+                return False
+            models = await self._http.get(f"{planned.url}/v1/models")
+            served = {entry.get("id") for entry in models.json().get("data", [])}
+            return models.status_code == 200 and self.plan.served_model_name in served
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+
+    # ---- state -----------------------------------------------------------------------------------------
+
+    def _set(self, managed: _Managed, phase: InstancePhase, message: str | None = None) -> None:
+        if managed.status.phase is not phase or managed.status.message != message:
+            managed.status.phase = phase
+            managed.status.message = message
+            self._dirty = True
+
+    def _save(self, force: bool = False) -> None:
+        if self._dirty or force:
+            self.dir.write_state(self.state)
+            self._dirty = False
+
+
+def _environ(process: Any) -> dict[str, str]:
+    try:
+        return process.environ()
+    except Exception:
+        return {}
+
+
+async def _sleep_or_stop(stopping: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)

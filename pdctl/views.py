@@ -1,0 +1,170 @@
+"""Pure rendering: data in, rich renderables out. The CLI prints them; tests read their text."""
+
+from __future__ import annotations
+
+import shlex
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from pdctl.gpus import GpuInventory
+from pdctl.lifecycle import InstanceFailure, StatusReport
+from pdctl.plan import Plan, PlannedInstance
+from pdctl.profile import ClusterProfile
+from pdctl.state import ClusterState
+
+
+def _figure(value: float | None, unit: str = "", digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def gpu_table(inventory: GpuInventory) -> Table | Text:
+    if not inventory.gpus:
+        return Text(f"No GPU: {inventory.unavailable_reason}. Instances run on the CPU.", style="yellow")
+    table = Table(title=f"GPUs (driver {inventory.driver_version})", title_justify="left")
+    for column in ("#", "name", "uuid", "memory used / total", "util", "temp", "power", "processes"):
+        table.add_column(column, overflow="fold")
+    for gpu in inventory.gpus:
+        processes = ", ".join(f"{p.pid} {p.name or '?'} {_figure(p.used_memory_mib, ' MiB')}" for p in gpu.processes)
+        table.add_row(
+            str(gpu.index),
+            gpu.name,
+            gpu.uuid,
+            f"{gpu.memory_used_mib / 1024:.1f} / {gpu.memory_total_mib / 1024:.1f} GiB",
+            _figure(gpu.utilization_percent, "%"),
+            _figure(gpu.temperature_c, "°C"),
+            _figure(gpu.power_w, " W"),
+            processes or "-",
+        )
+    return table
+
+
+def profile_summary(profile: ClusterProfile, source: str) -> Text:
+    instances = profile.resolved_instances()
+    counts = {
+        role: sum(1 for i in instances if i.instance_type.value == role)
+        for role in ("PREFILLING", "DECODING", "HYBRID")
+    }
+    parts = [f"{n} {role.lower()}" for role, n in counts.items() if n]
+    scenario = f", scenario {profile.scenario}" if profile.scenario else ""
+    return Text(
+        f"{source}: profile {profile.name!r} is valid{scenario}: {', '.join(parts)}; "
+        f"routing {profile.pd.routing_policy if profile.pd.enabled else 'off (PD disabled)'}; "
+        f"router {profile.router.host}:{profile.router.port}",
+        style="green",
+    )
+
+
+def _devices(instance: PlannedInstance) -> str:
+    if instance.gpus:
+        return ", ".join(f"GPU {gpu.index}" for gpu in instance.gpus)
+    if instance.cpu_cores:
+        return f"CPU cores {','.join(str(c) for c in instance.cpu_cores)}"
+    return "-" if instance.launch else "remote (attached)"
+
+
+def plan_view(plan: Plan) -> Group:
+    header = Text(
+        f"cluster {plan.cluster}: {len(plan.launched)} of {len(plan.instances)} instances launched here on "
+        f"{plan.device}; engine {plan.engine}; model {plan.model_path} served as {plan.served_model_name}; "
+        f"router http://{plan.router.host}:{plan.router.port}",
+        style="bold",
+    )
+    table = Table(title_justify="left", show_lines=True)
+    for column in ("instance", "role", "devices", "port", "command line and environment"):
+        table.add_column(column, overflow="fold")
+    for instance in plan.instances:
+        env = " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(instance.env.items()))
+        command = shlex.join(instance.argv) if instance.argv else "(not launched: attached at this address)"
+        table.add_row(
+            instance.id,
+            instance.role.value,
+            _devices(instance),
+            f"{instance.host}:{instance.port}",
+            Text(f"{env}\n{command}" if env else command),
+        )
+    notes = Text("\n".join(f"note: {note}" for note in plan.notes), style="yellow")
+    return Group(header, table, notes)
+
+
+def _elapsed(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+_PHASE_STYLE = {
+    "healthy": "green",
+    "attached": "green",
+    "failed": "red",
+    "dead": "red",
+    "unreachable": "red",
+    "backoff": "yellow",
+    "unhealthy": "yellow",
+}
+
+
+def progress_table(state: ClusterState, plan: Plan, now: float) -> Table:
+    """One line per instance while `up` waits: phase and time since launch."""
+    table = Table(title=f"cluster {state.cluster}: {state.phase.value}", title_justify="left")
+    for column in ("instance", "role", "address", "phase", "elapsed"):
+        table.add_column(column)
+    for planned in plan.instances:
+        status = state.instances.get(planned.id)
+        phase = status.phase.value if status else "pending"
+        since = status.healthy_at if status and status.healthy_at else now
+        elapsed = since - status.started_at if status and status.started_at else None
+        table.add_row(
+            planned.id,
+            planned.role.value,
+            f"{planned.host}:{planned.port}",
+            Text(phase, style=_PHASE_STYLE.get(phase, "cyan")),
+            _elapsed(elapsed),
+        )
+    return table
+
+
+def status_table(report: StatusReport) -> Group:
+    header = Text(
+        f"cluster {report.cluster}: {report.phase}; engine {report.engine}; router {report.router}; "
+        f"daemon pid {report.daemon_pid or '-'}",
+        style="bold",
+    )
+    table = Table(title_justify="left")
+    for column in ("instance", "role", "pid", "port", "devices", "state", "uptime", "restarts"):
+        table.add_column(column)
+    for instance in report.instances:
+        state = Text(instance.phase, style=_PHASE_STYLE.get(instance.phase, "cyan"))
+        if instance.message:
+            state.append(f" ({instance.message})", style="dim")
+        table.add_row(
+            instance.id,
+            instance.role,
+            str(instance.pid or "-"),
+            str(instance.port),
+            instance.devices,
+            state,
+            _elapsed(instance.uptime_s),
+            str(instance.restarts),
+        )
+    return Group(header, table)
+
+
+def failure_report(failures: list[InstanceFailure]) -> Group:
+    parts: list[Text] = []
+    for failure in failures:
+        code = "-" if failure.exit_code is None else str(failure.exit_code)
+        parts.append(
+            Text(
+                f"{failure.id} failed: {failure.message or 'unknown'} (exit code {code}); log {failure.log_path}",
+                style="bold red",
+            )
+        )
+        parts.append(Text("\n".join(f"  | {line}" for line in failure.last_lines) or "  (empty log)", style="dim"))
+    return Group(*parts)
