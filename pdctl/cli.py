@@ -19,7 +19,7 @@ from pdctl.engines import runtime
 from pdctl.errors import ClusterError, PdctlError, UsageError
 from pdctl.gpus import FileGpuSource, GpuSource, discover
 from pdctl.profile import SCENARIO_PRESETS, load_profile
-from pdctl.state import ClusterDir, state_root, tail
+from pdctl.state import ClusterDir, NoCluster, state_root, tail
 from pdctl.templates import profile_template
 
 app = typer.Typer(
@@ -29,8 +29,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False, soft_wrap=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ProfileArg = Annotated[Path, typer.Argument(help="the cluster profile (YAML)", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -160,7 +160,11 @@ def down(
     grace: Annotated[float, typer.Option(help="seconds between SIGTERM and SIGKILL")] = 15.0,
 ) -> None:
     """Stop every instance (SIGTERM, grace, SIGKILL), then the daemon. Safe to run twice."""
-    cluster_dir = ClusterDir.find(state_root(state_dir), name)
+    try:
+        cluster_dir = ClusterDir.find(state_root(state_dir), name)
+    except NoCluster as nothing:
+        out.print(f"no cluster is running (state in {nothing.root})")  # nothing left to stop: success
+        return
     report = lifecycle.down(cluster_dir, grace_s=grace)
     if not report.was_running:
         out.print(f"cluster {report.cluster} is not running")

@@ -53,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster-dir", type=Path, required=True)
     parser.add_argument("--start-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     plan = Plan.model_validate_json(sys.stdin.buffer.read())
     cluster_dir = ClusterDir(args.cluster_dir.parent, args.cluster_dir.name)
     return asyncio.run(run(cluster_dir, plan, SupervisorPolicy(start_timeout_s=args.start_timeout)))

@@ -194,3 +194,30 @@ def discover(source: GpuSource | None = None, environ: dict[str, str] | None = N
         if not inventory.gpus:
             inventory.unavailable_reason = f"CUDA_VISIBLE_DEVICES={mask!r} hides every GPU"
     return inventory
+
+
+class GpuUse(BaseModel):
+    """What one owner's processes hold on one GPU, as NVML reports it."""
+
+    index: int
+    memory_mib: float
+    pids: list[int]
+    utilization_percent: float | None = None
+
+
+def attribute(inventory: GpuInventory, pids_by_owner: dict[str, set[int]]) -> dict[str, list[GpuUse]]:
+    """Each owner's GPU memory, from NVML's per-GPU process lists (matched by pid)."""
+    uses: dict[str, list[GpuUse]] = {owner: [] for owner in pids_by_owner}
+    for gpu in inventory.gpus:
+        for owner, pids in pids_by_owner.items():
+            mine = [p for p in gpu.processes if p.pid in pids]
+            if mine:
+                uses[owner].append(
+                    GpuUse(
+                        index=gpu.index,
+                        memory_mib=sum(p.used_memory_mib or 0 for p in mine),
+                        pids=sorted(p.pid for p in mine),
+                        utilization_percent=gpu.utilization_percent,
+                    )
+                )
+    return uses

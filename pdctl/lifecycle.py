@@ -22,13 +22,15 @@ from pdctl import procs
 from pdctl.cluster import PlannedCluster
 from pdctl.engines import runtime, tinymodel
 from pdctl.errors import ClusterError, UsageError
-from pdctl.plan import Plan
+from pdctl.gpus import GpuSource, GpuUse, attribute, discover
+from pdctl.plan import Plan, PlannedInstance
 from pdctl.state import (
     ClusterDir,
     ClusterPhase,
     ClusterState,
     InstancePhase,
     InstanceStatus,
+    open_log,
     tail,
 )
 
@@ -144,7 +146,7 @@ def start(planned: PlannedCluster, cluster_dir: ClusterDir) -> StartedCluster:
 def _spawn_daemon(cluster_dir: ClusterDir, plan: Plan, start_timeout_s: float) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "pdctl.daemon", "--cluster-dir", str(cluster_dir.path)]
     argv += ["--start-timeout", str(start_timeout_s)]
-    with cluster_dir.daemon_log.open("ab") as log_handle:
+    with open_log(cluster_dir.daemon_log) as log_handle:
         daemon = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -283,6 +285,7 @@ class InstanceReport(BaseModel):
     uptime_s: float | None
     restarts: int
     message: str | None = None
+    gpu_use: list[GpuUse] = []
 
 
 class StatusReport(BaseModel):
@@ -294,12 +297,13 @@ class StatusReport(BaseModel):
     instances: list[InstanceReport]
 
 
-def status(cluster_dir: ClusterDir) -> StatusReport:
+def status(cluster_dir: ClusterDir, gpu_source: GpuSource | None = None) -> StatusReport:
     state = cluster_dir.read_state()
     if state is None:
         raise ClusterError(f"cluster {cluster_dir.name!r} is not running")
     plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
     daemon = procs.live_process(state.daemon)
+    gpu_use = _gpu_use(plan, state, gpu_source) if plan.device == "cuda" else {}
     phase = state.phase.value if daemon else "daemon not running: `pdctl down` cleans up"
     return StatusReport(
         cluster=state.cluster,
@@ -307,11 +311,18 @@ def status(cluster_dir: ClusterDir) -> StatusReport:
         daemon_pid=daemon.pid if daemon else None,
         router=f"http://{plan.router.host}:{plan.router.port}",
         engine=plan.engine,
-        instances=[_instance_report(p, state.instances.get(p.id)) for p in plan.instances],
+        instances=[_instance_report(p, state.instances.get(p.id), gpu_use.get(p.id, [])) for p in plan.instances],
     )
 
 
-def _instance_report(planned, status: InstanceStatus | None) -> InstanceReport:
+def _gpu_use(plan: Plan, state: ClusterState, gpu_source: GpuSource | None) -> dict[str, list[GpuUse]]:
+    """NVML's process lists, each pid traced to its instance by the environment pdctl gave it."""
+    grouped = procs.processes_by_instance(state.token)
+    pids = {instance.id: {p.pid for p in grouped.get(instance.id, [])} for instance in plan.launched}
+    return attribute(discover(gpu_source), pids)
+
+
+def _instance_report(planned: PlannedInstance, status: InstanceStatus | None, gpus: list[GpuUse]) -> InstanceReport:
     status = status or InstanceStatus(id=planned.id)
     process = procs.live_process(status.process)
     phase = status.phase.value
@@ -331,6 +342,7 @@ def _instance_report(planned, status: InstanceStatus | None) -> InstanceReport:
         uptime_s=time.time() - status.started_at if process and status.started_at else None,
         restarts=status.restarts,
         message=status.message,
+        gpu_use=gpus,
     )
 
 

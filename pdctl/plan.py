@@ -86,7 +86,7 @@ def mask_value(name: str, value: str) -> str:
 def mask_argv(argv: list[str]) -> list[str]:
     masked = list(argv)
     for index, arg in enumerate(argv[:-1]):
-        if arg.startswith("--") and is_secret_name(arg.lstrip("-").replace("-", "_")):
+        if arg.startswith("--") and is_secret_name(arg):
             masked[index + 1] = MASK
     return [
         f"{arg.split('=', 1)[0]}={MASK}"

@@ -41,6 +41,13 @@ def live_process(record: ProcessRecord | None) -> psutil.Process | None:
         return None
 
 
+def environ_of(process: psutil.Process) -> dict[str, str]:
+    try:
+        return process.environ()
+    except (psutil.Error, OSError):
+        return {}
+
+
 def marked_processes(token: str) -> list[psutil.Process]:
     """Every process carrying this cluster's token, orphans reparented to init included."""
     found: list[psutil.Process] = []
@@ -55,6 +62,14 @@ def marked_processes(token: str) -> list[psutil.Process]:
     return found
 
 
+def processes_by_instance(token: str) -> dict[str, list[psutil.Process]]:
+    """This cluster's processes grouped by the instance id each was launched for (children included)."""
+    grouped: dict[str, list[psutil.Process]] = {}
+    for process in marked_processes(token):
+        grouped.setdefault(environ_of(process).get(INSTANCE_ENV, ""), []).append(process)
+    return grouped
+
+
 def _signal_group_or_process(process: psutil.Process, sig: signal.Signals) -> None:
     try:
         pgid = os.getpgid(process.pid)
@@ -66,24 +81,33 @@ def _signal_group_or_process(process: psutil.Process, sig: signal.Signals) -> No
         pass
 
 
+def _gone(process: psutil.Process) -> bool:
+    # A zombie has exited; its parent (perhaps a frozen daemon) just has not reaped it yet.
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def wait_exit(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until every process has exited (zombies count as exited); returns those still running."""
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in processes if not _gone(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if not _gone(p)]
+    return alive
+
+
 def terminate(processes: Iterable[psutil.Process], grace_s: float) -> list[int]:
     """SIGTERM (to their groups), wait up to grace_s, SIGKILL what remains. Returns the pids it had to kill."""
-    targets = [p for p in processes if p.is_running()]
+    targets = [p for p in processes if not _gone(p)]
     for process in targets:
         _signal_group_or_process(process, signal.SIGTERM)
-    _, alive = psutil.wait_procs(targets, timeout=grace_s)
+    alive = wait_exit(targets, grace_s)
     for process in alive:
         _signal_group_or_process(process, signal.SIGKILL)
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-    psutil.wait_procs(alive, timeout=5)
+    wait_exit(alive, 5)
     return [p.pid for p in alive]
-
-
-def wait_gone(token: str, timeout_s: float) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout_s
-    remaining = marked_processes(token)
-    while remaining and time.monotonic() < deadline:
-        time.sleep(0.1)
-        remaining = marked_processes(token)
-    return remaining

@@ -63,11 +63,14 @@ SCENARIO_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL|_KEY$)", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIALS?)(_|$)")
+_NOT_SECRET = re.compile(r"(^|_)(TOKENS|KEYS)$")  # counts and lists of names, such as max_num_batched_tokens
 
 
 def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name))
+    """HF_TOKEN, OPENAI_API_KEY, --hf-token, --api-key, AWS_SECRET_ACCESS_KEY: names whose values are secret."""
+    normal = name.strip("-").replace("-", "_").upper()
+    return bool(_SECRET_NAME.search(normal)) and not _NOT_SECRET.search(normal)
 
 
 class _Section(BaseModel):

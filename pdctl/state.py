@@ -8,6 +8,7 @@ import tempfile
 import time
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import BaseModel, Field
 
@@ -40,6 +41,21 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def open_log(path: Path) -> BinaryIO:
+    """Append to a log that only its owner can read (engine logs may echo prompts)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+
+
+class NoCluster(UsageError):
+    """No cluster state where one was looked for."""
+
+    exit_code = 1
+
+    def __init__(self, root: Path):
+        self.root = root
+        super().__init__(f"no cluster is running (state in {root}): start one with `pdctl up PROFILE`")
 
 
 class ProcessRecord(BaseModel):
@@ -108,7 +124,7 @@ class ClusterDir:
         if len(names) == 1:
             return cls(root, names[0])
         if not names:
-            raise UsageError(f"no cluster in {root}: start one with `pdctl up PROFILE`")
+            raise NoCluster(root)
         raise UsageError(f"several clusters in {root} ({', '.join(names)}): name one")
 
     def create(self) -> None:

@@ -23,7 +23,7 @@ import httpx
 
 from pdctl import procs
 from pdctl.plan import Plan, PlannedInstance
-from pdctl.state import ClusterDir, ClusterPhase, ClusterState, InstancePhase, InstanceStatus
+from pdctl.state import ClusterDir, ClusterPhase, ClusterState, InstancePhase, InstanceStatus, open_log
 
 log = logging.getLogger("pdctl.supervisor")
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -239,7 +239,7 @@ class Supervisor:
     def _launch(self, managed: _Managed) -> None:
         planned = managed.planned
         log_path = self.dir.instance_log(planned.id)
-        with log_path.open("ab") as handle:
+        with open_log(log_path) as handle:
             handle.write(f"\n=== pdctl: starting {planned.id} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             managed.log_size_at_launch = handle.tell()
             managed.popen = self._spawn(planned, handle)
@@ -270,8 +270,7 @@ class Supervisor:
         )
 
     def _kill_instance(self, managed: _Managed) -> None:
-        token = self.state.token
-        mine = [p for p in procs.marked_processes(token) if _environ(p).get(procs.INSTANCE_ENV) == managed.planned.id]
+        mine = procs.processes_by_instance(self.state.token).get(managed.planned.id, [])
         procs.terminate(mine, self.policy.stop_grace_s)
         if managed.popen is not None:
             managed.popen.poll()
@@ -305,13 +304,6 @@ class Supervisor:
         if self._dirty or force:
             self.dir.write_state(self.state)
             self._dirty = False
-
-
-def _environ(process: Any) -> dict[str, str]:
-    try:
-        return process.environ()
-    except Exception:
-        return {}
 
 
 async def _sleep_or_stop(stopping: asyncio.Event, seconds: float) -> None:

@@ -8,8 +8,10 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from pdctl.control_plane.types import ExecutionInstanceType
 from pdctl.gpus import GpuInventory
-from pdctl.lifecycle import InstanceFailure, StatusReport
+from pdctl.lifecycle import InstanceFailure, InstanceReport, StatusReport
+from pdctl.placement import ROLE_NOUN
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
 from pdctl.state import ClusterState
@@ -64,28 +66,41 @@ def _devices(instance: PlannedInstance) -> str:
     return "-" if instance.launch else "remote (attached)"
 
 
+def shell_lines(argv: list[str]) -> str:
+    """A command line to read and to paste: one flag and its value per line."""
+    if not argv:
+        return ""
+    lines: list[list[str]] = [[]]
+    for arg in argv:
+        if arg.startswith("--") and lines[-1]:
+            lines.append([])
+        lines[-1].append(shlex.quote(arg))
+    return " \\\n    ".join(" ".join(line) for line in lines)
+
+
 def plan_view(plan: Plan) -> Group:
-    header = Text(
-        f"cluster {plan.cluster}: {len(plan.launched)} of {len(plan.instances)} instances launched here on "
-        f"{plan.device}; engine {plan.engine}; model {plan.model_path} served as {plan.served_model_name}; "
-        f"router http://{plan.router.host}:{plan.router.port}",
-        style="bold",
-    )
-    table = Table(title_justify="left", show_lines=True)
-    for column in ("instance", "role", "devices", "port", "command line and environment"):
-        table.add_column(column, overflow="fold")
-    for instance in plan.instances:
-        env = " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(instance.env.items()))
-        command = shlex.join(instance.argv) if instance.argv else "(not launched: attached at this address)"
-        table.add_row(
-            instance.id,
-            instance.role.value,
-            _devices(instance),
-            f"{instance.host}:{instance.port}",
-            Text(f"{env}\n{command}" if env else command),
+    parts: list[Text] = [
+        Text(
+            f"cluster {plan.cluster}: {len(plan.launched)} of {len(plan.instances)} instances launched here on "
+            f"{plan.device}; engine {plan.engine}; model {plan.model_path} served as {plan.served_model_name}; "
+            f"router http://{plan.router.host}:{plan.router.port}",
+            style="bold",
         )
-    notes = Text("\n".join(f"note: {note}" for note in plan.notes), style="yellow")
-    return Group(header, table, notes)
+    ]
+    for instance in plan.instances:
+        parts.append(
+            Text(
+                f"\n{instance.id}  {instance.role.value}  {_devices(instance)}  {instance.host}:{instance.port}",
+                style="bold cyan",
+            )
+        )
+        if not instance.launch:
+            parts.append(Text("  not launched: attached to the engine at this address"))
+            continue
+        env = "".join(f"  {key}={shlex.quote(value)}\n" for key, value in sorted(instance.env.items()))
+        parts.append(Text(env + "  " + shell_lines(instance.argv)))
+    parts.append(Text("\n" + "\n".join(f"note: {note}" for note in plan.notes), style="yellow"))
+    return Group(*parts)
 
 
 def _elapsed(seconds: float | None) -> str:
@@ -137,7 +152,9 @@ def status_table(report: StatusReport) -> Group:
         style="bold",
     )
     table = Table(title_justify="left")
-    for column in ("instance", "role", "pid", "port", "devices", "state", "uptime", "restarts"):
+    show_gpu = any(instance.gpu_use for instance in report.instances)
+    columns = ["instance", "role", "pid", "port", "devices", "state", "uptime", "restarts"]
+    for column in columns + (["GPU memory"] if show_gpu else []):
         table.add_column(column)
     for instance in report.instances:
         state = Text(instance.phase, style=_PHASE_STYLE.get(instance.phase, "cyan"))
@@ -145,15 +162,20 @@ def status_table(report: StatusReport) -> Group:
             state.append(f" ({instance.message})", style="dim")
         table.add_row(
             instance.id,
-            instance.role,
+            ROLE_NOUN[ExecutionInstanceType(instance.role)],
             str(instance.pid or "-"),
             str(instance.port),
             instance.devices,
             state,
             _elapsed(instance.uptime_s),
             str(instance.restarts),
+            *([_gpu_use(instance)] if show_gpu else []),
         )
     return Group(header, table)
+
+
+def _gpu_use(instance: InstanceReport) -> str:
+    return ", ".join(f"GPU {use.index}: {use.memory_mib / 1024:.1f} GiB" for use in instance.gpu_use) or "-"
 
 
 def failure_report(failures: list[InstanceFailure]) -> Group:

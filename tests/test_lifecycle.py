@@ -1,0 +1,179 @@
+"""Supervision, state and teardown against real processes on real sockets (the sim engine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from pdctl import lifecycle, procs
+from pdctl.cluster import plan_profile
+from pdctl.errors import ClusterError
+from pdctl.state import ClusterDir, InstancePhase
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port_block(count: int) -> int:
+    """A base port with `count` free ports after it (best effort: the kernel's ephemeral range is elsewhere)."""
+    for base in range(21000, 60000, 97):
+        if all(lifecycle.port_owner("127.0.0.1", base + i) is None for i in range(count)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def sim_profile(tmp_path: Path, *, prefill: int = 1, decode: int = 1, extra: str = "", name: str = "simc") -> Path:
+    base = free_port_block(prefill + decode + 1)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\nmodel: {{path: sim-model}}\ndevice: cpu\n"
+        f"engine:\n  kind: sim\n  start_timeout_s: 20\n{extra}"
+        f"router: {{port: {base}}}\nports: {{instances: {base + 1}, nixl_side_channel: {base + 50}}}\n"
+        f"pd: {{prefilling_min_instances: {prefill}, decoding_min_instances: {decode}, "
+        "enable_dynamic_scaling: false}\n"
+        "prefill: {tensor_parallel_size: 1}\n"
+    )
+    return path
+
+
+def up(profile: Path, state_root: Path) -> tuple[ClusterDir, lifecycle.StartedCluster, list]:
+    planned = plan_profile(profile)
+    cluster_dir = ClusterDir(state_root, planned.profile.name)
+    started = lifecycle.start(planned, cluster_dir)
+    failures = lifecycle.wait_ready(started, lambda state: None)
+    return cluster_dir, started, failures
+
+
+@pytest.fixture
+def state_root(tmp_path):
+    root = tmp_path / "state"
+    yield root
+    for cluster in root.glob("*"):
+        if (cluster / "state.json").exists():
+            lifecycle.down(ClusterDir(root, cluster.name), grace_s=2)
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_up_status_down_leaves_nothing(tmp_path, state_root):
+    cluster_dir, started, failures = up(sim_profile(tmp_path, decode=2), state_root)
+    assert failures == []
+    report = lifecycle.status(cluster_dir)
+    assert [i.phase for i in report.instances] == ["healthy"] * 3
+    assert all(i.pid for i in report.instances) and report.daemon_pid == started.daemon.pid
+    state = cluster_dir.read_state()
+    assert len(procs.marked_processes(state.token)) == 3
+    # owner-only state, plan without secrets
+    assert oct(cluster_dir.path.stat().st_mode & 0o777) == "0o700"
+    assert oct(cluster_dir.state_file.stat().st_mode & 0o777) == "0o600"
+    down = lifecycle.down(cluster_dir, grace_s=5)
+    assert down.was_running and down.remaining_pids == []
+    assert procs.marked_processes(state.token) == []
+    assert not psutil.pid_exists(started.daemon.pid) or started.daemon.poll() is not None
+    assert lifecycle.down(cluster_dir).was_running is False  # idempotent
+
+
+def test_a_killed_instance_is_restarted(tmp_path, state_root):
+    cluster_dir, _, failures = up(sim_profile(tmp_path), state_root)
+    assert failures == []
+    before = cluster_dir.read_state().instances["decode-0"]
+    os.killpg(before.process.pid, signal.SIGKILL)
+
+    def restarted():
+        status = cluster_dir.read_state().instances["decode-0"]
+        return status.phase is InstancePhase.HEALTHY and status.restarts == 1 and status
+
+    after = wait_for(restarted, what="decode-0 restarted and healthy")
+    assert after.process.pid != before.process.pid
+    assert lifecycle.status(cluster_dir).instances[1].restarts == 1
+    assert "exited with code" in cluster_dir.daemon_log.read_text()
+
+
+def test_down_after_the_daemon_was_sigkilled(tmp_path, state_root):
+    cluster_dir, started, failures = up(sim_profile(tmp_path), state_root)
+    assert failures == []
+    token = cluster_dir.read_state().token
+    os.kill(started.daemon.pid, signal.SIGKILL)
+    started.daemon.wait()
+    assert len(procs.marked_processes(token)) == 2  # the instances outlive their daemon...
+    report = lifecycle.down(cluster_dir, grace_s=5)
+    assert report.remaining_pids == [] and len(report.stopped_pids) == 2
+    assert procs.marked_processes(token) == []  # ...until down
+
+
+def test_two_ups_of_one_name(tmp_path, state_root):
+    profile = sim_profile(tmp_path)
+    _, started, failures = up(profile, state_root)
+    assert failures == []
+    with pytest.raises(ClusterError, match=f"cluster 'simc' is already running \\(daemon pid {started.daemon.pid}\\)"):
+        lifecycle.start(plan_profile(profile), ClusterDir(state_root, "simc"))
+
+
+def test_a_taken_port_names_its_holder(tmp_path, state_root):
+    profile = sim_profile(tmp_path)
+    port = plan_profile(profile).plan.instances[1].port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        with pytest.raises(ClusterError) as caught:
+            lifecycle.start(plan_profile(profile), ClusterDir(state_root, "simc"))
+    assert f"port {port} (decode-0) is taken by pid {os.getpid()}" in str(caught.value)
+    assert not (state_root / "simc" / "state.json").exists()  # nothing started
+
+
+def test_start_timeout_fails_up_with_the_log(tmp_path, state_root):
+    profile = sim_profile(tmp_path, extra='  extra_args: ["--startup-delay-s", "30"]\n')
+    profile.write_text(profile.read_text().replace("start_timeout_s: 20", "start_timeout_s: 1.5"))
+    _, _, failures = up(profile, state_root)
+    assert {f.id for f in failures} == {"prefill-0", "decode-0"}
+    assert all("start timeout of 1.5 s" in (f.message or "") for f in failures)
+    assert any("pdctl sim engine" in line for line in failures[0].last_lines)
+
+
+def test_an_instance_that_exits_at_start_fails_up_with_its_exit_code(tmp_path, state_root):
+    profile = sim_profile(tmp_path, extra='  extra_args: ["--no-such-flag"]\n')
+    _, _, failures = up(profile, state_root)
+    assert failures and failures[0].exit_code == 2
+    assert any("--no-such-flag" in line for line in failures[0].last_lines)
+
+
+def test_cli_up_failure_prints_the_log_stops_everything_and_exits_non_zero(tmp_path):
+    profile = sim_profile(tmp_path, extra='  extra_args: ["--no-such-flag"]\n')
+    state = tmp_path / "cli-state"
+    result = subprocess.run(
+        [sys.executable, "-m", "pdctl", "up", str(profile), "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert "prefill-0 failed: exited with code 2" in result.stderr
+    assert "--no-such-flag" in result.stderr and "Traceback" not in result.stderr
+    stopped = json.loads((state / "simc" / "state.stopped.json").read_text())
+    assert procs.marked_processes(stopped["token"]) == []
+
+
+def test_sim_instances_answer_through_their_ports(tmp_path, state_root):
+    _, started, failures = up(sim_profile(tmp_path), state_root)
+    assert failures == []
+    decode = started.plan.instances[1]
+    models = httpx.get(f"{decode.url}/v1/models").json()
+    assert models["data"][0]["id"] == "sim-model"
