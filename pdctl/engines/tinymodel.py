@@ -79,8 +79,8 @@ def default_model_dir() -> Path:
 
 
 def model_config() -> dict[str, Any]:
-    # float32: the CPU build computes bfloat16 only where the CPU has AVX-512 BF16; float32 runs everywhere
-    # and, at this size, costs nothing worth measuring.
+    # float32 runs on every CPU; bfloat16 without AVX-512 BF16 falls back to slow torch matmuls. vLLM's
+    # `--dtype auto` still downcasts float32 to bfloat16 on the CPU, so the engine needs `--dtype float32` too.
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

