@@ -19,6 +19,7 @@ from pdctl.engines import runtime
 from pdctl.errors import ClusterError, PdctlError, UsageError
 from pdctl.gpus import FileGpuSource, GpuSource, discover
 from pdctl.profile import SCENARIO_PRESETS, load_profile
+from pdctl.router import client as route_client
 from pdctl.state import ClusterDir, NoCluster, state_root, tail
 from pdctl.templates import profile_template
 
@@ -211,6 +212,36 @@ def _follow(path: Path) -> None:
                 sys.stdout.flush()
             else:
                 time.sleep(0.25)
+
+
+@app.command()
+def route(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="the prompt to route")],
+    max_tokens: Annotated[int, typer.Option(help="output tokens to ask for")] = 32,
+    priority: Annotated[int | None, typer.Option(help="0 critical ... 3 low (vLLM's priority)")] = None,
+    deadline_ms: Annotated[float | None, typer.Option(help="SLO deadline in milliseconds")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the decision only")] = False,
+    as_json: JsonOpt = False,
+    name: Annotated[str | None, typer.Option("--cluster", help="the cluster (the only one when omitted)")] = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Show how the router decides for one request (phase, instances, why), then send it and time it."""
+    router_url, model = lifecycle.router_of(ClusterDir.find(state_root(state_dir), name))
+    body = route_client.completion_body(model, prompt, max_tokens, priority, deadline_ms)
+    decision = route_client.explain(router_url, body)
+    if not as_json:
+        out.print(views.decision_view(decision))
+    if dry_run:
+        if as_json:
+            _print_json({"decision": decision})
+        return
+    writer = (lambda text: None) if as_json else (lambda text: out.print(escape(text), end=""))
+    result = route_client.send(router_url, body, writer)
+    if as_json:
+        _print_json({"decision": decision, "result": {**vars(result), "tpot_s": result.tpot_s}})
+    else:
+        out.print()
+        out.print(views.route_result_view(result))
 
 
 engine_app = typer.Typer(help="The engine runtime: vLLM in a virtual environment of its own.", no_args_is_help=True)

@@ -1,28 +1,41 @@
 """The control-plane daemon of one cluster: `pdctl up` starts it detached; it outlives the shell.
 
-It reads the (unmasked) plan on stdin, so secrets never touch the state directory, launches and
-supervises the instances, and stops them all on SIGTERM.
+It reads the profile and the unmasked plan on stdin, so secrets never touch the state directory, serves
+the router, launches and supervises the instances, and stops them all on SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from pdctl import procs
 from pdctl.plan import Plan
+from pdctl.profile import ClusterProfile
+from pdctl.router.server import RouterService, build_router
 from pdctl.state import ClusterDir, ClusterPhase
 from pdctl.supervisor import Supervisor, SupervisorPolicy
 
 log = logging.getLogger("pdctl.daemon")
 
 
-async def run(cluster_dir: ClusterDir, plan: Plan, policy: SupervisorPolicy) -> int:
+class DaemonInput(BaseModel):
+    """What `up` hands the daemon through its stdin pipe."""
+
+    profile: ClusterProfile
+    plan: Plan
+
+
+async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
+    plan, profile = given.plan, given.profile
     state = cluster_dir.read_state()
     if state is None:
         log.error("no state file in %s", cluster_dir.path)
@@ -32,8 +45,18 @@ async def run(cluster_dir: ClusterDir, plan: Plan, policy: SupervisorPolicy) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stopping.set)
-    supervisor = Supervisor(plan, cluster_dir, state, policy)
-    log.info("cluster %s: starting %d instances", plan.cluster, len(plan.launched))
+    router = RouterService(build_router(profile, plan), plan.router.host, plan.router.port)
+    try:
+        await router.start()
+    except OSError as error:
+        state.phase, state.message = ClusterPhase.FAILED, f"the router cannot listen on {plan.router.port}: {error}"
+        cluster_dir.write_state(state)
+        log.error("%s", state.message)
+        return 1
+    state.router = f"http://{plan.router.host}:{router.server.port}"
+    policy = SupervisorPolicy(start_timeout_s=profile.engine.start_timeout_s)
+    supervisor = Supervisor(plan, cluster_dir, state, policy, on_health=router.set_health)
+    log.info("cluster %s: router on %s, starting %d instances", plan.cluster, state.router, len(plan.launched))
     try:
         if await supervisor.start_all(stopping):
             log.info("cluster %s is ready", plan.cluster)
@@ -43,6 +66,7 @@ async def run(cluster_dir: ClusterDir, plan: Plan, policy: SupervisorPolicy) -> 
             await stopping.wait()
     finally:
         log.info("stopping cluster %s", plan.cluster)
+        await router.stop()
         await supervisor.stop()
     log.info("cluster %s stopped", plan.cluster)
     return 0
@@ -51,12 +75,12 @@ async def run(cluster_dir: ClusterDir, plan: Plan, policy: SupervisorPolicy) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdctl-daemon")
     parser.add_argument("--cluster-dir", type=Path, required=True)
-    parser.add_argument("--start-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    plan = Plan.model_validate_json(sys.stdin.buffer.read())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the log
+    given = DaemonInput.model_validate(json.loads(sys.stdin.buffer.read()))
     cluster_dir = ClusterDir(args.cluster_dir.parent, args.cluster_dir.name)
-    return asyncio.run(run(cluster_dir, plan, SupervisorPolicy(start_timeout_s=args.start_timeout)))
+    return asyncio.run(run(cluster_dir, given))
 
 
 if __name__ == "__main__":

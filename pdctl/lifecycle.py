@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import signal
@@ -139,13 +140,12 @@ def start(planned: PlannedCluster, cluster_dir: ClusterDir) -> StartedCluster:
         instances={i.id: InstanceStatus(id=i.id) for i in plan.instances},
     )
     cluster_dir.write_state(state)
-    daemon = _spawn_daemon(cluster_dir, plan, planned.profile.engine.start_timeout_s)
+    daemon = _spawn_daemon(cluster_dir, planned)
     return StartedCluster(cluster_dir, plan, daemon)
 
 
-def _spawn_daemon(cluster_dir: ClusterDir, plan: Plan, start_timeout_s: float) -> subprocess.Popen[bytes]:
+def _spawn_daemon(cluster_dir: ClusterDir, planned: PlannedCluster) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "pdctl.daemon", "--cluster-dir", str(cluster_dir.path)]
-    argv += ["--start-timeout", str(start_timeout_s)]
     with open_log(cluster_dir.daemon_log) as log_handle:
         daemon = subprocess.Popen(
             argv,
@@ -156,7 +156,8 @@ def _spawn_daemon(cluster_dir: ClusterDir, plan: Plan, start_timeout_s: float) -
             cwd=cluster_dir.path,
         )
     assert daemon.stdin is not None
-    daemon.stdin.write(plan.model_dump_json().encode())  # unmasked, through a pipe, never a file
+    given = {"profile": planned.profile.model_dump(mode="json"), "plan": planned.plan.model_dump(mode="json")}
+    daemon.stdin.write(json.dumps(given).encode())  # unmasked, through a pipe, never a file
     daemon.stdin.close()
     return daemon
 
@@ -180,18 +181,20 @@ def wait_ready(
             if state.phase is ClusterPhase.READY:
                 return []
             if state.phase is ClusterPhase.FAILED:
-                return failures_of(started.dir, state)
+                return failures_of(started.dir, state) or [_daemon_failure(started, state.message)]
         if started.daemon.poll() is not None:
-            return [
-                InstanceFailure(
-                    id="daemon",
-                    exit_code=started.daemon.returncode,
-                    message="the control-plane daemon exited",
-                    log_path=str(started.dir.daemon_log),
-                    last_lines=tail(started.dir.daemon_log),
-                )
-            ]
+            return [_daemon_failure(started, "the control-plane daemon exited")]
         time.sleep(poll_s)
+
+
+def _daemon_failure(started: StartedCluster, message: str | None) -> InstanceFailure:
+    return InstanceFailure(
+        id="daemon",
+        exit_code=started.daemon.poll(),
+        message=message,
+        log_path=str(started.dir.daemon_log),
+        last_lines=tail(started.dir.daemon_log),
+    )
 
 
 def failures_of(cluster_dir: ClusterDir, state: ClusterState) -> list[InstanceFailure]:
@@ -344,6 +347,15 @@ def _instance_report(planned: PlannedInstance, status: InstanceStatus | None, gp
         message=status.message,
         gpu_use=gpus,
     )
+
+
+def router_of(cluster_dir: ClusterDir) -> tuple[str, str]:
+    """The running router's URL and the model name it serves."""
+    state = cluster_dir.read_state()
+    if state is None or not procs.live_process(state.daemon) or not state.router:
+        raise ClusterError(f"cluster {cluster_dir.name!r} is not running: `pdctl up PROFILE` starts it")
+    plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
+    return state.router, plan.served_model_name
 
 
 def log_path(cluster_dir: ClusterDir, instance: str) -> Path:

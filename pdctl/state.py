@@ -103,6 +103,8 @@ class ClusterState(BaseModel):
     token: str = Field(description="marks every process of this cluster in its environment, for down's sweep")
     phase: ClusterPhase = ClusterPhase.STARTING
     daemon: ProcessRecord | None = None
+    router: str | None = Field(None, description="the router's URL once it listens")
+    message: str | None = None
     instances: dict[str, InstanceStatus] = Field(default_factory=dict)
     updated_at: float = Field(default_factory=time.time)
 

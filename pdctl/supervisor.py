@@ -29,6 +29,9 @@ log = logging.getLogger("pdctl.supervisor")
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+SERVING = (InstancePhase.HEALTHY, InstancePhase.ATTACHED)
+
+
 @dataclass(frozen=True)
 class SupervisorPolicy:
     start_timeout_s: float = 600.0
@@ -69,6 +72,7 @@ class Supervisor:
         policy: SupervisorPolicy,
         clock: Callable[[], float] = time.monotonic,
         spawn: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
+        on_health: Callable[[str, bool], None] = lambda instance_id, healthy: None,
     ):
         self.plan = plan
         self.dir = cluster_dir
@@ -76,6 +80,7 @@ class Supervisor:
         self.policy = policy
         self.clock = clock
         self.spawn = spawn
+        self.on_health = on_health
         self.managed = {i.id: _Managed(i, state.instances.get(i.id) or InstanceStatus(id=i.id)) for i in plan.instances}
         for managed in self.managed.values():
             state.instances[managed.planned.id] = managed.status
@@ -98,7 +103,7 @@ class Supervisor:
                 self.state.phase = ClusterPhase.FAILED
                 self._save(force=True)
                 return False
-            if all(m.status.phase in (InstancePhase.HEALTHY, InstancePhase.ATTACHED) for m in self.managed.values()):
+            if all(m.status.phase in SERVING for m in self.managed.values()):
                 self.state.phase = ClusterPhase.READY
                 self._save(force=True)
                 return True
@@ -228,7 +233,7 @@ class Supervisor:
         self._set(managed, InstancePhase.BACKOFF, message=f"{message}; restarting in {delay:g} s")
 
     def _update_cluster_phase(self) -> None:
-        healthy = all(m.status.phase in (InstancePhase.HEALTHY, InstancePhase.ATTACHED) for m in self.managed.values())
+        healthy = all(m.status.phase in SERVING for m in self.managed.values())
         phase = ClusterPhase.READY if healthy else ClusterPhase.DEGRADED
         if phase is not self.state.phase:
             self.state.phase = phase
@@ -296,9 +301,12 @@ class Supervisor:
 
     def _set(self, managed: _Managed, phase: InstancePhase, message: str | None = None) -> None:
         if managed.status.phase is not phase or managed.status.message != message:
+            was_serving = managed.status.phase in SERVING
             managed.status.phase = phase
             managed.status.message = message
             self._dirty = True
+            if was_serving != (phase in SERVING):
+                self.on_health(managed.planned.id, phase in SERVING)
 
     def _save(self, force: bool = False) -> None:
         if self._dirty or force:

@@ -14,6 +14,7 @@ from pdctl.lifecycle import InstanceFailure, InstanceReport, StatusReport
 from pdctl.placement import ROLE_NOUN
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
+from pdctl.router.client import RouteResult
 from pdctl.state import ClusterState
 
 
@@ -190,3 +191,32 @@ def failure_report(failures: list[InstanceFailure]) -> Group:
         )
         parts.append(Text("\n".join(f"  | {line}" for line in failure.last_lines) or "  (empty log)", style="dim"))
     return Group(*parts)
+
+
+def decision_view(decision: dict) -> Group:
+    """What the router decided for one request, and the figures it compared."""
+    figures = ", ".join(f"{key} {value}" for key, value in decision["figures"].items())
+    lines = [
+        Text(f"phase {decision['phase']}: {decision['reason']}", style="bold"),
+        Text(f"  input tokens {decision['input_tokens']}, expected output {decision['expected_output_tokens']}"),
+        Text(f"  figures: {figures}", style="dim"),
+    ]
+    for hop in ("prefill", "decode"):
+        chosen = decision.get(hop)
+        if chosen:
+            scores = ", ".join(f"{i} {s}" for i, s in chosen["scores"].items()) or "only candidate"
+            lines.append(Text(f"  {hop}: {chosen['instance']} ({chosen['url']}); scores {scores}"))
+    return Group(*lines)
+
+
+def route_result_view(result: RouteResult) -> Text:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f} ms"
+
+    via = " -> ".join(x for x in (result.prefill, result.decode) if x)
+    tokens = result.usage.get("completion_tokens", result.chunks)
+    return Text(
+        f"{result.request_id}: {result.phase} via {via}; {tokens} tokens; "
+        f"TTFT {ms(result.ttft_s)}, TPOT {ms(result.tpot_s)}, total {ms(result.total_s)}",
+        style="green",
+    )

@@ -1,0 +1,180 @@
+"""Which phase a request takes: PREFILLING (prefill instance, then decode with the KV cache moved),
+DECODING (straight to a decode instance, which prefills itself), or HYBRID (PD disabled).
+
+Each policy is a small class with one method; the registry maps the profile's names to them. The
+availability of each pool is applied after the policy, the same way for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from pdctl.control_plane.types import ExecutionInstanceType as Phase
+from pdctl.control_plane.types import PDSeparationConfig
+
+
+@dataclass(slots=True)
+class RequestFeatures:
+    input_tokens: int
+    expected_output_tokens: float
+    # Prompt tokens the chosen decode instance likely holds in its prefix cache (0 when unknown).
+    decode_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class PoolLoad:
+    """The live figures the adaptive policy moves its cut-off by."""
+
+    prefill_backlog_s: float = 0.0  # queued prompt tokens on the least loaded prefill instance / its speed
+    decode_running: float = 0.0  # sequences running on the chosen decode instance
+    decode_max_seqs: int = 1
+    decode_prefill_tokens_per_s: float = 1000.0
+    ttft_slo_s: float = 1.0
+    tpot_target_s: float = 0.05
+
+
+@dataclass(slots=True)
+class PhaseDecision:
+    phase: Phase
+    reason: str
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+class PhasePolicy(Protocol):
+    name: ClassVar[str]
+
+    def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision: ...
+
+
+def _ratio(tokens: float, expected_output: float) -> float:
+    return tokens / max(expected_output, 1.0)
+
+
+@dataclass(slots=True)
+class ThresholdPolicy:
+    """Split when input tokens >= threshold and input / expected output tokens >= ratio."""
+
+    config: PDSeparationConfig
+    name: ClassVar[str] = "threshold"
+
+    def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
+        tokens = features.input_tokens
+        ratio = _ratio(tokens, features.expected_output_tokens)
+        threshold, min_ratio = self.config.prefilling_threshold_input_tokens, self.config.prefilling_threshold_ratio
+        figures = {"input_tokens": tokens, "threshold": threshold, "ratio": round(ratio, 3), "min_ratio": min_ratio}
+        if tokens >= threshold and ratio >= min_ratio:
+            return PhaseDecision(
+                Phase.PREFILLING, f"{tokens} tokens >= {threshold} and ratio {ratio:.2f} >= {min_ratio:g}", figures
+            )
+        why = f"{tokens} tokens < {threshold}" if tokens < threshold else f"ratio {ratio:.2f} < {min_ratio:g}"
+        return PhaseDecision(Phase.DECODING, why, figures)
+
+
+@dataclass(slots=True)
+class AdaptivePolicy:
+    """The threshold rule on the tokens the decode instance would really compute (prompt minus its likely
+    cached prefix), with the cut-off moved by live load:
+
+        cut-off = threshold x (1 + prefill backlog / TTFT SLO) / (1 + decode load)
+
+    A backed-up prefill pool raises the cut-off (fewer requests wait for it); a busy decode instance lowers
+    it (its running streams would stall while it prefills). And whenever prefilling on the decode instance
+    would stall its running streams for longer than the TPOT target, the request is split, if the prefill
+    pool can still meet the TTFT SLO."""
+
+    config: PDSeparationConfig
+    name: ClassVar[str] = "adaptive"
+
+    def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
+        uncached = max(0, features.input_tokens - features.decode_cached_tokens)
+        ratio = _ratio(uncached, features.expected_output_tokens)
+        decode_load = load.decode_running / max(1, load.decode_max_seqs)
+        cutoff = (
+            self.config.prefilling_threshold_input_tokens
+            * (1 + load.prefill_backlog_s / load.ttft_slo_s)
+            / (1 + decode_load)
+        )
+        stall_s = uncached / max(load.decode_prefill_tokens_per_s, 1.0)
+        figures = {
+            "input_tokens": features.input_tokens,
+            "decode_cached_tokens": features.decode_cached_tokens,
+            "uncached_tokens": uncached,
+            "cutoff": round(cutoff, 1),
+            "ratio": round(ratio, 3),
+            "min_ratio": self.config.prefilling_threshold_ratio,
+            "prefill_backlog_s": round(load.prefill_backlog_s, 4),
+            "decode_load": round(decode_load, 3),
+            "decode_stall_s": round(stall_s, 4),
+        }
+        prefill_has_room = load.prefill_backlog_s < load.ttft_slo_s
+        if load.decode_running > 0 and stall_s > load.tpot_target_s and prefill_has_room and uncached > 0:
+            return PhaseDecision(
+                Phase.PREFILLING,
+                f"prefilling {uncached} tokens on the decode instance would stall its {load.decode_running:g} "
+                f"streams {stall_s * 1000:.0f} ms > TPOT target {load.tpot_target_s * 1000:.0f} ms",
+                figures,
+            )
+        if uncached >= cutoff and ratio >= self.config.prefilling_threshold_ratio:
+            return PhaseDecision(
+                Phase.PREFILLING, f"{uncached} uncached tokens >= cut-off {cutoff:.0f} and ratio {ratio:.2f}", figures
+            )
+        if uncached < cutoff:
+            cached = (
+                f" ({features.decode_cached_tokens} cached on the decode instance)"
+                if features.decode_cached_tokens
+                else ""
+            )
+            return PhaseDecision(Phase.DECODING, f"{uncached} uncached tokens{cached} < cut-off {cutoff:.0f}", figures)
+        return PhaseDecision(Phase.DECODING, f"ratio {ratio:.2f} < {self.config.prefilling_threshold_ratio:g}", figures)
+
+
+@dataclass(slots=True)
+class AlwaysPolicy:
+    """Every request through a prefill instance (A/B comparisons)."""
+
+    config: PDSeparationConfig
+    name: ClassVar[str] = "always"
+
+    def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
+        return PhaseDecision(Phase.PREFILLING, "routing_policy: always", {"input_tokens": features.input_tokens})
+
+
+@dataclass(slots=True)
+class NeverPolicy:
+    """No request through a prefill instance (A/B comparisons)."""
+
+    config: PDSeparationConfig
+    name: ClassVar[str] = "never"
+
+    def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
+        return PhaseDecision(Phase.DECODING, "routing_policy: never", {"input_tokens": features.input_tokens})
+
+
+PHASE_POLICIES: dict[str, type] = {p.name: p for p in (ThresholdPolicy, AdaptivePolicy, AlwaysPolicy, NeverPolicy)}
+
+
+class UnknownPolicy(ValueError):
+    pass
+
+
+def make_phase_policy(config: PDSeparationConfig) -> PhasePolicy:
+    policy = PHASE_POLICIES.get(config.routing_policy)
+    if policy is None:
+        raise UnknownPolicy(f"unknown routing_policy {config.routing_policy!r}; known: {', '.join(PHASE_POLICIES)}")
+    return policy(config)
+
+
+def with_availability(decision: PhaseDecision, enabled: bool, available: set[Phase]) -> PhaseDecision:
+    """Apply what the cluster can do now, the same for every policy: PD off means HYBRID; a phase whose pool
+    has no healthy instance falls back to one that has (a split needs both a prefill and a decode instance)."""
+    if not enabled:
+        return PhaseDecision(Phase.HYBRID, "PD disabled: whole requests on any instance", decision.figures)
+    phase, missing = decision.phase, None
+    if phase is Phase.PREFILLING and Phase.PREFILLING not in available:
+        phase, missing = Phase.DECODING, "prefill"
+    if phase in (Phase.PREFILLING, Phase.DECODING) and Phase.DECODING not in available and Phase.HYBRID in available:
+        phase, missing = Phase.HYBRID, "decode"
+    if missing is None:
+        return decision
+    return PhaseDecision(phase, f"no healthy {missing} instance (policy said: {decision.reason})", decision.figures)

@@ -1,0 +1,77 @@
+"""What the router knows of each instance: a small mutable record per instance, updated by the supervisor's
+health, the metrics scrape and the router's own in-flight counts; policies read it, never fetch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pdctl.control_plane.types import ExecutionInstanceType
+
+
+@dataclass(slots=True, eq=False)
+class Instance:
+    id: str
+    role: ExecutionInstanceType
+    url: str
+    max_num_seqs: int = 256
+    healthy: bool = False
+    draining: bool = False
+    # Circuit breaker: after consecutive failures the instance gets no traffic until this time.
+    circuit_open_until: float = 0.0
+    consecutive_failures: int = 0
+    # The router's own view, exact and immediate.
+    in_flight: int = 0
+    in_flight_prompt_tokens: int = 0
+    # The engine's view, from its /metrics (a scrape interval old).
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_usage: float = 0.0
+    # Measured prompt tokens per second of prefill on this instance (EWMA), for TTFT estimates.
+    prefill_tokens_per_s: float = 0.0
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def circuit_closed(self, now: float) -> bool:
+        return now >= self.circuit_open_until
+
+    @property
+    def load(self) -> float:
+        """Sequences running or queued here against what the engine runs at once."""
+        return max(self.in_flight, self.running + self.waiting) / max(1, self.max_num_seqs)
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+
+    def record_failure(self, threshold: int = 3, open_s: float = 5.0) -> None:
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= threshold:
+            self.circuit_open_until = time.monotonic() + open_s
+
+
+class Pool:
+    """Every instance of the cluster by role. Lists are rebuilt only on membership changes, so the hot path
+    reads prebuilt lists."""
+
+    def __init__(self, instances: list[Instance]):
+        self.by_id = {instance.id: instance for instance in instances}
+        self._by_role: dict[ExecutionInstanceType, list[Instance]] = {}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._by_role = {role: [] for role in ExecutionInstanceType}
+        for instance in self.by_id.values():
+            self._by_role[instance.role].append(instance)
+
+    def role(self, role: ExecutionInstanceType) -> list[Instance]:
+        return self._by_role[role]
+
+    def add(self, instance: Instance) -> None:
+        self.by_id[instance.id] = instance
+        self._rebuild()
+
+    def remove(self, instance_id: str) -> None:
+        self.by_id.pop(instance_id, None)
+        self._rebuild()
+
+    def all(self) -> list[Instance]:
+        return list(self.by_id.values())

@@ -1,0 +1,507 @@
+"""The router's request path: parse, decide the phase, pick instances, proxy (two hops for PD), retry.
+
+Nothing is lost: a request is answered, retried on another instance, served in another phase, or failed
+with an OpenAI-style error; a client that goes away cancels its upstream requests, so vLLM aborts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from pdctl.control_plane.types import ExecutionInstanceType as Phase
+from pdctl.control_plane.types import PDSeparationConfig
+from pdctl.httpserver import HttpError, Request, Response, StreamingResponse, json_response
+from pdctl.metrics import RouterMetrics
+from pdctl.router import requests
+from pdctl.router.admission import Admission, DeadlineExceeded
+from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, make_phase_policy, with_availability
+from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
+from pdctl.router.pool import Instance, Pool
+from pdctl.router.prefix import PrefixTable, block_hashes
+from pdctl.router.tokens import TokenCounter
+
+log = logging.getLogger("pdctl.router")
+
+REMOTE_DECODE = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+@dataclass
+class RouterSettings:
+    served_model_name: str
+    pd: PDSeparationConfig
+    routing_strategy: str = "load_balanced"
+    scheduling_policy: str = "slo_aware"
+    ttft_slo_ms: float = 1000.0
+    tpot_target_ms: float = 50.0
+    default_prefill_tokens_per_s: float = 1000.0
+    prefill_timeout_s: float = 120.0
+    connect_timeout_s: float = 3.0
+    first_byte_timeout_s: float = 600.0
+    max_queue_wait_s: float = 30.0
+
+
+@dataclass
+class Route:
+    """One request's decision: what `pdctl route` explains and the proxy carries out."""
+
+    request_id: str
+    decision: PhaseDecision
+    input_tokens: int
+    expected_output_tokens: float
+    decode: Selection | None
+    prefill: Selection | None = None
+    prefix_blocks: list[int] = field(default_factory=list)
+
+    def explain(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "phase": self.decision.phase.value,
+            "reason": self.decision.reason,
+            "figures": self.decision.figures,
+            "input_tokens": self.input_tokens,
+            "expected_output_tokens": round(self.expected_output_tokens, 1),
+            "prefill": _explain_selection(self.prefill),
+            "decode": _explain_selection(self.decode),
+        }
+
+
+def _explain_selection(selection: Selection | None) -> dict[str, Any] | None:
+    if selection is None:
+        return None
+    return {"instance": selection.instance.id, "url": selection.instance.url, "scores": selection.scores}
+
+
+class NoInstance(HttpError):
+    def __init__(self, what: str):
+        super().__init__(503, f"no healthy {what} instance can take the request", "ServiceUnavailableError")
+
+
+class Router:
+    def __init__(
+        self, settings: RouterSettings, pool: Pool, counter: TokenCounter, client: httpx.AsyncClient | None = None
+    ):
+        self.settings = settings
+        self.pool = pool
+        self.counter = counter
+        self.metrics = RouterMetrics()
+        self.phase_policy = make_phase_policy(settings.pd)
+        self.tables: defaultdict[str, PrefixTable] = defaultdict(
+            lambda: PrefixTable(eviction=settings.pd.kv_cache_eviction_policy)
+        )
+        self.strategy = make_strategy(settings.routing_strategy, self.tables.__getitem__)
+        self.admission = Admission(settings.scheduling_policy == "slo_aware", settings.max_queue_wait_s)
+        self.avg_output_tokens = 128.0
+        self._ids = itertools.count(1)
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.first_byte_timeout_s, connect=settings.connect_timeout_s),
+            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # ---- HTTP entry point --------------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response | StreamingResponse:
+        path = request.path
+        if request.method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            return await self.serve(request, chat=path.endswith("chat/completions"))
+        if request.method == "GET" and path == "/health":
+            return self.health()
+        if request.method == "GET" and path == "/v1/models":
+            return json_response(
+                {
+                    "object": "list",
+                    "data": [{"id": self.settings.served_model_name, "object": "model", "owned_by": "pdctl"}],
+                }
+            )
+        if request.method == "GET" and path == "/metrics":
+            return Response(200, self.metrics.render().encode(), None, "text/plain; version=0.0.4")
+        if request.method == "POST" and path == "/pdctl/route":
+            parsed = requests.parse(
+                request.json(), request.headers, "messages" in request.json(), self.settings.served_model_name
+            )
+            return json_response(self.plan(parsed).explain())
+        raise HttpError(404, f"{request.method} {path} is not served here", "NotFoundError")
+
+    def health(self) -> Response:
+        paths = self._working_paths()
+        status = 200 if paths else 503
+        return json_response({"status": "ok" if paths else "no working path", "paths": paths}, status=status)
+
+    def _working_paths(self) -> list[str]:
+        healthy = {role for role in Phase if any(i.healthy for i in self.pool.role(role))}
+        paths = []
+        if Phase.DECODING in healthy:
+            paths.append("decode")
+            if Phase.PREFILLING in healthy:
+                paths.append("prefill->decode")
+        if Phase.HYBRID in healthy:
+            paths.append("hybrid")
+        return paths
+
+    # ---- deciding --------------------------------------------------------------------------------------------
+
+    def plan(self, parsed: requests.ParsedRequest) -> Route:
+        started = time.perf_counter()
+        now = time.monotonic()
+        input_tokens = self.counter.count(parsed.text)
+        expected_output = float(parsed.max_tokens) if parsed.max_tokens else self.avg_output_tokens
+        blocks = block_hashes(parsed.text)
+        routing = RoutingRequest(input_tokens=input_tokens, prefix_blocks=blocks, now=now)
+        decode = self.strategy.select(self.pool.role(Phase.DECODING), routing)
+        features = RequestFeatures(input_tokens, expected_output, self._cached_tokens(decode, blocks, input_tokens))
+        decision = self.phase_policy.decide(features, self._load(decode, routing))
+        decision = with_availability(decision, self.settings.pd.enabled, self._available(routing))
+        route = Route(f"pdctl-{next(self._ids)}", decision, input_tokens, expected_output, decode, prefix_blocks=blocks)
+        if decision.phase is Phase.HYBRID:
+            route.decode = self.strategy.select(self.pool.role(Phase.HYBRID) or self.pool.all(), routing)
+        elif decision.phase is Phase.PREFILLING:
+            route.prefill = self.strategy.select(self.pool.role(Phase.PREFILLING), routing)
+        self.metrics.decision.observe(time.perf_counter() - started)
+        return route
+
+    def _available(self, routing: RoutingRequest) -> set[Phase]:
+        return {role for role in Phase if self.strategy.candidates(self.pool.role(role), routing)}
+
+    def _cached_tokens(self, decode: Selection | None, blocks: list[int], input_tokens: int) -> int:
+        if decode is None or not blocks:
+            return 0
+        matched = self.tables[decode.instance.id].match(blocks)
+        return min(input_tokens, round(input_tokens * matched / max(1, len(blocks) + 1)))
+
+    def _load(self, decode: Selection | None, routing: RoutingRequest) -> PoolLoad:
+        settings = self.settings
+        prefills = self.strategy.candidates(self.pool.role(Phase.PREFILLING), routing)
+        backlog = min(
+            (
+                p.in_flight_prompt_tokens / (p.prefill_tokens_per_s or settings.default_prefill_tokens_per_s)
+                for p in prefills
+            ),
+            default=0.0,
+        )
+        chosen = decode.instance if decode else None
+        return PoolLoad(
+            prefill_backlog_s=backlog,
+            decode_running=max(chosen.in_flight, chosen.running) if chosen else 0.0,
+            decode_max_seqs=chosen.max_num_seqs if chosen else 1,
+            decode_prefill_tokens_per_s=(chosen.prefill_tokens_per_s if chosen else 0)
+            or settings.default_prefill_tokens_per_s,
+            ttft_slo_s=settings.ttft_slo_ms / 1000,
+            tpot_target_s=settings.tpot_target_ms / 1000,
+        )
+
+    # ---- serving ---------------------------------------------------------------------------------------------
+
+    async def serve(self, request: Request, chat: bool) -> Response | StreamingResponse:
+        arrived = time.monotonic()
+        parsed = requests.parse(request.json(), request.headers, chat, self.settings.served_model_name)
+        body = self._upstream_body(parsed)
+        deadline_at = arrived + parsed.deadline_ms / 1000 if parsed.deadline_ms else None
+        route = await self._admit(parsed, deadline_at)
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        exchange = Exchange(self, route, parsed, body, path, arrived)
+        return await exchange.run()
+
+    def _upstream_body(self, parsed: requests.ParsedRequest) -> dict[str, Any]:
+        body = {k: v for k, v in parsed.body.items() if k not in requests.OWN_FIELDS}
+        if self.settings.scheduling_policy == "slo_aware":
+            body["priority"] = parsed.priority
+        else:
+            body.pop("priority", None)  # engines under fcfs refuse a priority
+        return body
+
+    async def _admit(self, parsed: requests.ParsedRequest, deadline_at: float | None) -> Route:
+        """Decide, and wait by priority and deadline while every candidate is full."""
+        waited_since = time.monotonic()
+        while True:
+            route = self.plan(parsed)
+            targets = [s.instance for s in (route.prefill, route.decode) if s is not None]
+            if route.decode is None:
+                raise NoInstance("decode or hybrid")
+            if all(t.in_flight < t.max_num_seqs for t in targets):
+                self.metrics.queue.observe(time.monotonic() - waited_since)
+                return route
+            if deadline_at is not None and time.monotonic() >= deadline_at:
+                raise _too_late(0.0)
+            try:
+                await self.admission.wait(parsed.priority, deadline_at)
+            except DeadlineExceeded as exceeded:
+                raise _too_late(exceeded.waited_s) from None
+
+    def record_prefill(self, instance: Instance, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            speed = tokens / seconds
+            instance.prefill_tokens_per_s = (
+                speed if not instance.prefill_tokens_per_s else 0.8 * instance.prefill_tokens_per_s + 0.2 * speed
+            )
+        self.metrics.prefill.observe(seconds)
+
+    def record_output(self, tokens: int) -> None:
+        if tokens > 0:
+            self.avg_output_tokens = 0.9 * self.avg_output_tokens + 0.1 * tokens
+
+
+def _too_late(waited_s: float) -> HttpError:
+    error = HttpError(429, "the request's deadline cannot be met: every instance is busy", "RateLimitError")
+    error.retry_after = max(1, round(waited_s))  # type: ignore[attr-defined]
+    return error
+
+
+class Exchange:
+    """One request's trip through the cluster, with its retries and fallbacks."""
+
+    def __init__(
+        self,
+        router: Router,
+        route: Route,
+        parsed: requests.ParsedRequest,
+        body: dict[str, Any],
+        path: str,
+        arrived: float,
+    ):
+        self.router = router
+        self.route = route
+        self.parsed = parsed
+        self.body = body
+        self.path = path
+        self.arrived = arrived
+        self.phase = route.decision.phase
+        self.tried: set[str] = set()
+        self.prefill_instance: Instance | None = None
+
+    def headers(self, decode: Instance) -> dict[str, str]:
+        headers = {
+            "x-pdctl-request-id": self.route.request_id,
+            "x-pdctl-phase": self.phase.value,
+            "x-pdctl-decode": decode.id,
+        }
+        if self.prefill_instance is not None:
+            headers["x-pdctl-prefill"] = self.prefill_instance.id
+        return headers
+
+    async def run(self) -> Response | StreamingResponse:
+        decode_body = self.body
+        if self.phase is Phase.PREFILLING:
+            params = await self._prefill()
+            if params is None:
+                self.phase = Phase.DECODING
+                self.router.metrics.fallbacks.inc("prefill_failed")
+            else:
+                decode_body = {**self.body, "kv_transfer_params": params}
+        return await self._decode(decode_body)
+
+    # ---- prefill hop ---------------------------------------------------------------------------------------
+
+    async def _prefill(self) -> dict[str, Any] | None:
+        """The prefill hop, retried once on another prefill instance; None means serve without it."""
+        router = self.router
+        selection = self.route.prefill
+        body = {**self.body, "max_tokens": 1, "stream": False, "kv_transfer_params": dict(REMOTE_DECODE)}
+        for key in ("stream_options", "min_tokens"):
+            body.pop(key, None)
+        if "max_completion_tokens" in body:
+            body["max_completion_tokens"] = 1
+        for attempt in range(2):
+            if selection is None:
+                return None
+            instance = selection.instance
+            self.tried.add(instance.id)
+            started = time.monotonic()
+            try:
+                with _in_flight(instance, self.route.input_tokens):
+                    response = await router._client.post(
+                        instance.url + self.path, json=body, timeout=router.settings.prefill_timeout_s
+                    )
+                if response.status_code == 200:
+                    params = response.json().get("kv_transfer_params")
+                    instance.record_success()
+                    router.record_prefill(instance, self.route.input_tokens, time.monotonic() - started)
+                    router.tables[instance.id].record(self.route.prefix_blocks)
+                    self.prefill_instance = instance
+                    return params if isinstance(params, dict) else None
+                if response.status_code < 500:
+                    return None  # the engine refused the request itself: the decode instance will say why
+                log.warning("%s: prefill on %s answered %d", self.route.request_id, instance.id, response.status_code)
+            except (httpx.HTTPError, ValueError) as error:
+                log.warning(
+                    "%s: prefill on %s failed: %s", self.route.request_id, instance.id, error or type(error).__name__
+                )
+            finally:
+                router.admission.release()
+            instance.record_failure()
+            if attempt == 0:
+                router.metrics.retries.inc("prefill")
+                selection = self._another(Phase.PREFILLING)
+        return None
+
+    def _another(self, role: Phase) -> Selection | None:
+        routing = RoutingRequest(self.route.input_tokens, self.route.prefix_blocks, time.monotonic())
+        remaining = [i for i in self.router.pool.role(role) if i.id not in self.tried]
+        return self.router.strategy.select(remaining, routing)
+
+    # ---- decode hop ----------------------------------------------------------------------------------------
+
+    async def _decode(self, body: dict[str, Any]) -> Response | StreamingResponse:
+        router = self.router
+        selection = self.route.decode
+        role = Phase.HYBRID if self.phase is Phase.HYBRID and router.pool.role(Phase.HYBRID) else Phase.DECODING
+        last_error = "no instance"
+        for attempt in range(2):
+            if selection is None:
+                break
+            instance = selection.instance
+            self.tried.add(instance.id)
+            outcome = await self._attempt(instance, body)
+            if not isinstance(outcome, str):
+                return outcome
+            last_error = outcome
+            instance.record_failure()
+            if attempt == 0:
+                router.metrics.retries.inc("decode")
+                selection = self._another(role)
+                if "kv_transfer_params" in body and selection is not None:
+                    # The KV blocks may have been pulled or freed: the retry prefills itself.
+                    body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+                    self.phase = Phase.DECODING
+        router.metrics.requests.inc(self.phase.value, "failed")
+        raise HttpError(502, f"every attempt failed: {last_error}", "BadGatewayError")
+
+    async def _attempt(self, instance: Instance, body: dict[str, Any]) -> Response | StreamingResponse | str:
+        """One try on one instance: a response, or why it failed before any byte reached the client."""
+        router = self.router
+        slot = _in_flight(instance, self.route.input_tokens)
+        slot.__enter__()
+        try:
+            upstream = await router._client.send(
+                router._client.build_request("POST", instance.url + self.path, json=body), stream=True
+            )
+        except httpx.HTTPError as error:
+            slot.__exit__(None, None, None)
+            router.admission.release()
+            return f"{instance.id}: {type(error).__name__} {error}"
+        if upstream.status_code >= 500:
+            await upstream.aclose()
+            slot.__exit__(None, None, None)
+            router.admission.release()
+            return f"{instance.id} answered {upstream.status_code}"
+        instance.record_success()
+        router.tables[instance.id].record(self.route.prefix_blocks)
+        if self.parsed.stream and upstream.status_code == 200:
+            return StreamingResponse(
+                status=200, headers=self.headers(instance), chunks=self._relay(upstream, slot, instance)
+            )
+        try:
+            content = await upstream.aread()
+        except httpx.HTTPError as error:
+            return f"{instance.id}: {type(error).__name__} {error}"
+        finally:
+            await upstream.aclose()
+            slot.__exit__(None, None, None)
+            router.admission.release()
+        self._finish_plain(upstream.status_code, content)
+        return Response(
+            upstream.status_code,
+            content,
+            self.headers(instance),
+            upstream.headers.get("content-type", "application/json"),
+        )
+
+    def _finish_plain(self, status: int, content: bytes) -> None:
+        router = self.router
+        elapsed = time.monotonic() - self.arrived
+        outcome = "ok" if status == 200 else f"http_{status}"
+        router.metrics.requests.inc(self.phase.value, outcome)
+        if status != 200:
+            return
+        router.metrics.e2e.observe(elapsed, self.phase.value)
+        router.metrics.ttft.observe(elapsed, self.phase.value)  # the whole answer is the first byte the client sees
+        try:
+            usage = json.loads(content).get("usage") or {}
+        except ValueError:
+            return
+        router.counter.observe(len(self.parsed.text.encode()), int(usage.get("prompt_tokens") or 0))
+        router.record_output(int(usage.get("completion_tokens") or 0))
+
+    async def _relay(self, upstream: httpx.Response, slot: _Slot, instance: Instance) -> AsyncIterator[bytes]:
+        """Pass the engine's server-sent events through; end with an OpenAI-style error event if it breaks."""
+        router = self.router
+        first_at: float | None = None
+        events = 0
+        outcome = "ok"
+        try:
+            async for chunk in upstream.aiter_raw():
+                if first_at is None:
+                    first_at = time.monotonic()
+                events += chunk.count(b"data: ")
+                yield chunk
+        except httpx.HTTPError as error:
+            outcome = "broken"
+            message = f"the engine {instance.id} failed mid-stream: {type(error).__name__}"
+            log.warning("%s: %s", self.route.request_id, message)
+            payload = {"error": {"message": message, "type": "ServiceUnavailableError", "code": 503}}
+            yield b"data: " + json.dumps(payload).encode() + b"\n\ndata: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"  # the client went away: closing upstream makes vLLM abort the request
+            raise
+        finally:
+            await upstream.aclose()
+            slot.__exit__(None, None, None)
+            router.admission.release()
+            self._finish_stream(outcome, first_at, events)
+
+    def _finish_stream(self, outcome: str, first_at: float | None, events: int) -> None:
+        router = self.router
+        phase = self.phase.value
+        router.metrics.requests.inc(phase, outcome)
+        end = time.monotonic()
+        router.metrics.e2e.observe(end - self.arrived, phase)
+        if first_at is None:
+            return
+        router.metrics.ttft.observe(first_at - self.arrived, phase)
+        tokens = max(0, events - 2)  # less the [DONE] event and a final usage or stop event
+        if tokens > 1:
+            router.metrics.tpot.observe((end - first_at) / (tokens - 1), phase)
+        router.record_output(tokens)
+
+
+class _Slot:
+    """Counts a request against an instance while it is there; exits once, whatever path ends it."""
+
+    __slots__ = ("_done", "_instance", "_tokens")
+
+    def __init__(self, instance: Instance, tokens: int):
+        self._instance, self._tokens, self._done = instance, tokens, False
+
+    def __enter__(self) -> _Slot:
+        self._instance.in_flight += 1
+        self._instance.in_flight_prompt_tokens += self._tokens
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if not self._done:
+            self._done = True
+            self._instance.in_flight -= 1
+            self._instance.in_flight_prompt_tokens -= self._tokens
+
+
+def _in_flight(instance: Instance, tokens: int) -> _Slot:
+    return _Slot(instance, tokens)

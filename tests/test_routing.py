@@ -1,0 +1,230 @@
+"""The routing decision's pieces, pure: phase policies, availability, filters, scorers, pickers, prefixes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from pdctl.control_plane.types import ExecutionInstanceType as Phase
+from pdctl.control_plane.types import PDSeparationConfig
+from pdctl.httpserver import HttpError
+from pdctl.router import requests
+from pdctl.router.admission import Admission, DeadlineExceeded
+from pdctl.router.phase import (
+    AdaptivePolicy,
+    PoolLoad,
+    RequestFeatures,
+    ThresholdPolicy,
+    UnknownPolicy,
+    make_phase_policy,
+    with_availability,
+)
+from pdctl.router.pieces import RoutingRequest, make_strategy
+from pdctl.router.pool import Instance
+from pdctl.router.prefix import PrefixTable, block_hashes
+from pdctl.router.tokens import TokenCounter
+
+CONFIG = PDSeparationConfig(prefilling_threshold_input_tokens=800, prefilling_threshold_ratio=4.0)
+
+
+def decide(policy, tokens, output, cached=0, load=None):
+    return policy.decide(RequestFeatures(tokens, output, cached), load or PoolLoad())
+
+
+def test_threshold_splits_long_prompts_with_short_outputs():
+    policy = ThresholdPolicy(CONFIG)
+    assert decide(policy, 2000, 100).phase is Phase.PREFILLING
+    assert decide(policy, 799, 10).phase is Phase.DECODING  # below the token threshold
+    short_ratio = decide(policy, 2000, 1000)
+    assert short_ratio.phase is Phase.DECODING and short_ratio.reason == "ratio 2.00 < 4"
+    assert decide(policy, 800, 200).phase is Phase.PREFILLING  # both bounds are inclusive
+
+
+def test_adaptive_counts_only_what_the_decode_instance_must_compute():
+    policy = AdaptivePolicy(CONFIG)
+    assert decide(policy, 2000, 100).phase is Phase.PREFILLING
+    cached = decide(policy, 2000, 100, cached=1600)
+    assert cached.phase is Phase.DECODING
+    assert cached.reason == "400 uncached tokens (1600 cached on the decode instance) < cut-off 800"
+
+
+def test_adaptive_moves_the_cutoff_with_load():
+    policy = AdaptivePolicy(CONFIG)
+    backed_up = decide(policy, 1000, 10, load=PoolLoad(prefill_backlog_s=1.0, ttft_slo_s=1.0))
+    assert backed_up.phase is Phase.DECODING and backed_up.figures["cutoff"] == 1600
+    busy_decode = decide(
+        policy, 500, 10, load=PoolLoad(decode_running=100, decode_max_seqs=100, decode_prefill_tokens_per_s=1e9)
+    )
+    assert busy_decode.phase is Phase.PREFILLING and busy_decode.figures["cutoff"] == 400
+
+
+def test_adaptive_protects_running_streams_from_a_long_stall():
+    policy = AdaptivePolicy(CONFIG)
+    load = PoolLoad(decode_running=4, decode_max_seqs=200, decode_prefill_tokens_per_s=1000, tpot_target_s=0.05)
+    stall = decide(policy, 300, 1000, load=load)  # 300 tokens at 1000 tok/s stalls 300 ms > 50 ms
+    assert stall.phase is Phase.PREFILLING and "stall" in stall.reason
+    idle = decide(policy, 300, 1000, load=PoolLoad(decode_running=0))
+    assert idle.phase is Phase.DECODING
+
+
+def test_always_never_and_unknown():
+    assert (
+        decide(make_phase_policy(CONFIG.model_copy(update={"routing_policy": "always"})), 1, 1).phase
+        is Phase.PREFILLING
+    )
+    assert (
+        decide(make_phase_policy(CONFIG.model_copy(update={"routing_policy": "never"})), 10**6, 1).phase
+        is Phase.DECODING
+    )
+    config = CONFIG.model_copy()
+    object.__setattr__(config, "routing_policy", "smart")
+    with pytest.raises(UnknownPolicy, match="known: threshold, adaptive, always, never"):
+        make_phase_policy(config)
+
+
+def test_availability_falls_back_the_same_for_every_policy():
+    split = decide(ThresholdPolicy(CONFIG), 5000, 10)
+    assert with_availability(split, True, {Phase.PREFILLING, Phase.DECODING}).phase is Phase.PREFILLING
+    no_prefill = with_availability(split, True, {Phase.DECODING})
+    assert no_prefill.phase is Phase.DECODING and no_prefill.reason.startswith("no healthy prefill instance")
+    assert with_availability(split, True, {Phase.HYBRID}).phase is Phase.HYBRID
+    assert with_availability(split, False, {Phase.PREFILLING, Phase.DECODING}).phase is Phase.HYBRID
+
+
+def instance(name: str, **figures) -> Instance:
+    return Instance(name, Phase.DECODING, f"http://{name}", **{"max_num_seqs": 10, "healthy": True, **figures})
+
+
+def test_filters_drop_unhealthy_draining_and_open_circuits():
+    strategy = make_strategy("load_balanced", lambda _: PrefixTable())
+    down = instance("down", healthy=False)
+    draining = instance("draining", draining=True)
+    tripped = instance("tripped", circuit_open_until=10.0)
+    ok = instance("ok")
+    assert strategy.candidates([down, draining, tripped, ok], RoutingRequest(10, now=5.0)) == [ok]
+    assert strategy.select([down], RoutingRequest(10)) is None
+
+
+def test_load_balanced_prefers_the_least_loaded():
+    strategy = make_strategy("load_balanced", lambda _: PrefixTable(), random.Random(0))
+    busy = instance("busy", in_flight=8, in_flight_prompt_tokens=8000, kv_usage=0.9)
+    idle = instance("idle")
+    selection = strategy.select([busy, idle], RoutingRequest(100))
+    assert selection.instance is idle and selection.scores["idle"] > selection.scores["busy"]
+
+
+def test_ties_are_broken_at_random_so_load_spreads():
+    strategy = make_strategy("load_balanced", lambda _: PrefixTable(), random.Random(1))
+    pool = [instance(f"i{n}") for n in range(3)]
+    chosen = {strategy.select(pool, RoutingRequest(1)).instance.id for _ in range(60)}
+    assert chosen == {"i0", "i1", "i2"}
+
+
+def test_round_robin_cycles():
+    strategy = make_strategy("round_robin", lambda _: PrefixTable())
+    pool = [instance("a"), instance("b")]
+    assert [strategy.select(pool, RoutingRequest(1)).instance.id for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_cache_aware_follows_the_prefix():
+    tables: dict[str, PrefixTable] = {"a": PrefixTable(), "b": PrefixTable()}
+    strategy = make_strategy("cache_aware", tables.__getitem__, random.Random(0))
+    prompt = "system: you are a helpful assistant. " * 20
+    tables["b"].record(block_hashes(prompt))
+    request = RoutingRequest(200, prefix_blocks=block_hashes(prompt + "question one"))
+    assert strategy.select([instance("a"), instance("b")], request).instance.id == "b"
+
+
+def test_prefix_table_lru_and_lfu_eviction():
+    hot, cold = block_hashes("h" * 64), block_hashes("c" * 64)
+    lfu = PrefixTable(capacity_blocks=10, eviction="lfu")
+    for _ in range(5):
+        lfu.record(hot)
+    for n in range(12):
+        lfu.record(block_hashes(str(n) * 64))
+    assert lfu.match(hot) == 1  # used often: kept by LFU
+    lru = PrefixTable(capacity_blocks=10, eviction="lru")
+    lru.record(cold)
+    for n in range(12):
+        lru.record(block_hashes(str(n) * 64))
+    assert lru.match(cold) == 0 and len(lru) <= 10
+
+
+def test_block_hashes_chain_the_prefix():
+    a, b = block_hashes("x" * 128 + "tail"), block_hashes("y" * 64 + "x" * 64)
+    assert len(a) == 2 and a[1] != b[1]  # the same second block after a different first one differs
+
+
+def test_token_estimate_learns_the_engines_ratio():
+    counter = TokenCounter()
+    assert counter.count("a" * 400) == 100
+    for _ in range(60):
+        counter.observe(400, 400)
+    assert counter.count("a" * 400) in range(395, 406)
+
+
+def test_admission_orders_by_priority_then_deadline():
+    async def scenario():
+        admission = Admission(slo_aware=True)
+        order: list[str] = []
+
+        async def waiter(name, priority, deadline):
+            await admission.wait(priority, deadline)
+            order.append(name)
+
+        loop = asyncio.get_running_loop()
+        far = loop.time() + 100
+        tasks = [asyncio.create_task(waiter("low", 3, None)), asyncio.create_task(waiter("high-late", 1, far + 50))]
+        tasks.append(asyncio.create_task(waiter("high-soon", 1, far)))
+        await asyncio.sleep(0.01)
+        for _ in range(3):
+            admission.release()
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == ["high-soon", "high-late", "low"]
+
+
+def test_admission_refuses_when_the_deadline_passes():
+    async def scenario():
+        admission = Admission(slo_aware=True)
+        import time
+
+        with pytest.raises(DeadlineExceeded):
+            await admission.wait(0, time.monotonic() + 0.05)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([1, 2], "must be a JSON object"),
+        ({"model": "m"}, "'prompt' must be"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "'max_tokens' must be an integer >= 1"),
+        ({"model": "m", "prompt": "x", "max_tokens": "5"}, "'max_tokens' must be an integer >= 1"),
+        ({"model": "m", "prompt": "x", "stream": "yes"}, "'stream' must be true or false"),
+        ({"model": "m", "prompt": "x", "priority": "urgent"}, "priority must be an integer or one of"),
+        ({"model": "m", "prompt": "x", "slo_deadline_ms": -1}, "slo_deadline_ms must be positive"),
+    ],
+)
+def test_bad_requests_are_400s(body, message):
+    with pytest.raises(HttpError) as caught:
+        requests.parse(body, {}, chat=False, served_model="m")
+    assert caught.value.status == 400 and message in caught.value.message
+
+
+def test_unknown_model_is_404_and_chat_text_is_counted():
+    with pytest.raises(HttpError) as caught:
+        requests.parse({"model": "other", "prompt": "x"}, {}, chat=False, served_model="m")
+    assert caught.value.status == 404
+    parsed = requests.parse(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "there"}]},
+        {"x-pdctl-priority": "high"},
+        chat=True,
+        served_model="m",
+    )
+    assert parsed.text == "hi\nthere" and parsed.priority == 1
