@@ -42,8 +42,10 @@ class HttpError(Exception):
         error_type: str = "invalid_request_error",
         code: int | str | None = None,
         param: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.error_type = error_type
@@ -52,7 +54,7 @@ class HttpError(Exception):
 
     def response(self) -> Response:
         error = {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
-        return json_response({"error": error}, status=self.status)
+        return json_response({"error": error}, status=self.status, headers=self.headers)
 
 
 class InvalidJSON(HttpError):

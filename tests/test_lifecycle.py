@@ -19,38 +19,9 @@ from pdctl import lifecycle, procs
 from pdctl.cluster import plan_profile
 from pdctl.errors import ClusterError
 from pdctl.state import ClusterDir, InstancePhase
+from tests.clusters import sim_profile, up
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port_block(count: int) -> int:
-    """A base port with `count` free ports after it (best effort: the kernel's ephemeral range is elsewhere)."""
-    for base in range(21000, 60000, 97):
-        if all(lifecycle.port_owner("127.0.0.1", base + i) is None for i in range(count)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def sim_profile(tmp_path: Path, *, prefill: int = 1, decode: int = 1, extra: str = "", name: str = "simc") -> Path:
-    base = free_port_block(prefill + decode + 1)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(
-        f"name: {name}\nmodel: {{path: sim-model}}\ndevice: cpu\n"
-        f"engine:\n  kind: sim\n  start_timeout_s: 20\n{extra}"
-        f"router: {{port: {base}}}\nports: {{instances: {base + 1}, nixl_side_channel: {base + 50}}}\n"
-        f"pd: {{prefilling_min_instances: {prefill}, decoding_min_instances: {decode}, "
-        "enable_dynamic_scaling: false}\n"
-        "prefill: {tensor_parallel_size: 1}\n"
-    )
-    return path
-
-
-def up(profile: Path, state_root: Path) -> tuple[ClusterDir, lifecycle.StartedCluster, list]:
-    planned = plan_profile(profile)
-    cluster_dir = ClusterDir(state_root, planned.profile.name)
-    started = lifecycle.start(planned, cluster_dir)
-    failures = lifecycle.wait_ready(started, lambda state: None)
-    return cluster_dir, started, failures
 
 
 @pytest.fixture
@@ -130,6 +101,7 @@ def test_a_taken_port_names_its_holder(tmp_path, state_root):
     profile = sim_profile(tmp_path)
     port = plan_profile(profile).plan.instances[1].port
     with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind(("127.0.0.1", port))
         holder.listen()
         with pytest.raises(ClusterError) as caught:

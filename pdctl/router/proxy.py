@@ -51,7 +51,7 @@ class RouterSettings:
     ttft_slo_ms: float = 1000.0
     tpot_target_ms: float = 50.0
     default_prefill_tokens_per_s: float = 1000.0
-    prefill_timeout_s: float = 120.0
+    prefill_timeout_s: float = 30.0
     connect_timeout_s: float = 3.0
     first_byte_timeout_s: float = 600.0
     max_queue_wait_s: float = 30.0
@@ -136,9 +136,9 @@ class Router:
         if request.method == "GET" and path == "/metrics":
             return Response(200, self.metrics.render().encode(), None, "text/plain; version=0.0.4")
         if request.method == "POST" and path == "/pdctl/route":
-            parsed = requests.parse(
-                request.json(), request.headers, "messages" in request.json(), self.settings.served_model_name
-            )
+            body = request.json()
+            chat = isinstance(body, dict) and "messages" in body
+            parsed = requests.parse(body, request.headers, chat, self.settings.served_model_name)
             return json_response(self.plan(parsed).explain())
         raise HttpError(404, f"{request.method} {path} is not served here", "NotFoundError")
 
@@ -261,9 +261,9 @@ class Router:
 
 
 def _too_late(waited_s: float) -> HttpError:
-    error = HttpError(429, "the request's deadline cannot be met: every instance is busy", "RateLimitError")
-    error.retry_after = max(1, round(waited_s))  # type: ignore[attr-defined]
-    return error
+    retry_after = str(max(1, round(waited_s)))
+    message = "the request's deadline cannot be met: every instance is busy"
+    return HttpError(429, message, "RateLimitError", headers={"retry-after": retry_after})
 
 
 class Exchange:

@@ -32,6 +32,8 @@ def build_router(profile: ClusterProfile, plan: Plan) -> Router:
         ttft_slo_ms=profile.router.slo.ttft_ms,
         tpot_target_ms=profile.slo_tpot_ms,
         default_prefill_tokens_per_s=profile.prefill.target_throughput_tokens_per_sec,
+        # A prefill hop far beyond the TTFT SLO is hung, not slow: fall back to decode instead of waiting.
+        prefill_timeout_s=max(10.0, 10 * profile.router.slo.ttft_ms / 1000),
     )
     return Router(settings, pool, TokenCounter.for_model(plan.model_path))
 

@@ -1,0 +1,48 @@
+"""Sim clusters for tests: real processes on real sockets, the emulator standing in for vLLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pdctl import lifecycle
+from pdctl.cluster import plan_profile
+from pdctl.state import ClusterDir
+
+
+def free_port_block(count: int, start: int = 21000) -> int:
+    """A base port with `count` free ports after it."""
+    for base in range(start, 60000, 97):
+        if all(lifecycle.port_owner("127.0.0.1", base + i) is None for i in range(count)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def sim_profile(
+    tmp_path: Path,
+    *,
+    prefill: int = 1,
+    decode: int = 1,
+    extra: str = "",
+    name: str = "simc",
+    sections: str = "",
+    port_start: int = 21000,
+) -> Path:
+    base = free_port_block(prefill + decode + 1, port_start)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\nmodel: {{path: sim-model}}\ndevice: cpu\n"
+        f"engine:\n  kind: sim\n  start_timeout_s: 20\n{extra}"
+        f"router: {{port: {base}}}\nports: {{instances: {base + 1}, nixl_side_channel: {base + 50}}}\n"
+        f"pd: {{prefilling_min_instances: {prefill}, decoding_min_instances: {decode}, "
+        "enable_dynamic_scaling: false}\n"
+        "prefill: {tensor_parallel_size: 1}\n" + sections
+    )
+    return path
+
+
+def up(profile: Path, state_root: Path) -> tuple[ClusterDir, lifecycle.StartedCluster, list]:
+    planned = plan_profile(profile)
+    cluster_dir = ClusterDir(state_root, planned.profile.name)
+    started = lifecycle.start(planned, cluster_dir)
+    failures = lifecycle.wait_ready(started, lambda state: None)
+    return cluster_dir, started, failures
