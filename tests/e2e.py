@@ -18,6 +18,12 @@ class LocalCluster:
     def status(self) -> lifecycle.StatusReport:
         return lifecycle.status(self.dir)
 
+    @property
+    def router(self) -> str:
+        url = self.state().router
+        assert url is not None
+        return url
+
     def state(self) -> ClusterState:
         state = self.dir.read_state()
         assert state is not None

@@ -6,7 +6,9 @@ is written by pdctl, and the prefill -> decode flow moves the KV cache through N
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 
 import httpx
 import pytest
@@ -83,3 +85,59 @@ def test_every_process_carries_the_cluster_token(local_cluster: LocalCluster):
     marked = procs.marked_processes(local_cluster.state().token)
     # Each vLLM API server has an EngineCore child: both are found, so down can stop both.
     assert len(marked) >= 4
+
+
+def test_the_router_sends_long_prompts_through_prefill_and_nixl(local_cluster: LocalCluster):
+    decode = local_cluster.plan.instances[1]
+    before = nixl_transfers(httpx.get(f"{decode.url}/metrics", timeout=10).text)
+    body = {"model": local_cluster.plan.served_model_name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    response = httpx.post(f"{local_cluster.router}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-pdctl-phase"] == "PREFILLING"
+    assert (response.headers["x-pdctl-prefill"], response.headers["x-pdctl-decode"]) == ("prefill-0", "decode-0")
+    assert nixl_transfers(httpx.get(f"{decode.url}/metrics", timeout=10).text) > before
+    short = httpx.post(f"{local_cluster.router}/v1/completions", json={**body, "prompt": "Hi"}, timeout=120)
+    assert short.status_code == 200 and short.headers["x-pdctl-phase"] == "DECODING"
+
+
+def test_openai_sdk_through_the_router(local_cluster: LocalCluster):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{local_cluster.router}/v1", api_key="unused", max_retries=0)
+    model = local_cluster.plan.served_model_name
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+    assert chat.usage.completion_tokens == 6
+    streamed = list(client.chat.completions.create(model=model, messages=messages, max_tokens=6, stream=True))
+    assert streamed and streamed[-1].choices[0].finish_reason == "length"
+    text = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert text.usage.completion_tokens == 6
+    chunks = list(client.completions.create(model=model, prompt="Hello", max_tokens=6, stream=True))
+    assert chunks and chunks[-1].choices[0].finish_reason == "length"
+
+
+BENCH = """
+import json, sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+result = main(parser.parse_args(sys.argv[1:]))
+print("PDCTL_BENCH " + json.dumps({"completed": result["completed"], "failed": result["failed"]}))
+"""
+
+
+def test_vllm_bench_serve_through_the_router_has_no_failures(local_cluster: LocalCluster, tmp_path):
+    plan = local_cluster.plan
+    args = [
+        "--backend", "vllm", "--base-url", local_cluster.router, "--endpoint", "/v1/completions",
+        "--model", plan.served_model_name, "--tokenizer", plan.model_path,
+        "--dataset-name", "random", "--random-input-len", "200", "--random-output-len", "8",
+        "--num-prompts", "12", "--max-concurrency", "4", "--ignore-eos", "--disable-tqdm",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [plan.engine_python, "-c", BENCH, *args], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    line = next((x for x in result.stdout.splitlines() if x.startswith("PDCTL_BENCH ")), None)
+    assert line, result.stdout[-2000:] + result.stderr[-2000:]
+    assert json.loads(line.removeprefix("PDCTL_BENCH ")) == {"completed": 12, "failed": 0}
