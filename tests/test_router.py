@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -216,3 +219,18 @@ def test_full_instances_queue_and_a_hopeless_deadline_gets_429(tmp_path):
         assert patient.status_code == 200
     finally:
         lifecycle.down(cluster_dir, grace_s=2)
+
+
+def test_pdctl_route_explains_sends_and_times(cluster):
+    cluster_dir = cluster[0]
+    argv = [sys.executable, "-m", "pdctl", "route", "--prompt", LONG, "--max-tokens", "5"]
+    argv += ["--state-dir", str(cluster_dir.root), "--cluster", cluster_dir.name]
+    shown = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"phase PREFILLING: \d+ tokens >= 64 and ratio [\d.]+ >= 1", shown.stdout)
+    assert "prefill: prefill-0" in shown.stdout and "PREFILLING via prefill-0 -> decode-" in shown.stdout
+    assert "TTFT" in shown.stdout and "TPOT" in shown.stdout
+    dry = subprocess.run([*argv, "--dry-run", "--json"], capture_output=True, text=True, timeout=60)
+    assert json.loads(dry.stdout)["decision"]["phase"] == "PREFILLING"
+    sent = json.loads(subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60).stdout)
+    assert sent["result"]["usage"]["completion_tokens"] == 5 and sent["result"]["phase"] == "PREFILLING"

@@ -138,22 +138,22 @@ def test_cache_aware_follows_the_prefix():
 
 
 def test_prefix_table_lru_and_lfu_eviction():
-    hot, cold = block_hashes("h" * 64), block_hashes("c" * 64)
+    hot, cold = block_hashes("h" * 128), block_hashes("c" * 128)
     lfu = PrefixTable(capacity_blocks=10, eviction="lfu")
     for _ in range(5):
         lfu.record(hot)
     for n in range(12):
-        lfu.record(block_hashes(str(n) * 64))
+        lfu.record(block_hashes(str(n) * 128))
     assert lfu.match(hot) == 1  # used often: kept by LFU
     lru = PrefixTable(capacity_blocks=10, eviction="lru")
     lru.record(cold)
     for n in range(12):
-        lru.record(block_hashes(str(n) * 64))
+        lru.record(block_hashes(str(n) * 128))
     assert lru.match(cold) == 0 and len(lru) <= 10
 
 
 def test_block_hashes_chain_the_prefix():
-    a, b = block_hashes("x" * 128 + "tail"), block_hashes("y" * 64 + "x" * 64)
+    a, b = block_hashes("x" * 256 + "tail"), block_hashes("y" * 128 + "x" * 128)
     assert len(a) == 2 and a[1] != b[1]  # the same second block after a different first one differs
 
 
@@ -228,3 +228,10 @@ def test_unknown_model_is_404_and_chat_text_is_counted():
         served_model="m",
     )
     assert parsed.text == "hi\nthere" and parsed.priority == 1
+
+
+def test_the_builtin_model_is_counted_exactly(tmp_path):
+    (tmp_path / "pdctl-model.json").write_text("{}")
+    counter = TokenCounter.for_model(str(tmp_path))
+    assert counter.exact and counter.count("héllo") == 6
+    assert not TokenCounter.for_model(str(tmp_path / "elsewhere")).exact

@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Literal
 
-BLOCK_CHARS = 64
+BLOCK_CHARS = 128
+# Past 32K characters a longer shared prefix changes no routing choice; hashing it would only cost time.
+MAX_BLOCKS = 256
 
 
-def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[int]:
+def block_hashes(text: str, block_chars: int = BLOCK_CHARS, max_blocks: int = MAX_BLOCKS) -> list[int]:
     """Chained hashes of the full blocks of `text` (a partial last block is never cached by vLLM either)."""
     hashes: list[int] = []
     previous = 0
-    for start in range(0, len(text) - block_chars + 1, block_chars):
+    for start in range(0, min(len(text) - block_chars + 1, block_chars * max_blocks), block_chars):
         previous = hash((previous, text[start : start + block_chars]))
         hashes.append(previous)
     return hashes

@@ -106,6 +106,8 @@ class Router:
             lambda: PrefixTable(eviction=settings.pd.kv_cache_eviction_policy)
         )
         self.strategy = make_strategy(settings.routing_strategy, self.tables.__getitem__)
+        # Prefix hashes cost time on the hot path: only where a piece reads them.
+        self._uses_prefixes = settings.routing_strategy == "cache_aware" or settings.pd.routing_policy == "adaptive"
         self.admission = Admission(settings.scheduling_policy == "slo_aware", settings.max_queue_wait_s)
         self.avg_output_tokens = 128.0
         self._ids = itertools.count(1)
@@ -165,7 +167,7 @@ class Router:
         now = time.monotonic()
         input_tokens = self.counter.count(parsed.text)
         expected_output = float(parsed.max_tokens) if parsed.max_tokens else self.avg_output_tokens
-        blocks = block_hashes(parsed.text)
+        blocks = block_hashes(parsed.text) if self._uses_prefixes else []
         routing = RoutingRequest(input_tokens=input_tokens, prefix_blocks=blocks, now=now)
         decode = self.strategy.select(self.pool.role(Phase.DECODING), routing)
         features = RequestFeatures(input_tokens, expected_output, self._cached_tokens(decode, blocks, input_tokens))
