@@ -118,7 +118,7 @@ class BestScore:
     def pick(self, candidates: list[Instance], scores: list[float]) -> Instance:
         best = max(scores)
         tied = [c for c, s in zip(candidates, scores, strict=True) if s >= best - 1e-9]
-        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        return tied[0] if len(tied) == 1 else tied[int(self._rng.random() * len(tied))]
 
 
 class RoundRobin:
@@ -146,17 +146,32 @@ class Strategy:
         self.picker = picker
 
     def candidates(self, instances: list[Instance], request: RoutingRequest) -> list[Instance]:
-        return [i for i in instances if all(f.keep(i, request) for f in self.filters)]
+        kept = []
+        for instance in instances:
+            for piece in self.filters:
+                if not piece.keep(instance, request):
+                    break
+            else:
+                kept.append(instance)
+        return kept
 
     def select(self, instances: list[Instance], request: RoutingRequest) -> Selection | None:
-        candidates = self.candidates(instances, request)
+        return self.pick_from(self.candidates(instances, request), request)
+
+    def pick_from(self, candidates: list[Instance], request: RoutingRequest) -> Selection | None:
+        """Score and pick among instances the filters already kept."""
         if not candidates:
             return None
-        if len(candidates) == 1 and not self.scorers:
-            return Selection(candidates[0], {})
-        scores = [sum(s.weight * s.score(c, request) for s in self.scorers) for c in candidates]
+        if not self.scorers:
+            return Selection(self.picker.pick(candidates, [0.0] * len(candidates)), {})
+        scores = []
+        for candidate in candidates:
+            total = 0.0
+            for scorer in self.scorers:
+                total += scorer.weight * scorer.score(candidate, request)
+            scores.append(total)
         chosen = self.picker.pick(candidates, scores)
-        return Selection(chosen, {c.id: round(score, 4) for c, score in zip(candidates, scores, strict=True)})
+        return Selection(chosen, dict(zip((c.id for c in candidates), scores, strict=True)))
 
 
 def _filters() -> list[Filter]:

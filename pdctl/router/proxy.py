@@ -85,7 +85,8 @@ class Route:
 def _explain_selection(selection: Selection | None) -> dict[str, Any] | None:
     if selection is None:
         return None
-    return {"instance": selection.instance.id, "url": selection.instance.url, "scores": selection.scores}
+    scores = {instance: round(score, 4) for instance, score in selection.scores.items()}
+    return {"instance": selection.instance.id, "url": selection.instance.url, "scores": scores}
 
 
 class NoInstance(HttpError):
@@ -169,20 +170,21 @@ class Router:
         expected_output = float(parsed.max_tokens) if parsed.max_tokens else self.avg_output_tokens
         blocks = block_hashes(parsed.text) if self._uses_prefixes else []
         routing = RoutingRequest(input_tokens=input_tokens, prefix_blocks=blocks, now=now)
-        decode = self.strategy.select(self.pool.role(Phase.DECODING), routing)
+        # Filter each pool once; every later step reads these lists.
+        candidates = {role: self.strategy.candidates(self.pool.role(role), routing) for role in Phase}
+        decode = self.strategy.pick_from(candidates[Phase.DECODING], routing)
         features = RequestFeatures(input_tokens, expected_output, self._cached_tokens(decode, blocks, input_tokens))
-        decision = self.phase_policy.decide(features, self._load(decode, routing))
-        decision = with_availability(decision, self.settings.pd.enabled, self._available(routing))
+        decision = self.phase_policy.decide(features, self._load(decode, candidates[Phase.PREFILLING]))
+        available = {role for role, kept in candidates.items() if kept}
+        decision = with_availability(decision, self.settings.pd.enabled, available)
         route = Route(f"pdctl-{next(self._ids)}", decision, input_tokens, expected_output, decode, prefix_blocks=blocks)
         if decision.phase is Phase.HYBRID:
-            route.decode = self.strategy.select(self.pool.role(Phase.HYBRID) or self.pool.all(), routing)
+            hybrid = candidates[Phase.HYBRID] or [i for kept in candidates.values() for i in kept]
+            route.decode = self.strategy.pick_from(hybrid, routing)
         elif decision.phase is Phase.PREFILLING:
-            route.prefill = self.strategy.select(self.pool.role(Phase.PREFILLING), routing)
+            route.prefill = self.strategy.pick_from(candidates[Phase.PREFILLING], routing)
         self.metrics.decision.observe(time.perf_counter() - started)
         return route
-
-    def _available(self, routing: RoutingRequest) -> set[Phase]:
-        return {role for role in Phase if self.strategy.candidates(self.pool.role(role), routing)}
 
     def _cached_tokens(self, decode: Selection | None, blocks: list[int], input_tokens: int) -> int:
         if decode is None or not blocks:
@@ -190,9 +192,8 @@ class Router:
         matched = self.tables[decode.instance.id].match(blocks)
         return min(input_tokens, round(input_tokens * matched / max(1, len(blocks) + 1)))
 
-    def _load(self, decode: Selection | None, routing: RoutingRequest) -> PoolLoad:
+    def _load(self, decode: Selection | None, prefills: list[Instance]) -> PoolLoad:
         settings = self.settings
-        prefills = self.strategy.candidates(self.pool.role(Phase.PREFILLING), routing)
         backlog = min(
             (
                 p.in_flight_prompt_tokens / (p.prefill_tokens_per_s or settings.default_prefill_tokens_per_s)
