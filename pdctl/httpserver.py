@@ -250,7 +250,7 @@ class _Connection(asyncio.Protocol):
             log.exception("handler failed on %s %s", request.method, request.path)
             response = error_response(500, "internal server error", "server_error")
         if isinstance(response, StreamingResponse):
-            return await self._stream(response, keep_alive and request.version == "HTTP/1.1")
+            return await self._stream(response, keep_alive, chunked=request.version == "HTTP/1.1")
         self._write(response, keep_alive)
         await self._drain()
         return keep_alive
@@ -261,13 +261,14 @@ class _Connection(asyncio.Protocol):
         head = _head(response.status, response.content_type, response.headers, framing, keep_alive)
         self._transport.write(head + response.body)
 
-    async def _stream(self, response: StreamingResponse, chunked: bool) -> bool:
+    async def _stream(self, response: StreamingResponse, keep_alive: bool, chunked: bool) -> bool:
         """Sends a streaming response; HTTP/1.0 clients, which know no chunked encoding, get the bytes raw and
         a close at the end."""
         transport = self._transport
         assert transport is not None
+        keep_alive = keep_alive and chunked
         framing = b"transfer-encoding: chunked\r\n" if chunked else b""
-        transport.write(_head(response.status, response.content_type, response.headers, framing, chunked))
+        transport.write(_head(response.status, response.content_type, response.headers, framing, keep_alive))
         chunks = response.chunks
         try:
             async for chunk in chunks:
@@ -285,7 +286,7 @@ class _Connection(asyncio.Protocol):
                 await aclose()
         if chunked:
             transport.write(b"0\r\n\r\n")
-        return chunked
+        return keep_alive
 
     def _refuse(self, error: HttpError) -> None:
         """Answers a request that could not be read, then drains and closes (see _LINGER_S)."""
@@ -324,12 +325,12 @@ class _Connection(asyncio.Protocol):
     async def _read_head(self) -> int:
         """The offset of the blank line that ends the head in the buffer; -1 when the client has gone."""
         start = 0
-        while (end := self._buffer.find(b"\r\n\r\n", start)) < 0:
-            if len(self._buffer) > MAX_HEAD_BYTES:
-                raise HttpError(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+        while (end := self._buffer.find(b"\r\n\r\n", start)) < 0 and len(self._buffer) <= MAX_HEAD_BYTES:
             start = max(0, len(self._buffer) - 3)
             if not await self._wait_for_data():
                 return -1
+        if end < 0 or end > MAX_HEAD_BYTES:
+            raise HttpError(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
         return end
 
     async def _wait_for_data(self) -> bool:

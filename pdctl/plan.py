@@ -198,7 +198,7 @@ def _profile_notes(profile: ClusterProfile, device: DeviceMode) -> list[str]:
     if profile.pd.kv_cache_eviction_policy == "lfu":
         notes.append(
             "kv_cache_eviction_policy: lfu: vLLM's prefix cache evicts LRU only; LFU applies where pdctl owns "
-            "eviction (the router's prefix-affinity table, the sim engine)"
+            "eviction (the router's prefix-affinity table)"
         )
     if profile.pd.kv_cache_storage == "cpu":
         notes.append("kv_cache_storage: cpu: NIXL stages KV transfers through host memory (kv_buffer_device: cpu)")

@@ -10,13 +10,12 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import httpx
 
 from pdctl.control_plane.types import ExecutionInstanceType as Phase
 from pdctl.control_plane.types import PDSeparationConfig
@@ -29,9 +28,12 @@ from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
 from pdctl.router.pool import Instance, Pool
 from pdctl.router.prefix import PrefixTable, block_hashes
 from pdctl.router.tokens import TokenCounter
+from pdctl.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("pdctl.router")
 
+_USAGE_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
+_USAGE_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
 REMOTE_DECODE = {
     "do_remote_decode": True,
     "do_remote_prefill": False,
@@ -95,9 +97,7 @@ class NoInstance(HttpError):
 
 
 class Router:
-    def __init__(
-        self, settings: RouterSettings, pool: Pool, counter: TokenCounter, client: httpx.AsyncClient | None = None
-    ):
+    def __init__(self, settings: RouterSettings, pool: Pool, counter: TokenCounter):
         self.settings = settings
         self.pool = pool
         self.counter = counter
@@ -112,14 +112,25 @@ class Router:
         self.admission = Admission(settings.scheduling_policy == "slo_aware", settings.max_queue_wait_s)
         self.avg_output_tokens = 128.0
         self._ids = itertools.count(1)
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.first_byte_timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
-            trust_env=False,
-        )
+        self.upstream = UpstreamPool(settings.connect_timeout_s)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self.upstream.aclose()
+
+    async def fetch(self, url: str, body: dict[str, Any], timeout_s: float) -> tuple[int, bytes]:
+        """POST and read the whole answer within timeout_s."""
+
+        async def exchange() -> tuple[int, bytes]:
+            response = await self.upstream.post(url, body, timeout_s)
+            try:
+                return response.status_code, await response.read()
+            finally:
+                await response.aclose()
+
+        try:
+            return await asyncio.wait_for(exchange(), timeout_s)
+        except TimeoutError:
+            raise UpstreamError(f"no complete answer within {timeout_s:g} s") from None
 
     # ---- HTTP entry point --------------------------------------------------------------------------------
 
@@ -331,20 +342,20 @@ class Exchange:
             started = time.monotonic()
             try:
                 with _in_flight(instance, self.route.input_tokens):
-                    response = await router._client.post(
-                        instance.url + self.path, json=body, timeout=router.settings.prefill_timeout_s
+                    status, content = await router.fetch(
+                        instance.url + self.path, body, router.settings.prefill_timeout_s
                     )
-                if response.status_code == 200:
-                    params = response.json().get("kv_transfer_params")
+                if status == 200:
+                    params = json.loads(content).get("kv_transfer_params")
                     instance.record_success()
                     router.record_prefill(instance, self.route.input_tokens, time.monotonic() - started)
                     router.tables[instance.id].record(self.route.prefix_blocks)
                     self.prefill_instance = instance
                     return params if isinstance(params, dict) else None
-                if response.status_code < 500:
+                if status < 500:
                     return None  # the engine refused the request itself: the decode instance will say why
-                log.warning("%s: prefill on %s answered %d", self.route.request_id, instance.id, response.status_code)
-            except (httpx.HTTPError, ValueError) as error:
+                log.warning("%s: prefill on %s answered %d", self.route.request_id, instance.id, status)
+            except (UpstreamError, ValueError, AttributeError) as error:
                 log.warning(
                     "%s: prefill on %s failed: %s", self.route.request_id, instance.id, error or type(error).__name__
                 )
@@ -394,10 +405,8 @@ class Exchange:
         slot = _in_flight(instance, self.route.input_tokens)
         slot.__enter__()
         try:
-            upstream = await router._client.send(
-                router._client.build_request("POST", instance.url + self.path, json=body), stream=True
-            )
-        except httpx.HTTPError as error:
+            upstream = await router.upstream.post(instance.url + self.path, body, router.settings.first_byte_timeout_s)
+        except UpstreamError as error:
             slot.__exit__(None, None, None)
             router.admission.release()
             return f"{instance.id}: {type(error).__name__} {error}"
@@ -413,8 +422,8 @@ class Exchange:
                 status=200, headers=self.headers(instance), chunks=self._relay(upstream, slot, instance)
             )
         try:
-            content = await upstream.aread()
-        except httpx.HTTPError as error:
+            content = await upstream.read()
+        except UpstreamError as error:
             return f"{instance.id}: {type(error).__name__} {error}"
         finally:
             await upstream.aclose()
@@ -437,26 +446,26 @@ class Exchange:
             return
         router.metrics.e2e.observe(elapsed, self.phase.value)
         router.metrics.ttft.observe(elapsed, self.phase.value)  # the whole answer is the first byte the client sees
-        try:
-            usage = json.loads(content).get("usage") or {}
-        except ValueError:
-            return
-        router.counter.observe(len(self.parsed.text.encode()), int(usage.get("prompt_tokens") or 0))
-        router.record_output(int(usage.get("completion_tokens") or 0))
+        # The usage figures only: parsing the whole answer again would cost more than the routing decision.
+        prompt, completion = _USAGE_PROMPT.search(content), _USAGE_COMPLETION.search(content)
+        if prompt:
+            router.counter.observe(len(self.parsed.text.encode()), int(prompt.group(1)))
+        if completion:
+            router.record_output(int(completion.group(1)))
 
-    async def _relay(self, upstream: httpx.Response, slot: _Slot, instance: Instance) -> AsyncIterator[bytes]:
+    async def _relay(self, upstream: UpstreamResponse, slot: _Slot, instance: Instance) -> AsyncIterator[bytes]:
         """Pass the engine's server-sent events through; end with an OpenAI-style error event if it breaks."""
         router = self.router
         first_at: float | None = None
         events = 0
         outcome = "ok"
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.iter_raw():
                 if first_at is None:
                     first_at = time.monotonic()
                 events += chunk.count(b"data: ")
                 yield chunk
-        except httpx.HTTPError as error:
+        except UpstreamError as error:
             outcome = "broken"
             message = f"the engine {instance.id} failed mid-stream: {type(error).__name__}"
             log.warning("%s: %s", self.route.request_id, message)
