@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from pdctl import procs
+from pdctl.router.proxy import REMOTE_DECODE
 from tests.e2e import LocalCluster
 
 pytestmark = pytest.mark.e2e
@@ -56,14 +57,7 @@ def test_prefill_then_decode_moves_the_kv_cache_through_nixl(local_cluster: Loca
             "prompt": PROMPT,
             "max_tokens": 1,
             "temperature": 0,
-            "kv_transfer_params": {
-                "do_remote_decode": True,
-                "do_remote_prefill": False,
-                "remote_engine_id": None,
-                "remote_block_ids": None,
-                "remote_host": None,
-                "remote_port": None,
-            },
+            "kv_transfer_params": dict(REMOTE_DECODE),  # what the router sends on a prefill hop
         },
     )
     params = first["kv_transfer_params"]
