@@ -21,9 +21,11 @@ TOKEN_ENV = "PDCTL_CLUSTER_TOKEN"
 INSTANCE_ENV = "PDCTL_INSTANCE"
 
 
-def record_of(pid: int) -> ProcessRecord:
+def record_of(pid: int, argv: list[str] | None = None) -> ProcessRecord:
+    """The identity of a process; for one just spawned, pass the argv it was given: read back at once, its
+    command line may still be its parent's (between fork and exec)."""
     process = psutil.Process(pid)
-    return ProcessRecord(pid=pid, create_time=process.create_time(), cmdline=process.cmdline())
+    return ProcessRecord(pid=pid, create_time=process.create_time(), cmdline=argv or process.cmdline())
 
 
 def live_process(record: ProcessRecord | None) -> psutil.Process | None:

@@ -248,7 +248,7 @@ class Supervisor:
             handle.write(f"\n=== pdctl: starting {planned.id} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             managed.log_size_at_launch = handle.tell()
             managed.popen = self._spawn(planned, handle)
-        record = procs.record_of(managed.popen.pid)
+        record = procs.record_of(managed.popen.pid, planned.argv)
         if managed.status.process is not None:
             managed.status.restarts += 1
         managed.status.process = record

@@ -405,7 +405,8 @@ def test_max_num_seqs_queues_the_rest(sims: dict[str, Sim]) -> None:
     done = sim.metric("vllm:request_success_total", finished_reason="length")
     results: list[int] = []
     clients = [
-        threading.Thread(target=lambda: results.append(sim.complete("queued", max_tokens=10).status_code))
+        # 100 tokens at 20 ms: long enough that all three are inside the engine at once, even on a loaded box
+        threading.Thread(target=lambda: results.append(sim.complete("queued", max_tokens=100).status_code))
         for _ in range(3)
     ]
     for client in clients:
@@ -417,7 +418,7 @@ def test_max_num_seqs_queues_the_rest(sims: dict[str, Sim]) -> None:
     assert sim.metric("vllm:num_requests_running") == 1
     assert sim.metric("vllm:kv_cache_usage_perc") > 0
     for client in clients:
-        client.join(timeout=10)
+        client.join(timeout=30)
     assert results == [200, 200, 200]
     assert sim.metric("vllm:num_requests_waiting") == 0
     assert sim.metric("vllm:request_success_total", finished_reason="length") == done + 3
