@@ -54,7 +54,14 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
         log.error("%s", state.message)
         return 1
     state.router = f"http://{plan.router.host}:{router.server.port}"
-    policy = SupervisorPolicy(start_timeout_s=profile.engine.start_timeout_s)
+    restart = profile.engine.restart
+    policy = SupervisorPolicy(
+        start_timeout_s=profile.engine.start_timeout_s,
+        backoff_initial_s=restart.backoff_initial_s,
+        backoff_max_s=restart.backoff_max_s,
+        max_failures=restart.max_failures,
+        failure_window_s=restart.window_s,
+    )
     supervisor = Supervisor(plan, cluster_dir, state, policy, on_health=router.set_health)
     log.info("cluster %s: router on %s, starting %d instances", plan.cluster, state.router, len(plan.launched))
     try:

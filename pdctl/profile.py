@@ -93,6 +93,15 @@ class SimTiming(_Section):
     decode_ms_per_token: float = Field(10.0, ge=0)
 
 
+class RestartSpec(_Section):
+    """How the daemon restarts an instance that exits after start-up."""
+
+    backoff_initial_s: float = Field(1.0, gt=0, description="first delay; doubles after each failure")
+    backoff_max_s: float = Field(30.0, gt=0)
+    max_failures: int = Field(5, ge=1, description="failures within window_s that mark the instance failed")
+    window_s: float = Field(300.0, gt=0)
+
+
 class EngineSpec(_Section):
     kind: Literal["vllm", "sim"] = "vllm"
     python: Path | None = Field(None, description="the engine runtime's python; `pdctl engine install`'s when unset")
@@ -104,6 +113,7 @@ class EngineSpec(_Section):
     load_format: str | None = Field(None, description="`dummy` for random weights (the builtin model)")
     seed: int | None = None
     start_timeout_s: float = Field(600.0, gt=0)
+    restart: RestartSpec = Field(default_factory=RestartSpec)
     sim: SimTiming = Field(default_factory=SimTiming)
 
 

@@ -149,3 +149,37 @@ def test_sim_instances_answer_through_their_ports(tmp_path, state_root):
     decode = started.plan.instances[1]
     models = httpx.get(f"{decode.url}/v1/models").json()
     assert models["data"][0]["id"] == "sim-model"
+
+
+def test_an_instance_that_keeps_crashing_is_marked_failed_and_the_rest_keeps_serving(tmp_path, state_root):
+    extra = "  restart: {backoff_initial_s: 0.2, max_failures: 3, window_s: 60}\n"
+    cluster_dir, _, failures = up(sim_profile(tmp_path, decode=2, extra=extra), state_root)
+    assert failures == []
+    for crash in range(3):
+
+        def relaunched(crash=crash):
+            status = cluster_dir.read_state().instances["decode-1"]
+            return status.phase is InstancePhase.HEALTHY and status.restarts == crash and status
+
+        victim = wait_for(relaunched, what=f"decode-1 healthy after {crash} restarts")
+        os.killpg(victim.process.pid, signal.SIGKILL)
+
+    def given_up():
+        state = cluster_dir.read_state()
+        return state.instances["decode-1"].phase is InstancePhase.FAILED and state
+
+    state = wait_for(given_up, what="decode-1 marked failed")
+    assert "failed 3 times in 60 s: given up" in state.instances["decode-1"].message
+    assert state.phase.value == "degraded"
+    report = lifecycle.status(cluster_dir)
+    assert [(i.id, i.phase) for i in report.instances] == [
+        ("prefill-0", "healthy"),
+        ("decode-0", "healthy"),
+        ("decode-1", "failed"),
+    ]
+    router = state.router
+    answer = httpx.post(
+        f"{router}/v1/completions", json={"model": "sim-model", "prompt": "still here", "max_tokens": 2}
+    )
+    assert answer.status_code == 200 and answer.headers["x-pdctl-decode"] == "decode-0"
+    assert "given up" in cluster_dir.daemon_log.read_text()
