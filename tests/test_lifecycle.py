@@ -114,7 +114,8 @@ def test_start_timeout_fails_up_with_the_log(tmp_path, state_root):
     profile = sim_profile(tmp_path, extra='  extra_args: ["--startup-delay-s", "30"]\n')
     profile.write_text(profile.read_text().replace("start_timeout_s: 20", "start_timeout_s: 1.5"))
     _, _, failures = up(profile, state_root)
-    assert {f.id for f in failures} == {"prefill-0", "decode-0"}
+    # The first instance past its timeout fails `up`; the other may be a tick behind.
+    assert failures and {f.id for f in failures} <= {"prefill-0", "decode-0"}
     assert all("start timeout of 1.5 s" in (f.message or "") for f in failures)
     assert any("pdctl sim engine" in line for line in failures[0].last_lines)
 
