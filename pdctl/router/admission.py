@@ -30,10 +30,6 @@ class Admission:
         self._heap: list[_Waiter] = []
         self._sequence = itertools.count()
 
-    @property
-    def waiting(self) -> int:
-        return sum(1 for w in self._heap if not w.future.done())
-
     async def wait(self, priority: int, deadline_at: float | None) -> None:
         """Wait for the next release (or the deadline). The caller retries selection after it returns."""
         now = time.monotonic()

@@ -4,7 +4,7 @@ health, the metrics scrape and the router's own in-flight counts; policies read 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdctl.control_plane.types import ExecutionInstanceType
 
@@ -29,7 +29,6 @@ class Instance:
     kv_usage: float = 0.0
     # Measured prompt tokens per second of prefill on this instance (EWMA), for TTFT estimates.
     prefill_tokens_per_s: float = 0.0
-    tags: dict[str, str] = field(default_factory=dict)
 
     def circuit_closed(self, now: float) -> bool:
         return now >= self.circuit_open_until
@@ -49,8 +48,7 @@ class Instance:
 
 
 class Pool:
-    """Every instance of the cluster by role. Lists are rebuilt only on membership changes, so the hot path
-    reads prebuilt lists."""
+    """Every instance of the cluster by role, the lists built once, so the hot path reads prebuilt lists."""
 
     def __init__(self, instances: list[Instance]):
         self.by_id = {instance.id: instance for instance in instances}
@@ -64,14 +62,6 @@ class Pool:
 
     def role(self, role: ExecutionInstanceType) -> list[Instance]:
         return self._by_role[role]
-
-    def add(self, instance: Instance) -> None:
-        self.by_id[instance.id] = instance
-        self._rebuild()
-
-    def remove(self, instance_id: str) -> None:
-        self.by_id.pop(instance_id, None)
-        self._rebuild()
 
     def all(self) -> list[Instance]:
         return list(self.by_id.values())
