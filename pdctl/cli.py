@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 
-from pdctl import __version__, cluster, lifecycle, views
+from pdctl import __version__, cluster, dashboard, lifecycle, views
 from pdctl.engines import runtime
 from pdctl.errors import ClusterError, PdctlError, UsageError
 from pdctl.gpus import FileGpuSource, GpuSource, discover
@@ -177,13 +177,23 @@ def down(
 
 
 @app.command()
-def status(name: NameArg = None, state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
-    """The cluster at a glance: each instance's role, pid, port, devices, state, uptime and restarts."""
-    report = lifecycle.status(ClusterDir.find(state_root(state_dir), name))
+def status(
+    name: NameArg = None,
+    state_dir: StateDirOpt = None,
+    as_json: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="a live dashboard until Ctrl-C")] = False,
+    refresh: Annotated[float, typer.Option(help="seconds between redraws of --watch", min=0.2)] = 1.0,
+) -> None:
+    """The cluster at a glance: traffic, latency, routing split, cache hits, cost, and each instance's load."""
+    cluster_dir = ClusterDir.find(state_root(state_dir), name)
+    if watch:
+        dashboard.watch(cluster_dir, out, refresh_s=refresh)
+        return
+    snapshot = dashboard.collect(cluster_dir)
     if as_json:
-        _print_json(report.model_dump(mode="json"))
+        _print_json(snapshot.model_dump(mode="json"))
     else:
-        out.print(views.status_table(report))
+        out.print(dashboard.render(snapshot))
 
 
 @app.command()

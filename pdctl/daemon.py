@@ -45,7 +45,7 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stopping.set)
-    router = RouterService(build_router(profile, plan), plan.router.host, plan.router.port)
+    router = RouterService(build_router(profile, plan, cluster_dir.root), plan.router.host, plan.router.port, plan)
     try:
         await router.start()
     except OSError as error:

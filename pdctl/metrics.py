@@ -1,15 +1,52 @@
-"""The router's own Prometheus metrics: counters and fixed-bucket histograms, rendered as text.
+"""Metric primitives: counters and fixed-bucket histograms, kept since start (for Prometheus) and per second
+over the last minute (for the 10 s and 60 s windows the dashboard shows).
 
-Fixed buckets make percentiles a constant-time, constant-memory estimate (no sorting of samples), the
-same way Prometheus itself computes histogram_quantile.
+Fixed buckets make percentiles a constant-time, constant-memory estimate (no sorting of samples), the same
+way Prometheus computes histogram_quantile. The per-second ring costs one slot lookup per observation and
+one allocation per second, so recording stays cheap on the router's hot path.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+Clock = Callable[[], float]
+
+
+def log_buckets(low: float, high: float, ratio: float) -> tuple[float, ...]:
+    """Bounds growing by `ratio` from low to at least high, to three significant digits: a percentile read
+    from them is off by less than the ratio's step, at any scale."""
+    bounds = []
+    bound = low
+    while bound < high * ratio:
+        bounds.append(float(f"{bound:.3g}"))
+        bound *= ratio
+    return tuple(bounds)
+
+
+# 0.5 ms to 2 min in steps of 25 %: 56 buckets.
+LATENCY_BUCKETS_S = log_buckets(0.0005, 120.0, 1.25)
+HORIZON_S = 60
+
+
+def histogram_quantile(bounds: Sequence[float], counts: Sequence[float], q: float) -> float | None:
+    """The q-th quantile of bucket counts (one per bound, then the overflow bucket), interpolated linearly
+    inside the bucket that holds it, as Prometheus's histogram_quantile does. None without observations."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    seen = 0.0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            if index >= len(bounds):
+                return bounds[-1]  # the overflow bucket has no upper bound: report the largest known one
+            low = bounds[index - 1] if index else 0.0
+            return low + (bounds[index] - low) * (rank - seen) / count
+        seen += count
+    return bounds[-1]
 
 
 def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
@@ -17,6 +54,42 @@ def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") ->
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class _SecondRing:
+    """The last HORIZON_S seconds, one slot per second of the clock; a slot is reset when its second comes round."""
+
+    def __init__(self, clock: Clock, make_slot: Callable[[], object]):
+        self.clock = clock
+        self._make_slot = make_slot
+        self._seconds = [-1] * HORIZON_S
+        self._slots: list[object] = [make_slot() for _ in range(HORIZON_S)]
+
+    def current(self) -> object:
+        second = int(self.clock())
+        index = second % HORIZON_S
+        if self._seconds[index] != second:
+            self._seconds[index] = second
+            self._slots[index] = self._make_slot()
+        return self._slots[index]
+
+    def last(self, seconds: int) -> list[object]:
+        """Slots of the last `seconds` seconds, the current (partial) one included."""
+        now = int(self.clock())
+        return [slot for second, slot in zip(self._seconds, self._slots, strict=True) if now - seconds < second <= now]
+
+    def by_second(self, seconds: int) -> list[object | None]:
+        """One entry per whole second before the current one, oldest first; None where nothing was recorded."""
+        now = int(self.clock())
+        found = {second: slot for second, slot in zip(self._seconds, self._slots, strict=True)}
+        return [found.get(second) for second in range(now - seconds, now)]
+
+
+def window_span(clock: Clock, started: float, seconds: float) -> float:
+    """The time a window of `seconds` whole one-second slots (the current, partial one included) covers now,
+    and no more than the time since recording started."""
+    now = clock()
+    return max(1e-9, min(now - started, seconds - 1 + now % 1))
 
 
 class Counter:
@@ -27,6 +100,9 @@ class Counter:
     def inc(self, *label_values: str, amount: float = 1.0) -> None:
         self.values[label_values] = self.values.get(label_values, 0.0) + amount
 
+    def total(self) -> float:
+        return sum(self.values.values())
+
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} counter"
@@ -34,34 +110,53 @@ class Counter:
             yield f"{self.name}{_labels(self.labels, values)} {total}"
 
 
+class WindowedCounter(Counter):
+    """A counter that also keeps its per-second increments, by label values, for the last minute."""
+
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (), clock: Clock = time.monotonic):
+        super().__init__(name, help_text, labels)
+        self._ring = _SecondRing(clock, dict)
+
+    def inc(self, *label_values: str, amount: float = 1.0) -> None:
+        self.values[label_values] = self.values.get(label_values, 0.0) + amount
+        slot = self._ring.current()
+        slot[label_values] = slot.get(label_values, 0.0) + amount  # type: ignore[attr-defined]
+
+    def window(self, seconds: int) -> dict[tuple[str, ...], float]:
+        """Increments of the last `seconds` seconds, by label values."""
+        totals: dict[tuple[str, ...], float] = {}
+        for slot in self._ring.last(seconds):
+            for key, amount in slot.items():  # type: ignore[attr-defined]
+                totals[key] = totals.get(key, 0.0) + amount
+        return totals
+
+    def per_second(self, seconds: int = HORIZON_S) -> list[float]:
+        """Whole seconds before the current one, oldest first: the sum over every label of each."""
+        return [sum(slot.values()) if slot else 0.0 for slot in self._ring.by_second(seconds)]  # type: ignore[attr-defined]
+
+
 class Histogram:
     def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (), buckets=LATENCY_BUCKETS_S):
         self.name, self.help, self.labels = name, help_text, labels
         self.buckets = tuple(buckets)
-        self.series: dict[tuple[str, ...], list[float]] = {}  # bucket counts..., then sum, then count
+        self.series: dict[tuple[str, ...], list[float]] = {}  # bucket counts (with overflow), then sum, then count
 
-    def observe(self, value: float, *label_values: str) -> None:
+    def _new_series(self) -> list[float]:
+        return [0.0] * (len(self.buckets) + 3)
+
+    def observe(self, value: float, *label_values: str, count: int = 1) -> None:
         series = self.series.get(label_values)
         if series is None:
-            series = self.series[label_values] = [0.0] * (len(self.buckets) + 3)
-        series[bisect.bisect_left(self.buckets, value)] += 1
-        series[-2] += value
-        series[-1] += 1
+            series = self.series[label_values] = self._new_series()
+        _add(series, bisect.bisect_left(self.buckets, value), value, count)
+
+    def merged(self) -> list[float]:
+        """Every label's series summed: the whole histogram since start."""
+        return _merge(self._new_series(), self.series.values())
 
     def quantile(self, q: float, *label_values: str) -> float | None:
-        """Linear interpolation inside the bucket holding the q-th observation, as histogram_quantile does."""
         series = self.series.get(label_values)
-        if not series or not series[-1]:
-            return None
-        rank = q * series[-1]
-        seen = 0.0
-        for index, count in enumerate(series[: len(self.buckets) + 1]):
-            if seen + count >= rank and count:
-                low = self.buckets[index - 1] if index else 0.0
-                high = self.buckets[index] if index < len(self.buckets) else self.buckets[-1]
-                return low + (high - low) * (rank - seen) / count
-            seen += count
-        return self.buckets[-1]
+        return histogram_quantile(self.buckets, series[:-2], q) if series else None
 
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"
@@ -76,29 +171,67 @@ class Histogram:
             yield f"{self.name}_count{_labels(self.labels, values)} {series[-1]}"
 
 
-class RouterMetrics:
-    def __init__(self) -> None:
-        self.requests = Counter(
-            "pdctl_router_requests_total", "Requests answered, by phase and outcome.", ("phase", "outcome")
-        )
-        self.retries = Counter("pdctl_router_retries_total", "Upstream attempts retried, by hop.", ("hop",))
-        self.fallbacks = Counter(
-            "pdctl_router_fallbacks_total", "Requests served in another phase than decided.", ("reason",)
-        )
-        self.ttft = Histogram("pdctl_router_ttft_seconds", "Time to first token seen by the router.", ("phase",))
-        self.tpot = Histogram("pdctl_router_tpot_seconds", "Time per output token after the first.", ("phase",))
-        self.e2e = Histogram("pdctl_router_e2e_seconds", "Request latency end to end.", ("phase",))
-        self.prefill = Histogram("pdctl_router_prefill_hop_seconds", "Duration of the prefill hop.", ())
-        self.queue = Histogram("pdctl_router_queue_seconds", "Time spent waiting for a free instance.", ())
-        self.decision = Histogram(
-            "pdctl_router_decision_seconds",
-            "Time to decide a request's route.",
-            (),
-            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3),
-        )
+def _add(series: list[float], index: int, value: float, count: int) -> None:
+    series[index] += count
+    series[-2] += value * count
+    series[-1] += count
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in vars(self).values():
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+
+def _merge(into: list[float], series: Iterable[object]) -> list[float]:
+    for one in series:
+        for index, amount in enumerate(one):  # type: ignore[attr-defined]
+            into[index] += amount
+    return into
+
+
+class WindowedHistogram(Histogram):
+    """A histogram that also keeps per-second bucket counts (all label values together) for the last minute."""
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = (),
+        buckets=LATENCY_BUCKETS_S,
+        clock: Clock = time.monotonic,
+    ):
+        super().__init__(name, help_text, labels, buckets)
+        self._ring = _SecondRing(clock, self._new_series)
+
+    def observe(self, value: float, *label_values: str, count: int = 1) -> None:
+        index = bisect.bisect_left(self.buckets, value)
+        series = self.series.get(label_values)
+        if series is None:
+            series = self.series[label_values] = self._new_series()
+        _add(series, index, value, count)
+        _add(self._ring.current(), index, value, count)  # type: ignore[arg-type]
+
+    def window(self, seconds: int) -> list[float]:
+        """Bucket counts, sum and count of the last `seconds` seconds."""
+        return _merge(self._new_series(), self._ring.last(seconds))
+
+    def per_second_quantile(self, q: float, seconds: int = HORIZON_S) -> list[float | None]:
+        """The q-th quantile of each whole second before the current one, oldest first."""
+        return [
+            histogram_quantile(self.buckets, slot[:-2], q) if slot else None  # type: ignore[index]
+            for slot in self._ring.by_second(seconds)
+        ]
+
+
+def summarize(buckets: Sequence[float], series: Sequence[float]) -> dict[str, float | None]:
+    """Mean and p50/p90/p99 of one histogram series (bucket counts, sum, count)."""
+    counts, total, count = series[:-2], series[-2], series[-1]
+    return {
+        "count": count,
+        "mean": total / count if count else None,
+        "p50": histogram_quantile(buckets, counts, 0.5),
+        "p90": histogram_quantile(buckets, counts, 0.9),
+        "p99": histogram_quantile(buckets, counts, 0.99),
+    }
+
+
+def render_all(metrics: Iterable[Counter | Histogram]) -> str:
+    lines: list[str] = []
+    for metric in metrics:
+        lines.extend(metric.render())
+    return "\n".join(lines) + "\n"

@@ -137,6 +137,7 @@ class RouterSpec(_Section):
     scheduling_policy: Literal["slo_aware", "fifo"] = "slo_aware"
     routing_strategy: Literal["load_balanced", "round_robin", "cache_aware"] = "load_balanced"
     slo: SLOSpec = Field(default_factory=SLOSpec)
+    metrics: bool = Field(True, description="record per-request metrics (off only to measure what they cost)")
 
 
 class CostSpec(_Section):

@@ -8,10 +8,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from pdctl.control_plane.types import ExecutionInstanceType
 from pdctl.gpus import GpuInventory
-from pdctl.lifecycle import InstanceFailure, InstanceReport, StatusReport
-from pdctl.placement import ROLE_NOUN
+from pdctl.lifecycle import InstanceFailure
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
 from pdctl.router.client import RouteResult
@@ -144,39 +142,6 @@ def progress_table(state: ClusterState, plan: Plan, now: float) -> Table:
             _elapsed(elapsed),
         )
     return table
-
-
-def status_table(report: StatusReport) -> Group:
-    header = Text(
-        f"cluster {report.cluster}: {report.phase}; engine {report.engine}; router {report.router}; "
-        f"daemon pid {report.daemon_pid or '-'}",
-        style="bold",
-    )
-    table = Table(title_justify="left")
-    show_gpu = any(instance.gpu_use for instance in report.instances)
-    columns = ["instance", "role", "pid", "port", "devices", "state", "uptime", "restarts"]
-    for column in columns + (["GPU memory"] if show_gpu else []):
-        table.add_column(column)
-    for instance in report.instances:
-        state = Text(instance.phase, style=_PHASE_STYLE.get(instance.phase, "cyan"))
-        if instance.message:
-            state.append(f" ({instance.message})", style="dim")
-        table.add_row(
-            instance.id,
-            ROLE_NOUN[ExecutionInstanceType(instance.role)],
-            str(instance.pid or "-"),
-            str(instance.port),
-            instance.devices,
-            state,
-            _elapsed(instance.uptime_s),
-            str(instance.restarts),
-            *([_gpu_use(instance)] if show_gpu else []),
-        )
-    return Group(header, table)
-
-
-def _gpu_use(instance: InstanceReport) -> str:
-    return ", ".join(f"GPU {use.index}: {use.memory_mib / 1024:.1f} GiB" for use in instance.gpu_use) or "-"
 
 
 def failure_report(failures: list[InstanceFailure]) -> Group:

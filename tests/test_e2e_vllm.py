@@ -7,8 +7,11 @@ is written by pdctl, and the prefill -> decode flow moves the KV cache through N
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
+import time
 
 import httpx
 import pytest
@@ -135,3 +138,41 @@ def test_vllm_bench_serve_through_the_router_has_no_failures(local_cluster: Loca
     line = next((x for x in result.stdout.splitlines() if x.startswith("PDCTL_BENCH ")), None)
     assert line, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads(line.removeprefix("PDCTL_BENCH ")) == {"completed": 12, "failed": 0}
+
+
+def test_status_figures_agree_with_the_engines_own_counters(local_cluster: LocalCluster):
+    """After requests sharing a long prefix, the router's stats show cache hits and NIXL transfers, and every
+    engine counter it reports equals the engine's own /metrics once the last scrape has followed the traffic."""
+    from pdctl import dashboard
+    from pdctl.router.scrape import parse_engine_metrics
+
+    model = local_cluster.plan.served_model_name
+    shared = "Shared system prompt for the cache test. " * 8  # 328 tokens: PD-split, several cached blocks
+    for question in range(4):
+        completion(local_cluster.router, {"model": model, "prompt": f"{shared}Question {question}?", "max_tokens": 4})
+    time.sleep(2.5)  # the router scrapes every second
+    snapshot = dashboard.collect(local_cluster.dir)
+    stats = snapshot.stats
+    assert stats is not None, snapshot.stats_error
+    assert stats.kv_cache_hit_rate is not None and stats.kv_cache_hit_rate > 0
+    assert stats.nixl["transfers"] > 0 and stats.nixl["bytes"] > 0
+    assert stats.windows["total"].split["PREFILLING"] >= 4
+    for shown, planned in zip(stats.instances, local_cluster.plan.instances, strict=True):
+        own = parse_engine_metrics(httpx.get(f"{planned.url}/metrics", timeout=10).text)
+        assert shown.id == planned.id
+        assert (shown.prefix_hits, shown.prefix_queries) == (own.prefix_hits, own.prefix_queries)
+        assert (shown.nixl_transfers, shown.nixl_bytes) == (own.nixl_transfers, own.nixl_bytes)
+        assert shown.prompt_tokens_by_source["external_kv_transfer"] == own.prompt_transferred
+    decode = stats.instances[1]
+    assert decode.prompt_tokens_by_source["external_kv_transfer"] > 0  # the prompt's KV came over NIXL
+    text = pdctl_status(local_cluster)
+    assert "KV-cache hit rate" in text and "NIXL" in text and "decode-0" in text
+
+
+def pdctl_status(local_cluster: LocalCluster) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "pdctl", "status", "--state-dir", str(local_cluster.dir.root)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout

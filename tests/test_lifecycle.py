@@ -112,12 +112,13 @@ def test_a_taken_port_names_its_holder(tmp_path, state_root):
 
 
 def test_start_timeout_fails_up_with_the_log(tmp_path, state_root):
+    # 6 s: long enough for a loaded machine to start Python and log the banner, far short of the 30 s delay.
     profile = sim_profile(tmp_path, extra='  extra_args: ["--startup-delay-s", "30"]\n')
-    profile.write_text(profile.read_text().replace("start_timeout_s: 20", "start_timeout_s: 1.5"))
+    profile.write_text(profile.read_text().replace("start_timeout_s: 20", "start_timeout_s: 6"))
     _, _, failures = up(profile, state_root)
     # The first instance past its timeout fails `up`; the other may be a tick behind.
     assert failures and {f.id for f in failures} <= {"prefill-0", "decode-0"}
-    assert all("start timeout of 1.5 s" in (f.message or "") for f in failures)
+    assert all("start timeout of 6 s" in (f.message or "") for f in failures)
     assert any("pdctl sim engine" in line for line in failures[0].last_lines)
 
 

@@ -17,16 +17,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdctl import stats as cluster_stats
 from pdctl.control_plane.types import ExecutionInstanceType as Phase
 from pdctl.control_plane.types import PDSeparationConfig
 from pdctl.httpserver import HttpError, Request, Response, StreamingResponse, json_response
-from pdctl.metrics import RouterMetrics
 from pdctl.router import requests
 from pdctl.router.admission import Admission, DeadlineExceeded
 from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, make_phase_policy, with_availability
 from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
 from pdctl.router.pool import Instance, Pool
 from pdctl.router.prefix import PrefixTable, block_hashes
+from pdctl.router.recorder import DisabledRecorder, RouterMetrics
+from pdctl.router.scrape import EngineTelemetry
 from pdctl.router.tokens import TokenCounter
 from pdctl.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -57,6 +59,7 @@ class RouterSettings:
     connect_timeout_s: float = 3.0
     first_byte_timeout_s: float = 600.0
     max_queue_wait_s: float = 30.0
+    record_metrics: bool = True
 
 
 @dataclass
@@ -101,7 +104,10 @@ class Router:
         self.settings = settings
         self.pool = pool
         self.counter = counter
-        self.metrics = RouterMetrics()
+        recorder = RouterMetrics if settings.record_metrics else DisabledRecorder
+        self.metrics = recorder(settings.ttft_slo_ms / 1000, settings.tpot_target_ms / 1000)
+        self.telemetry = EngineTelemetry()
+        self.context = cluster_stats.StatsContext()
         self.phase_policy = make_phase_policy(settings.pd)
         self.tables: defaultdict[str, PrefixTable] = defaultdict(
             lambda: PrefixTable(eviction=settings.pd.kv_cache_eviction_policy)
@@ -148,13 +154,22 @@ class Router:
                 }
             )
         if request.method == "GET" and path == "/metrics":
-            return Response(200, self.metrics.render().encode(), None, "text/plain; version=0.0.4")
+            text = self.metrics.render() + cluster_stats.exposition(self.stats())
+            return Response(200, text.encode(), None, "text/plain; version=0.0.4")
+        if request.method == "GET" and path == "/pdctl/stats":
+            return Response(200, self.stats().model_dump_json().encode(), None, "application/json")
         if request.method == "POST" and path == "/pdctl/route":
             body = request.json()
             chat = isinstance(body, dict) and "messages" in body
             parsed = requests.parse(body, request.headers, chat, self.settings.served_model_name)
             return json_response(self.plan(parsed).explain())
         raise HttpError(404, f"{request.method} {path} is not served here", "NotFoundError")
+
+    def stats(self) -> cluster_stats.ClusterStats:
+        settings = self.settings
+        return cluster_stats.build(
+            self.metrics, self.pool, self.telemetry, self.context, settings.pd, settings.routing_strategy
+        )
 
     def health(self) -> Response:
         paths = self._working_paths()
@@ -194,7 +209,7 @@ class Router:
             route.decode = self.strategy.pick_from(hybrid, routing)
         elif decision.phase is Phase.PREFILLING:
             route.prefill = self.strategy.pick_from(candidates[Phase.PREFILLING], routing)
-        self.metrics.decision.observe(time.perf_counter() - started)
+        self.metrics.decided(time.perf_counter() - started)
         return route
 
     def _cached_tokens(self, decode: Selection | None, blocks: list[int], input_tokens: int) -> int:
@@ -252,7 +267,7 @@ class Router:
             if route.decode is None:
                 raise NoInstance("decode or hybrid")
             if all(t.in_flight < t.max_num_seqs for t in targets):
-                self.metrics.queue.observe(time.monotonic() - waited_since)
+                self.metrics.queued(time.monotonic() - waited_since)
                 return route
             if deadline_at is not None and time.monotonic() >= deadline_at:
                 raise _too_late(0.0)
@@ -267,7 +282,7 @@ class Router:
             instance.prefill_tokens_per_s = (
                 speed if not instance.prefill_tokens_per_s else 0.8 * instance.prefill_tokens_per_s + 0.2 * speed
             )
-        self.metrics.prefill.observe(seconds)
+        self.metrics.prefilled(instance.id, seconds)
 
     def record_output(self, tokens: int) -> None:
         if tokens > 0:
@@ -318,7 +333,7 @@ class Exchange:
             params = await self._prefill()
             if params is None:
                 self.phase = Phase.DECODING
-                self.router.metrics.fallbacks.inc("prefill_failed")
+                self.router.metrics.fell_back("prefill_failed")
             else:
                 decode_body = {**self.body, "kv_transfer_params": params}
         return await self._decode(decode_body)
@@ -363,7 +378,7 @@ class Exchange:
                 router.admission.release()
             instance.record_failure()
             if attempt == 0:
-                router.metrics.retries.inc("prefill")
+                router.metrics.retried("prefill")
                 selection = self._another(Phase.PREFILLING)
         return None
 
@@ -390,13 +405,13 @@ class Exchange:
             last_error = outcome
             instance.record_failure()
             if attempt == 0:
-                router.metrics.retries.inc("decode")
+                router.metrics.retried("decode")
                 selection = self._another(role)
                 if "kv_transfer_params" in body and selection is not None:
                     # The KV blocks may have been pulled or freed: the retry prefills itself.
                     body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
                     self.phase = Phase.DECODING
-        router.metrics.requests.inc(self.phase.value, "failed")
+        router.metrics.finished(self.phase.value, "failed", None, e2e_s=time.monotonic() - self.arrived)
         raise HttpError(502, f"every attempt failed: {last_error}", "BadGatewayError")
 
     async def _attempt(self, instance: Instance, body: dict[str, Any]) -> Response | StreamingResponse | str:
@@ -429,7 +444,7 @@ class Exchange:
             await upstream.aclose()
             slot.__exit__(None, None, None)
             router.admission.release()
-        self._finish_plain(upstream.status_code, content)
+        self._finish_plain(upstream.status_code, content, instance)
         return Response(
             upstream.status_code,
             content,
@@ -437,33 +452,48 @@ class Exchange:
             upstream.headers.get("content-type", "application/json"),
         )
 
-    def _finish_plain(self, status: int, content: bytes) -> None:
+    def _finish_plain(self, status: int, content: bytes, instance: Instance) -> None:
         router = self.router
         elapsed = time.monotonic() - self.arrived
         outcome = "ok" if status == 200 else f"http_{status}"
-        router.metrics.requests.inc(self.phase.value, outcome)
-        if status != 200:
-            return
-        router.metrics.e2e.observe(elapsed, self.phase.value)
-        router.metrics.ttft.observe(elapsed, self.phase.value)  # the whole answer is the first byte the client sees
-        # The usage figures only: parsing the whole answer again would cost more than the routing decision.
-        prompt, completion = _USAGE_PROMPT.search(content), _USAGE_COMPLETION.search(content)
-        if prompt:
-            router.counter.observe(len(self.parsed.text.encode()), int(prompt.group(1)))
-        if completion:
-            router.record_output(int(completion.group(1)))
+        input_tokens, output_tokens = self.route.input_tokens, 0
+        if status == 200:
+            # The usage figures only: parsing the whole answer again would cost more than the routing decision.
+            prompt, completion = _USAGE_PROMPT.search(content), _USAGE_COMPLETION.search(content)
+            if prompt:
+                input_tokens = int(prompt.group(1))
+                router.counter.observe(len(self.parsed.text.encode()), input_tokens)
+            if completion:
+                output_tokens = int(completion.group(1))
+                router.record_output(output_tokens)
+        # Not streamed, the whole answer is the first byte the client sees: no TTFT or TPOT of its own.
+        router.metrics.finished(
+            self.phase.value,
+            outcome,
+            instance.id,
+            e2e_s=elapsed,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+        )
 
     async def _relay(self, upstream: UpstreamResponse, slot: _Slot, instance: Instance) -> AsyncIterator[bytes]:
         """Pass the engine's server-sent events through; end with an OpenAI-style error event if it breaks."""
         router = self.router
+        phase = self.phase.value
         first_at: float | None = None
+        last_at = 0.0
         events = 0
         outcome = "ok"
         try:
             async for chunk in upstream.iter_raw():
+                now = time.monotonic()
+                count = chunk.count(b"data: ")
                 if first_at is None:
-                    first_at = time.monotonic()
-                events += chunk.count(b"data: ")
+                    first_at = now
+                else:
+                    router.metrics.streamed(phase, now - last_at, count)
+                last_at = now
+                events += count
                 yield chunk
         except UpstreamError as error:
             outcome = "broken"
@@ -478,21 +508,27 @@ class Exchange:
             await upstream.aclose()
             slot.__exit__(None, None, None)
             router.admission.release()
-            self._finish_stream(outcome, first_at, events)
+            self._finish_stream(outcome, first_at, events, instance)
 
-    def _finish_stream(self, outcome: str, first_at: float | None, events: int) -> None:
+    def _finish_stream(self, outcome: str, first_at: float | None, events: int, instance: Instance) -> None:
         router = self.router
-        phase = self.phase.value
-        router.metrics.requests.inc(phase, outcome)
         end = time.monotonic()
-        router.metrics.e2e.observe(end - self.arrived, phase)
-        if first_at is None:
-            return
-        router.metrics.ttft.observe(first_at - self.arrived, phase)
         tokens = max(0, events - 2)  # less the [DONE] event and a final usage or stop event
-        if tokens > 1:
-            router.metrics.tpot.observe((end - first_at) / (tokens - 1), phase)
-        router.record_output(tokens)
+        ttft = tpot = None
+        if first_at is not None:
+            ttft = first_at - self.arrived
+            tpot = (end - first_at) / (tokens - 1) if tokens > 1 else None
+            router.record_output(tokens)
+        router.metrics.finished(
+            self.phase.value,
+            outcome,
+            instance.id,
+            e2e_s=end - self.arrived,
+            ttft_s=ttft,
+            tpot_s=tpot,
+            input_tokens=self.route.input_tokens,
+            output_tokens=tokens,
+        )
 
 
 class _Slot:

@@ -1,12 +1,15 @@
 """The router as the daemon runs it: instances from the plan, settings from the profile, health from the
-supervisor, load from the engines' /metrics, served on the profile's router host and port."""
+supervisor, load from the engines' /metrics (and NVML), served on the profile's router host and port."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from pathlib import Path
 
 from pdctl.control_plane.types import ExecutionInstanceType
+from pdctl.gpus import GpuSource, NvmlGpuSource
 from pdctl.httpserver import HttpServer
 from pdctl.plan import Plan
 from pdctl.profile import ClusterProfile
@@ -14,6 +17,9 @@ from pdctl.router.pool import Instance, Pool
 from pdctl.router.proxy import Router, RouterSettings
 from pdctl.router.scrape import scrape_forever
 from pdctl.router.tokens import TokenCounter
+from pdctl.stats import GpuFigures, StatsContext
+
+log = logging.getLogger("pdctl.router.server")
 
 
 def max_num_seqs(profile: ClusterProfile, role: ExecutionInstanceType) -> int:
@@ -22,7 +28,7 @@ def max_num_seqs(profile: ClusterProfile, role: ExecutionInstanceType) -> int:
     return profile.decode.max_parallel_requests
 
 
-def build_router(profile: ClusterProfile, plan: Plan) -> Router:
+def build_router(profile: ClusterProfile, plan: Plan, state_root: Path | None = None) -> Router:
     pool = Pool([Instance(i.id, i.role, i.url, max_num_seqs=max_num_seqs(profile, i.role)) for i in plan.instances])
     settings = RouterSettings(
         served_model_name=plan.served_model_name,
@@ -34,27 +40,61 @@ def build_router(profile: ClusterProfile, plan: Plan) -> Router:
         default_prefill_tokens_per_s=profile.prefill.target_throughput_tokens_per_sec,
         # A prefill hop far beyond the TTFT SLO is hung, not slow: fall back to decode instead of waiting.
         prefill_timeout_s=max(10.0, 10 * profile.router.slo.ttft_ms / 1000),
+        record_metrics=profile.router.metrics,
     )
-    return Router(settings, pool, TokenCounter.for_model(plan.model_path))
+    router = Router(settings, pool, TokenCounter.for_model(plan.model_path))
+    router.context = StatsContext(
+        cluster=plan.cluster,
+        engine=plan.engine,
+        # A CPU host has no GPU-hours: each instance counts as one device at the profile's price.
+        devices={i.id: len(i.gpus) or 1 for i in plan.instances},
+        gpu_hour_usd=profile.cost.gpu_hour_usd,
+        state_root=state_root,
+    )
+    return router
+
+
+async def sample_gpus(router: Router, plan: Plan, source: GpuSource, interval_s: float = 2.0) -> None:
+    """Utilization and memory of each instance's own GPUs, read through NVML off the event loop."""
+    owners = {gpu.uuid: i.id for i in plan.instances for gpu in i.gpus}
+    while True:
+        try:
+            inventory = await asyncio.to_thread(source.inventory)
+        except Exception as error:  # a driver hiccup must not stop the router's figures
+            log.warning("NVML read failed: %s", error)
+        else:
+            figures: dict[str, GpuFigures] = {}
+            for gpu in inventory.gpus:
+                owner = owners.get(gpu.uuid)
+                if owner is None:
+                    continue
+                known = figures.setdefault(owner, GpuFigures(utilization_percent=0.0, memory_used_mib=0.0))
+                known.utilization_percent = max(known.utilization_percent or 0.0, gpu.utilization_percent or 0.0)
+                known.memory_used_mib = (known.memory_used_mib or 0.0) + gpu.memory_used_mib
+            router.context.gpus = figures
+        await asyncio.sleep(interval_s)
 
 
 class RouterService:
-    """Starts and stops the router's listener and its metrics scrape."""
+    """Starts and stops the router's listener, its metrics scrape and, on a GPU host, its NVML sampler."""
 
-    def __init__(self, router: Router, host: str, port: int):
+    def __init__(self, router: Router, host: str, port: int, plan: Plan | None = None):
         self.router = router
+        self.plan = plan
         self.server = HttpServer(router.handle, host=host, port=port)
-        self._scrape: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.server.start()
-        self._scrape = asyncio.create_task(scrape_forever(self.router.pool))
+        self._tasks.append(asyncio.create_task(scrape_forever(self.router.pool, self.router.telemetry)))
+        if self.plan is not None and self.plan.device == "cuda":
+            self._tasks.append(asyncio.create_task(sample_gpus(self.router, self.plan, NvmlGpuSource())))
 
     async def stop(self) -> None:
-        if self._scrape is not None:
-            self._scrape.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._scrape
+                await task
         await self.server.stop()
         await self.router.aclose()
 

@@ -1,0 +1,170 @@
+"""What collecting metrics costs: (1) the router's requests/s with its per-request metrics on against off, on
+the same fast sim backends, in interleaved rounds; (2) the CPU one scraper spends reading /metrics of 50 sim
+instances every second.
+
+    python benchmarks/metrics_overhead.py [--rounds N] [--requests N] [--concurrency C] [--instances N]
+
+Targets (issue "Observability"): requests/s with metrics on within 3 % of off; scraping 50 instances every
+second under 5 % of one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from router_throughput import load  # noqa: E402
+
+from pdctl import lifecycle  # noqa: E402
+from pdctl.cluster import plan_profile  # noqa: E402
+from pdctl.daemon import DaemonInput  # noqa: E402
+from pdctl.router.pool import Instance, Pool  # noqa: E402
+from pdctl.router.scrape import EngineTelemetry, scrape_forever  # noqa: E402
+from pdctl.router.server import RouterService, build_router  # noqa: E402
+from pdctl.state import ClusterDir  # noqa: E402
+
+PROFILE = """\
+name: {name}
+model: {{path: sim-model}}
+device: cpu
+engine: {{kind: sim, sim: {{prefill_ms_per_token: 0, decode_ms_per_token: 0}}}}
+router: {{port: {port}, scheduling_policy: fifo}}
+ports: {{instances: {first}, nixl_side_channel: {side}}}
+pd: {{routing_policy: always, prefilling_min_instances: {prefill}, prefilling_max_instances: {prefill},
+     decoding_min_instances: {decode}, decoding_max_instances: {decode}, enable_dynamic_scaling: false}}
+prefill: {{tensor_parallel_size: 1, target_batch_size: 1024}}
+decode: {{max_parallel_requests: 1024}}
+"""
+
+
+def start_cluster(work: Path, name: str, port: int, prefill: int, decode: int):
+    profile = work / f"{name}.yaml"
+    text = PROFILE.format(name=name, port=port, first=port + 1, side=port + 500, prefill=prefill, decode=decode)
+    profile.write_text(text)
+    planned = plan_profile(profile)
+    cluster_dir = ClusterDir(work / "state", name)
+    started = lifecycle.start(planned, cluster_dir)
+    failures = lifecycle.wait_ready(started, lambda state: None)
+    if failures:
+        lifecycle.down(cluster_dir, grace_s=2)
+        raise SystemExit(f"the sim cluster did not start: {failures}")
+    return planned, cluster_dir
+
+
+def serve_router(given_file: Path, port: int) -> None:
+    """A second router over the same instances with metrics off (runs in its own process, as the daemon's)."""
+    given = DaemonInput.model_validate_json(given_file.read_bytes())
+    given.profile.router.metrics = False
+
+    async def run() -> None:
+        service = RouterService(build_router(given.profile, given.plan), "127.0.0.1", port)
+        for instance in service.router.pool.all():
+            instance.healthy = True
+        await service.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def start_metrics_off_router(work: Path, planned, port: int) -> subprocess.Popen[bytes]:
+    given = work / "given.json"
+    given.write_text(DaemonInput(profile=planned.profile, plan=planned.plan).model_dump_json())
+    argv = [sys.executable, __file__, "--serve-router", str(given), str(port)]
+    process = subprocess.Popen(argv, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the metrics-off router did not start")
+
+
+def throughput(args: argparse.Namespace, work: Path) -> None:
+    planned, cluster_dir = start_cluster(work, "metricson", 39200, 1, 1)
+    off = start_metrics_off_router(work, planned, 39300)
+    urls = {"metrics on": "http://127.0.0.1:39200", "metrics off": "http://127.0.0.1:39300"}
+    try:
+        for url in urls.values():
+            asyncio.run(load(url, 300, args.concurrency))  # warm both
+        rps: dict[str, list[float]] = {name: [] for name in urls}
+        for round_index in range(args.rounds):
+            order = list(urls.items()) if round_index % 2 == 0 else list(reversed(urls.items()))
+            for name, url in order:
+                elapsed, latencies, failures = asyncio.run(load(url, args.requests, args.concurrency))
+                assert failures == 0, f"{name}: {failures} failed requests"
+                rps[name].append(len(latencies) / elapsed)
+        ratios = [on / off for on, off in zip(rps["metrics on"], rps["metrics off"], strict=True)]
+        print(f"router requests/s, {args.rounds} interleaved rounds of {args.requests} requests, "
+              f"{args.concurrency} concurrent, PD two hops on sim backends with no model time")  # fmt: skip
+        for name, values in rps.items():
+            print(
+                f"  {name:<12} median {statistics.median(values):7.0f}  rounds {' '.join(f'{v:.0f}' for v in values)}"
+            )
+        print(f"  on/off ratio: median {statistics.median(ratios):.3f}  min {min(ratios):.3f}  max {max(ratios):.3f}"
+              "  (target >= 0.97)")  # fmt: skip
+    finally:
+        off.kill()
+        lifecycle.down(cluster_dir, grace_s=2)
+
+
+def scrape_cost(args: argparse.Namespace, work: Path) -> None:
+    prefill = args.instances // 5
+    planned, cluster_dir = start_cluster(work, "scrape50", 39400, prefill, args.instances - prefill)
+    pool = Pool([Instance(i.id, i.role, i.url, healthy=True)
+                 for i in planned.plan.instances])  # fmt: skip
+    telemetry = EngineTelemetry()
+
+    async def measure() -> tuple[float, float, int]:
+        task = asyncio.create_task(scrape_forever(pool, telemetry, interval_s=1.0))
+        await asyncio.sleep(2.0)  # connections and parser warm
+        cpu, wall = time.process_time(), time.monotonic()
+        await asyncio.sleep(args.scrape_seconds)
+        used, elapsed = time.process_time() - cpu, time.monotonic() - wall
+        task.cancel()
+        samples = sum(len(h.samples) for h in telemetry.histories.values())
+        return used, elapsed, samples
+
+    try:
+        used, elapsed, samples = asyncio.run(measure())
+        print(f"scraping {len(pool.all())} sim instances every second for {elapsed:.0f} s: "
+              f"{used:.2f} s of CPU = {used / elapsed:.1%} of one core (target < 5 %), {samples} samples")  # fmt: skip
+    finally:
+        lifecycle.down(cluster_dir, grace_s=2)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve-router":
+        serve_router(Path(sys.argv[2]), int(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--instances", type=int, default=50)
+    parser.add_argument("--scrape-seconds", type=float, default=20.0)
+    parser.add_argument("--only", choices=("throughput", "scrape"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp())
+    if args.only in (None, "throughput"):
+        throughput(args, work)
+    if args.only in (None, "scrape"):
+        scrape_cost(args, work)
+
+
+if __name__ == "__main__":
+    main()

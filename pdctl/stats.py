@@ -1,0 +1,432 @@
+"""The cluster's figures at one moment, built by the daemon from what the router measured of its requests
+and what it scraped from the engines (and NVML): what `pdctl status` shows, `/pdctl/stats` serves as JSON,
+`/metrics` exposes to Prometheus and the design document's PDMetrics summarises.
+
+Windows are the last 10 s, the last 60 s and the time since the router started ("total"). Every rate is
+computed from counter increases over its window, never from a running average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pdctl.control_plane.types import ExecutionInstanceType, PDMetrics, PDSeparationConfig
+from pdctl.cost import CostComparison, load_comparison, usd_per_million_tokens
+from pdctl.metrics import WindowedHistogram, summarize, window_span
+from pdctl.router.pool import Instance, Pool
+from pdctl.router.recorder import RouterMetrics
+from pdctl.router.scrape import EngineHistory, EngineTelemetry
+
+WINDOWS = {"10s": 10, "60s": 60}
+RATE_WINDOW_S = 60  # the window of the instance rates, the hit rate, PDMetrics and the hints
+
+# The design document's troubleshooting cases: (symptom threshold, remedy).
+SLOW_DECISION_S = 0.010
+LOW_HIT_RATE = 0.30
+BUSY_PREFILL = 0.95
+MIN_QUERIES_FOR_HIT_RATE = 1000  # tokens: below this a hit rate says nothing yet
+
+
+class Latency(BaseModel):
+    count: float = 0
+    mean_ms: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+
+
+class WindowStats(BaseModel):
+    span_s: float
+    requests: int
+    failed: int
+    requests_per_s: float
+    input_tokens_per_s: float
+    output_tokens_per_s: float
+    split: dict[str, int]
+    slo_attainment: float | None
+    goodput_per_s: float
+    ttft: Latency
+    tpot: Latency
+    itl: Latency
+    e2e: Latency
+    queue: Latency
+    prefill_hop: Latency
+    decision: Latency
+
+
+class GpuFigures(BaseModel):
+    utilization_percent: float | None = None
+    memory_used_mib: float | None = None
+
+
+class InstanceStats(BaseModel):
+    id: str
+    role: str
+    url: str
+    healthy: bool
+    draining: bool
+    in_flight: int
+    running: float
+    waiting: float
+    kv_usage: float
+    prefix_hit_rate: float | None
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+    busy_share: float | None
+    preemptions: float
+    prefix_hits: float
+    prefix_queries: float
+    nixl_transfers: float
+    nixl_seconds: float
+    nixl_bytes: float
+    prompt_tokens_by_source: dict[str, float]
+    gpu: GpuFigures | None = None
+
+
+class CostStats(BaseModel):
+    devices: int
+    gpu_hour_usd: float
+    usd_per_million_output_tokens: float | None
+    comparison: CostComparison | None
+    optimization_percent: float | None
+
+
+class Trend(BaseModel):
+    """One value per second of the last minute, oldest first."""
+
+    requests_per_s: list[float]
+    output_tokens_per_s: list[float]
+    ttft_p50_ms: list[float | None]
+
+
+class Hint(BaseModel):
+    symptom: str
+    measured: str
+    remedy: str
+    brief: str  # one line of at most 80 characters, for the dashboard
+
+
+class ClusterStats(BaseModel):
+    cluster: str
+    engine: str
+    uptime_s: float
+    routing_policy: str
+    routing_strategy: str
+    ttft_slo_ms: float
+    tpot_slo_ms: float
+    windows: dict[str, WindowStats]
+    instances: list[InstanceStats]
+    kv_cache_hit_rate: float | None
+    nixl: dict[str, float]
+    pd_metrics: PDMetrics
+    cost: CostStats
+    trend: Trend
+    hints: list[Hint]
+
+
+@dataclass
+class StatsContext:
+    """What the router alone does not know: set by the daemon from the profile and plan."""
+
+    cluster: str = "cluster"
+    engine: str = "vllm"
+    devices: dict[str, int] = field(default_factory=dict)  # instance id -> GPUs (on a CPU host: 1)
+    gpu_hour_usd: float = 0.0
+    state_root: Path | None = None
+    gpus: dict[str, GpuFigures] = field(default_factory=dict)  # filled by the daemon's NVML sampler
+
+
+def _latency(histogram: WindowedHistogram, series: list[float]) -> Latency:
+    figures = summarize(histogram.buckets, series)
+    ms = {k: None if v is None else v * 1000 for k, v in figures.items() if k != "count"}
+    return Latency(count=figures["count"] or 0, **{f"{k}_ms": v for k, v in ms.items()})
+
+
+def _histograms(metrics: RouterMetrics, seconds: int | None) -> dict[str, Latency]:
+    pairs = {
+        "ttft": metrics.ttft,
+        "tpot": metrics.tpot,
+        "itl": metrics.itl,
+        "e2e": metrics.e2e,
+        "queue": metrics.queue,
+        "prefill_hop": metrics.prefill,
+        "decision": metrics.decision,
+    }
+    return {name: _latency(h, h.merged() if seconds is None else h.window(seconds)) for name, h in pairs.items()}
+
+
+def window_stats(metrics: RouterMetrics, seconds: int | None) -> WindowStats:
+    """One window's figures; seconds None is the whole time since the router started."""
+    if seconds is None:
+        span = max(1e-9, metrics.clock() - metrics.started)
+        requests, inputs = metrics.requests.values, metrics.input_tokens.values
+        outputs, slo = metrics.output_tokens.values, metrics.slo.values
+    else:
+        span = window_span(metrics.clock, metrics.started, seconds)
+        requests, inputs = metrics.requests.window(seconds), metrics.input_tokens.window(seconds)
+        outputs, slo = metrics.output_tokens.window(seconds), metrics.slo.window(seconds)
+    split: dict[str, int] = {phase.value: 0 for phase in ExecutionInstanceType}
+    for (phase, _outcome), count in requests.items():
+        split[phase] = split.get(phase, 0) + int(count)
+    met, missed = slo.get(("met",), 0.0), slo.get(("missed",), 0.0)
+    return WindowStats(
+        span_s=span,
+        requests=int(sum(requests.values())),
+        failed=int(sum(count for (_phase, outcome), count in requests.items() if outcome != "ok")),
+        requests_per_s=sum(requests.values()) / span,
+        input_tokens_per_s=sum(inputs.values()) / span,
+        output_tokens_per_s=sum(outputs.values()) / span,
+        split=split,
+        slo_attainment=met / (met + missed) if met + missed else None,
+        goodput_per_s=met / span,
+        **_histograms(metrics, seconds),
+    )
+
+
+def _rate(history: EngineHistory, name: str) -> float:
+    window = history.over(RATE_WINDOW_S)
+    return getattr(window[0], name) / window[1] if window else 0.0
+
+
+def _hit_rate(histories: Iterable[EngineHistory]) -> float | None:
+    hits = queries = 0.0
+    for history in histories:
+        window = history.over(RATE_WINDOW_S)
+        if window:
+            hits, queries = hits + window[0].prefix_hits, queries + window[0].prefix_queries
+    return hits / queries if queries else None
+
+
+def instance_stats(instance: Instance, history: EngineHistory, gpu: GpuFigures | None) -> InstanceStats:
+    latest = history.latest
+    window = history.over(RATE_WINDOW_S)
+    return InstanceStats(
+        id=instance.id,
+        role=instance.role.value,
+        url=instance.url,
+        healthy=instance.healthy,
+        draining=instance.draining,
+        in_flight=instance.in_flight,
+        running=instance.running,
+        waiting=instance.waiting,
+        kv_usage=instance.kv_usage,
+        prefix_hit_rate=_hit_rate([history]),
+        prompt_tokens_per_s=_rate(history, "prompt_tokens"),
+        generation_tokens_per_s=_rate(history, "generation_tokens"),
+        busy_share=history.busy_share(RATE_WINDOW_S),
+        preemptions=window[0].preemptions if window else 0.0,
+        prefix_hits=latest.prefix_hits if latest else 0.0,
+        prefix_queries=latest.prefix_queries if latest else 0.0,
+        nixl_transfers=latest.nixl_transfers if latest else 0.0,
+        nixl_seconds=latest.nixl_seconds if latest else 0.0,
+        nixl_bytes=latest.nixl_bytes if latest else 0.0,
+        prompt_tokens_by_source={
+            "local_compute": latest.prompt_computed if latest else 0.0,
+            "local_cache_hit": latest.prompt_cache_hit if latest else 0.0,
+            "external_kv_transfer": latest.prompt_transferred if latest else 0.0,
+        },
+        gpu=gpu,
+    )
+
+
+def pd_metrics(last_minute: WindowStats, total: WindowStats, instances: list[InstanceStats], hit_rate: float | None,
+               optimization: float | None) -> PDMetrics:  # fmt: skip
+    """The design document's summary; README "PDMetrics" defines each field."""
+    prefill = [i for i in instances if i.role == ExecutionInstanceType.PREFILLING.value]
+    return PDMetrics(
+        prefilling_throughput_tokens_per_sec=sum(i.prompt_tokens_per_s for i in prefill),
+        prefilling_latency_p99_ms=last_minute.prefill_hop.p99_ms or 0.0,
+        decoding_latency_avg_ms=last_minute.tpot.mean_ms or 0.0,
+        decoding_latency_p99_ms=last_minute.tpot.p99_ms or 0.0,
+        kv_cache_hit_rate=hit_rate or 0.0,
+        total_cost_optimization_percent=optimization or 0.0,
+        requests_routed_to_prefilling=total.split.get(ExecutionInstanceType.PREFILLING.value, 0),
+        requests_routed_to_decoding=total.split.get(ExecutionInstanceType.DECODING.value, 0),
+        requests_routed_to_hybrid=total.split.get(ExecutionInstanceType.HYBRID.value, 0),
+    )
+
+
+def hints(last_minute: WindowStats, instances: list[InstanceStats], hit_rate: float | None,
+          queries: float) -> list[Hint]:  # fmt: skip
+    """The design document's troubleshooting cases, raised only when their symptom is measured."""
+    found = []
+    slowest = last_minute.decision.p99_ms
+    if slowest is not None and slowest > SLOW_DECISION_S * 1000:
+        found.append(
+            Hint(
+                symptom="routing decisions slower than 10 ms",
+                measured=f"decision p99 {slowest:.1f} ms over the last minute",
+                remedy="cache routing decisions by prompt length, or use the threshold policy with round_robin "
+                "(no prefix hashing on the hot path)",
+                brief=f"! decision p99 {slowest:.1f} ms > 10 ms: threshold policy + round_robin strategy",
+            )
+        )
+    if hit_rate is not None and queries >= MIN_QUERIES_FOR_HIT_RATE and hit_rate < LOW_HIT_RATE:
+        found.append(
+            Hint(
+                symptom="KV-cache hit rate under 30 %",
+                measured=f"prefix-cache hit rate {hit_rate:.0%} over the last minute",
+                remedy="raise pd.kv_cache_memory_fraction (0.85 to 0.95) and decode.kv_cache_memory_fraction, "
+                "and set pd.kv_cache_eviction_policy: lfu",
+                brief=f"! KV hit rate {hit_rate:.0%} < 30 %: kv_cache_memory_fraction 0.95, eviction lfu",
+            )
+        )
+    for instance in instances:
+        busy = _busy(instance)
+        if instance.role == ExecutionInstanceType.PREFILLING.value and busy is not None and busy > BUSY_PREFILL:
+            found.append(
+                Hint(
+                    symptom=f"prefill instance {instance.id} over 95 % busy",
+                    measured=f"{instance.id} busy {busy:.0%} over the last minute",
+                    remedy="raise pd.prefilling_max_instances (3 to 6) with pd.enable_dynamic_scaling: true, "
+                    "or lower prefill.target_throughput_tokens_per_sec (1000 to 800)",
+                    brief=f"! {instance.id} busy {busy:.0%} > 95 %: prefilling_max_instances up, dynamic scaling",
+                )
+            )
+    return found
+
+
+def _busy(instance: InstanceStats) -> float | None:
+    """GPU utilization where NVML reads one, else the share of the last minute the engine had work."""
+    if instance.gpu is not None and instance.gpu.utilization_percent is not None:
+        return instance.gpu.utilization_percent / 100
+    return instance.busy_share
+
+
+def build(metrics: RouterMetrics, pool: Pool, telemetry: EngineTelemetry, context: StatsContext,
+          pd: PDSeparationConfig, strategy: str) -> ClusterStats:  # fmt: skip
+    windows = {name: window_stats(metrics, seconds) for name, seconds in WINDOWS.items()}
+    total = window_stats(metrics, None)
+    windows["total"] = total
+    instances = [instance_stats(i, telemetry.history(i.id), context.gpus.get(i.id)) for i in pool.all()]
+    histories = [telemetry.history(i.id) for i in pool.all()]
+    hit_rate = _hit_rate(histories)
+    queries = sum(w[0].prefix_queries for h in histories if (w := h.over(RATE_WINDOW_S)))
+    comparison = load_comparison(context.state_root, context.cluster) if context.state_root else None
+    optimization = comparison.optimization_percent if comparison else None
+    devices = sum(context.devices.values()) or len(instances)
+    last_minute = windows["60s"]
+    return ClusterStats(
+        cluster=context.cluster,
+        engine=context.engine,
+        uptime_s=metrics.clock() - metrics.started,
+        routing_policy=pd.routing_policy if pd.enabled else "disabled",
+        routing_strategy=strategy,
+        ttft_slo_ms=metrics.ttft_slo_s * 1000,
+        tpot_slo_ms=metrics.tpot_slo_s * 1000,
+        windows=windows,
+        instances=instances,
+        kv_cache_hit_rate=hit_rate,
+        nixl={
+            "transfers": sum(i.nixl_transfers for i in instances),
+            "seconds": sum(i.nixl_seconds for i in instances),
+            "bytes": sum(i.nixl_bytes for i in instances),
+        },
+        pd_metrics=pd_metrics(last_minute, total, instances, hit_rate, optimization),
+        cost=CostStats(
+            devices=devices,
+            gpu_hour_usd=context.gpu_hour_usd,
+            usd_per_million_output_tokens=usd_per_million_tokens(
+                devices, context.gpu_hour_usd, last_minute.output_tokens_per_s
+            ),
+            comparison=comparison,
+            optimization_percent=optimization,
+        ),
+        trend=Trend(
+            requests_per_s=metrics.requests.per_second(),
+            output_tokens_per_s=metrics.output_tokens.per_second(),
+            ttft_p50_ms=[None if v is None else v * 1000 for v in metrics.ttft.per_second_quantile(0.5)],
+        ),
+        hints=hints(last_minute, instances, hit_rate, queries),
+    )
+
+
+# ---- Prometheus exposition of the figures above (the router's /metrics appends it) ----------------------------
+
+INSTANCE_GAUGES = {
+    "in_flight": "Requests the router has in flight on the instance.",
+    "running": "Requests the engine runs (its own gauge).",
+    "waiting": "Requests the engine queues (its own gauge).",
+    "kv_usage": "KV-cache usage of the engine, 0 to 1.",
+    "prefix_hit_rate": "Prefix-cache hits over queries over the last minute.",
+    "prompt_tokens_per_s": "Prompt tokens the engine processed per second over the last minute.",
+    "generation_tokens_per_s": "Tokens the engine generated per second over the last minute.",
+    "busy_share": "Share of the last minute the engine had requests running.",
+    "preemptions": "Preemptions over the last minute.",
+}
+INSTANCE_COUNTERS = {
+    "nixl_transfers": "NIXL KV-cache transfers the engine made.",
+    "nixl_seconds": "Seconds the engine's NIXL KV-cache transfers took.",
+    "nixl_bytes": "Bytes the engine's NIXL KV-cache transfers moved.",
+}
+WINDOW_GAUGES = {
+    "requests_per_s": "Requests answered per second.",
+    "output_tokens_per_s": "Output tokens per second.",
+    "input_tokens_per_s": "Prompt tokens of answered requests per second.",
+    "goodput_per_s": "Requests per second that met the TTFT and TPOT targets.",
+    "slo_attainment": "Share of successful requests that met the TTFT and TPOT targets.",
+}
+LATENCIES = ("ttft", "tpot", "itl", "e2e", "queue", "prefill_hop", "decision")
+
+
+def _line(name: str, labels: dict[str, str], value: float | None) -> str | None:
+    if value is None:
+        return None
+    text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return f"{name}{{{text}}} {float(value)}" if text else f"{name} {float(value)}"
+
+
+def _family(name: str, kind: str, help_text: str, lines: Iterable[str | None]) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *(line for line in lines if line is not None)]
+
+
+def exposition(stats: ClusterStats) -> str:
+    out: list[str] = []
+    for field_name, help_text in INSTANCE_GAUGES.items():
+        lines = (_line(f"pdctl_instance_{field_name}", {"instance": i.id, "role": i.role}, getattr(i, field_name))
+                 for i in stats.instances)  # fmt: skip
+        out += _family(f"pdctl_instance_{field_name}", "gauge", help_text, lines)
+    out += _family(
+        "pdctl_instance_healthy", "gauge", "1 while the instance passes its health check.",
+        (_line("pdctl_instance_healthy", {"instance": i.id, "role": i.role}, i.healthy) for i in stats.instances),
+    )  # fmt: skip
+    for field_name, help_text in INSTANCE_COUNTERS.items():
+        name = f"pdctl_instance_{field_name}_total"
+        out += _family(name, "counter", help_text, (_line(name, {"instance": i.id}, getattr(i, field_name))
+                                                    for i in stats.instances))  # fmt: skip
+    out += _family(
+        "pdctl_instance_prompt_tokens_total", "counter", "Prompt tokens by source (the engine's own counter).",
+        (_line("pdctl_instance_prompt_tokens_total", {"instance": i.id, "source": source}, value)
+         for i in stats.instances for source, value in i.prompt_tokens_by_source.items()),
+    )  # fmt: skip
+    out += _family(
+        "pdctl_instance_gpu_utilization_percent", "gauge", "NVML utilization of the instance's GPUs.",
+        (_line("pdctl_instance_gpu_utilization_percent", {"instance": i.id}, i.gpu.utilization_percent)
+         for i in stats.instances if i.gpu),
+    )  # fmt: skip
+    for field_name, help_text in WINDOW_GAUGES.items():
+        name = f"pdctl_window_{field_name}"
+        out += _family(name, "gauge", help_text, (_line(name, {"window": w}, getattr(s, field_name))
+                                                  for w, s in stats.windows.items()))  # fmt: skip
+    out += _family(
+        "pdctl_window_latency_seconds", "gauge", "Latency percentiles and mean by window, as the router saw them.",
+        (_line("pdctl_window_latency_seconds", {"window": w, "metric": m, "stat": stat},
+               None if (v := getattr(getattr(s, m), f"{stat}_ms")) is None else v / 1000)
+         for w, s in stats.windows.items() for m in LATENCIES for stat in ("mean", "p50", "p90", "p99")),
+    )  # fmt: skip
+    for field_name, value in stats.pd_metrics.model_dump().items():
+        out += _family(f"pdctl_pd_{field_name}", "gauge", f"PDMetrics.{field_name} (README: PDMetrics).",
+                       [_line(f"pdctl_pd_{field_name}", {}, value)])  # fmt: skip
+    out += _family("pdctl_kv_cache_hit_rate", "gauge", "Prefix-cache hits over queries, every instance, last minute.",
+                   [_line("pdctl_kv_cache_hit_rate", {}, stats.kv_cache_hit_rate)])  # fmt: skip
+    out += _family(
+        "pdctl_cost_usd_per_million_output_tokens", "gauge", "Devices' price over the last minute's output tokens.",
+        [_line("pdctl_cost_usd_per_million_output_tokens", {}, stats.cost.usd_per_million_output_tokens)],
+    )  # fmt: skip
+    out += _family("pdctl_hints", "gauge", "Troubleshooting cases whose symptom is measured now.",
+                   [_line("pdctl_hints", {}, len(stats.hints))])  # fmt: skip
+    return "\n".join(out) + "\n"
