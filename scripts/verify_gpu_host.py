@@ -90,14 +90,22 @@ def main() -> int:
             seen = httpx.get(f"http://127.0.0.1:{instance['port']}/standin", timeout=10).json()
             wanted = sorted(g["uuid"] for g in instance["gpus"])
             ok &= check(sorted(seen["uuids"]) == wanted, f"{instance['id']} sees exactly {wanted}")
-        time.sleep(2)
-        status = json.loads(pdctl("status", *state, "--json").stdout)
+        time.sleep(5)  # the daemon samples NVML every 2 s
+        snapshot = json.loads(pdctl("status", *state, "--json").stdout)
         pdctl("status", *state)
         pdctl("gpus")
-        for instance, planned in zip(status["instances"], plan["instances"], strict=True):
+        for instance, planned in zip(snapshot["status"]["instances"], plan["instances"], strict=True):
             used = sorted(u["index"] for u in instance["gpu_use"])
             wanted = sorted(g["index"] for g in planned["gpus"])
             ok &= check(used == wanted, f"NVML attributes GPUs {used} to {instance['id']} (placed on {wanted})")
+        figures = {i["id"]: i["gpu"] for i in (snapshot["stats"] or {}).get("instances", [])}
+        for planned in plan["instances"]:
+            gpu = figures.get(planned["id"]) or {}
+            held = 2048 * len(planned["gpus"])
+            ok &= check(
+                gpu.get("utilization_percent") is not None and (gpu.get("memory_used_mib") or 0) >= held,
+                f"the router's stats show NVML figures of {planned['id']}'s GPUs: {gpu} (holds {held} MiB)",
+            )
 
         # A GPU another process fills is refused, naming that process.
         filler = subprocess.Popen(

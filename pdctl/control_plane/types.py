@@ -8,17 +8,29 @@ running system (``pd_config.prefilling_max_instances = 6``), and a bad value mus
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 RoutingPolicyName = Literal["threshold", "adaptive", "always", "never"]
 KVCacheStorage = Literal["gpu", "cpu"]
 KVCacheEvictionPolicy = Literal["lru", "lfu"]
+_UNSET = object()
 
 
 class _ConfigModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # pydantic runs a model's "after" validators once the new value is in place and leaves it there when
+        # they fail; a remedy applied to a running system must leave the config as it was instead.
+        before = self.__dict__.get(name, _UNSET)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError:
+            if before is not _UNSET:
+                self.__dict__[name] = before
+            raise
 
 
 class PrefillingConfig(_ConfigModel):
@@ -65,10 +77,11 @@ class PDSeparationConfig(_ConfigModel):
     kv_cache_storage: KVCacheStorage = "gpu"
     kv_cache_eviction_policy: KVCacheEvictionPolicy = "lru"
     kv_cache_memory_fraction: float = Field(0.85, gt=0, le=1.0)
-    # Views of the profile's `prefill` and `decode` sections (the document reaches them through here);
-    # the profile links them, so they are never written twice.
-    prefilling_config: PrefillingConfig | None = Field(None, exclude=True)
-    decoding_config: DecodingConfig | None = Field(None, exclude=True)
+    # Views of the profile's `prefill` and `decode` sections (the document reaches them through here, as in
+    # `pd_config.decoding_config.kv_cache_memory_fraction = 0.95`); the profile links them, so they are never
+    # written twice. A config made on its own gets defaults, so that code works on it too.
+    prefilling_config: PrefillingConfig = Field(default_factory=PrefillingConfig, exclude=True)
+    decoding_config: DecodingConfig = Field(default_factory=DecodingConfig, exclude=True)
 
     @model_validator(mode="after")
     def _bounds_are_ordered(self) -> Self:

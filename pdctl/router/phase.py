@@ -7,11 +7,15 @@ availability of each pool is applied after the policy, the same way for all of t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
+from pdctl.control_plane.errors import UnknownPolicy
 from pdctl.control_plane.types import ExecutionInstanceType as Phase
 from pdctl.control_plane.types import PDSeparationConfig
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -154,10 +158,6 @@ class NeverPolicy:
 PHASE_POLICIES: dict[str, type] = {p.name: p for p in (ThresholdPolicy, AdaptivePolicy, AlwaysPolicy, NeverPolicy)}
 
 
-class UnknownPolicy(ValueError):
-    pass
-
-
 def make_phase_policy(config: PDSeparationConfig) -> PhasePolicy:
     policy = PHASE_POLICIES.get(config.routing_policy)
     if policy is None:
@@ -178,3 +178,11 @@ def with_availability(decision: PhaseDecision, enabled: bool, available: set[Pha
     if missing is None:
         return decision
     return PhaseDecision(phase, f"no healthy {missing} instance (policy said: {decision.reason})", decision.figures)
+
+
+def instances_for_phase(phase: Phase, by_role: Mapping[Phase, list[T]]) -> list[T]:
+    """Where a request of this phase may go: its own pool; a HYBRID request with no hybrid instance goes to any
+    instance (PD disabled on a cluster of prefill and decode instances)."""
+    if phase is Phase.HYBRID and not by_role.get(Phase.HYBRID):
+        return [instance for role in Phase for instance in by_role.get(role, [])]
+    return list(by_role.get(phase, []))

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pdctl.control_plane.errors import UnknownPolicy
 from pdctl.router.pool import Instance
 from pdctl.router.prefix import PrefixTable
 
@@ -192,7 +193,7 @@ def make_strategy(name: str, tables: Callable[[str], PrefixTable], rng: random.R
         ),
     }
     if name not in factories:
-        raise ValueError(f"unknown routing_strategy {name!r}; known: {', '.join(factories)}")
+        raise UnknownPolicy(f"unknown routing_strategy {name!r}; known: {', '.join(factories)}")
     return factories[name]()
 
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdctl import stats as cluster_stats
+from pdctl.control_plane.pd_routing import PDRoutingStrategy
 from pdctl.control_plane.types import ExecutionInstanceType as Phase
 from pdctl.control_plane.types import PDSeparationConfig
 from pdctl.httpserver import HttpError, Request, Response, StreamingResponse, json_response
 from pdctl.router import requests
 from pdctl.router.admission import Admission, DeadlineExceeded
-from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, make_phase_policy, with_availability
+from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, instances_for_phase
 from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
 from pdctl.router.pool import Instance, Pool
 from pdctl.router.prefix import PrefixTable, block_hashes
@@ -108,7 +109,7 @@ class Router:
         self.metrics = recorder(settings.ttft_slo_ms / 1000, settings.tpot_target_ms / 1000)
         self.telemetry = EngineTelemetry()
         self.context = cluster_stats.StatsContext()
-        self.phase_policy = make_phase_policy(settings.pd)
+        self.pd_routing = PDRoutingStrategy(settings.pd, counter)
         self.tables: defaultdict[str, PrefixTable] = defaultdict(
             lambda: PrefixTable(eviction=settings.pd.kv_cache_eviction_policy)
         )
@@ -200,13 +201,11 @@ class Router:
         candidates = {role: self.strategy.candidates(self.pool.role(role), routing) for role in Phase}
         decode = self.strategy.pick_from(candidates[Phase.DECODING], routing)
         features = RequestFeatures(input_tokens, expected_output, self._cached_tokens(decode, blocks, input_tokens))
-        decision = self.phase_policy.decide(features, self._load(decode, candidates[Phase.PREFILLING]))
-        available = {role for role, kept in candidates.items() if kept}
-        decision = with_availability(decision, self.settings.pd.enabled, available)
+        available = [role for role, kept in candidates.items() if kept]
+        decision = self.pd_routing.decide(features, self._load(decode, candidates[Phase.PREFILLING]), available)
         route = Route(f"pdctl-{next(self._ids)}", decision, input_tokens, expected_output, decode, prefix_blocks=blocks)
         if decision.phase is Phase.HYBRID:
-            hybrid = candidates[Phase.HYBRID] or [i for kept in candidates.values() for i in kept]
-            route.decode = self.strategy.pick_from(hybrid, routing)
+            route.decode = self.strategy.pick_from(instances_for_phase(Phase.HYBRID, candidates), routing)
         elif decision.phase is Phase.PREFILLING:
             route.prefill = self.strategy.pick_from(candidates[Phase.PREFILLING], routing)
         self.metrics.decided(time.perf_counter() - started)
