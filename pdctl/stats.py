@@ -357,6 +357,7 @@ INSTANCE_GAUGES = {
     "generation_tokens_per_s": "Tokens the engine generated per second over the last minute.",
     "busy_share": "Share of the last minute the engine had requests running.",
     "preemptions": "Preemptions over the last minute.",
+    "healthy": "1 while the instance passes its health check.",
 }
 INSTANCE_COUNTERS = {
     "nixl_transfers": "NIXL KV-cache transfers the engine made.",
@@ -373,60 +374,63 @@ WINDOW_GAUGES = {
 LATENCIES = ("ttft", "tpot", "itl", "e2e", "queue", "prefill_hop", "decision")
 
 
-def _line(name: str, labels: dict[str, str], value: float | None) -> str | None:
-    if value is None:
-        return None
-    text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    return f"{name}{{{text}}} {float(value)}" if text else f"{name} {float(value)}"
+Rows = Iterable[tuple[dict[str, str], float | None]]
 
 
-def _family(name: str, kind: str, help_text: str, lines: Iterable[str | None]) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *(line for line in lines if line is not None)]
+def _family(name: str, kind: str, help_text: str, rows: Rows) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in rows:
+        if value is not None:
+            text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"{name}{{{text}}} {float(value)}" if text else f"{name} {float(value)}")
+    return lines
+
+
+def _instance_families(instances: list[InstanceStats]) -> list[str]:
+    out: list[str] = []
+    for field_name, help_text in INSTANCE_GAUGES.items():
+        rows = (({"instance": i.id, "role": i.role}, getattr(i, field_name)) for i in instances)
+        out += _family(f"pdctl_instance_{field_name}", "gauge", help_text, rows)
+    for field_name, help_text in INSTANCE_COUNTERS.items():
+        rows = (({"instance": i.id}, getattr(i, field_name)) for i in instances)
+        out += _family(f"pdctl_instance_{field_name}_total", "counter", help_text, rows)
+    by_source = (({"instance": i.id, "source": source}, value) for i in instances
+                 for source, value in i.prompt_tokens_by_source.items())  # fmt: skip
+    out += _family("pdctl_instance_prompt_tokens_total", "counter", "Prompt tokens by source (the engine's counter).",
+                   by_source)  # fmt: skip
+    gpu = (({"instance": i.id}, i.gpu.utilization_percent) for i in instances if i.gpu)
+    return out + _family("pdctl_instance_gpu_utilization_percent", "gauge", "NVML utilization of its GPUs.", gpu)
+
+
+def _window_families(windows: dict[str, WindowStats]) -> list[str]:
+    out: list[str] = []
+    for field_name, help_text in WINDOW_GAUGES.items():
+        rows = (({"window": name}, getattr(window, field_name)) for name, window in windows.items())
+        out += _family(f"pdctl_window_{field_name}", "gauge", help_text, rows)
+    latencies = (
+        ({"window": name, "metric": metric, "stat": stat}, _seconds(getattr(getattr(window, metric), f"{stat}_ms")))
+        for name, window in windows.items()
+        for metric in LATENCIES
+        for stat in ("mean", "p50", "p90", "p99")
+    )
+    return out + _family("pdctl_window_latency_seconds", "gauge", "Latency mean and percentiles by window.", latencies)
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000
 
 
 def exposition(stats: ClusterStats) -> str:
-    out: list[str] = []
-    for field_name, help_text in INSTANCE_GAUGES.items():
-        lines = (_line(f"pdctl_instance_{field_name}", {"instance": i.id, "role": i.role}, getattr(i, field_name))
-                 for i in stats.instances)  # fmt: skip
-        out += _family(f"pdctl_instance_{field_name}", "gauge", help_text, lines)
-    out += _family(
-        "pdctl_instance_healthy", "gauge", "1 while the instance passes its health check.",
-        (_line("pdctl_instance_healthy", {"instance": i.id, "role": i.role}, i.healthy) for i in stats.instances),
-    )  # fmt: skip
-    for field_name, help_text in INSTANCE_COUNTERS.items():
-        name = f"pdctl_instance_{field_name}_total"
-        out += _family(name, "counter", help_text, (_line(name, {"instance": i.id}, getattr(i, field_name))
-                                                    for i in stats.instances))  # fmt: skip
-    out += _family(
-        "pdctl_instance_prompt_tokens_total", "counter", "Prompt tokens by source (the engine's own counter).",
-        (_line("pdctl_instance_prompt_tokens_total", {"instance": i.id, "source": source}, value)
-         for i in stats.instances for source, value in i.prompt_tokens_by_source.items()),
-    )  # fmt: skip
-    out += _family(
-        "pdctl_instance_gpu_utilization_percent", "gauge", "NVML utilization of the instance's GPUs.",
-        (_line("pdctl_instance_gpu_utilization_percent", {"instance": i.id}, i.gpu.utilization_percent)
-         for i in stats.instances if i.gpu),
-    )  # fmt: skip
-    for field_name, help_text in WINDOW_GAUGES.items():
-        name = f"pdctl_window_{field_name}"
-        out += _family(name, "gauge", help_text, (_line(name, {"window": w}, getattr(s, field_name))
-                                                  for w, s in stats.windows.items()))  # fmt: skip
-    out += _family(
-        "pdctl_window_latency_seconds", "gauge", "Latency percentiles and mean by window, as the router saw them.",
-        (_line("pdctl_window_latency_seconds", {"window": w, "metric": m, "stat": stat},
-               None if (v := getattr(getattr(s, m), f"{stat}_ms")) is None else v / 1000)
-         for w, s in stats.windows.items() for m in LATENCIES for stat in ("mean", "p50", "p90", "p99")),
-    )  # fmt: skip
+    out = _instance_families(stats.instances) + _window_families(stats.windows)
     for field_name, value in stats.pd_metrics.model_dump().items():
-        out += _family(f"pdctl_pd_{field_name}", "gauge", f"PDMetrics.{field_name} (README: PDMetrics).",
-                       [_line(f"pdctl_pd_{field_name}", {}, value)])  # fmt: skip
-    out += _family("pdctl_kv_cache_hit_rate", "gauge", "Prefix-cache hits over queries, every instance, last minute.",
-                   [_line("pdctl_kv_cache_hit_rate", {}, stats.kv_cache_hit_rate)])  # fmt: skip
-    out += _family(
-        "pdctl_cost_usd_per_million_output_tokens", "gauge", "Devices' price over the last minute's output tokens.",
-        [_line("pdctl_cost_usd_per_million_output_tokens", {}, stats.cost.usd_per_million_output_tokens)],
-    )  # fmt: skip
-    out += _family("pdctl_hints", "gauge", "Troubleshooting cases whose symptom is measured now.",
-                   [_line("pdctl_hints", {}, len(stats.hints))])  # fmt: skip
+        out += _family(f"pdctl_pd_{field_name}", "gauge", f"PDMetrics.{field_name} (README: PDMetrics).", [({}, value)])
+    cluster = {
+        "pdctl_kv_cache_hit_rate": ("Prefix-cache hits over queries, every instance, last minute.",
+                                    stats.kv_cache_hit_rate),
+        "pdctl_cost_usd_per_million_output_tokens": ("Devices' price over the last minute's output tokens.",
+                                                     stats.cost.usd_per_million_output_tokens),
+        "pdctl_hints": ("Troubleshooting cases whose symptom is measured now.", len(stats.hints)),
+    }  # fmt: skip
+    for name, (help_text, value) in cluster.items():
+        out += _family(name, "gauge", help_text, [({}, value)])
     return "\n".join(out) + "\n"
