@@ -49,7 +49,16 @@ decode: {{max_parallel_requests: 1024}}
 """
 
 
+def free_ports(count: int, start: int) -> int:
+    """A base port with `count` free ports after it (engines of other processes hold random ports)."""
+    for base in range(start, 60000, 997):
+        if all(lifecycle.port_owner("127.0.0.1", base + i) is None for i in range(count)):
+            return base
+    raise SystemExit("no free block of ports")
+
+
 def start_cluster(work: Path, name: str, port: int, prefill: int, decode: int):
+    port = free_ports(prefill + decode + 501, port)
     profile = work / f"{name}.yaml"
     text = PROFILE.format(name=name, port=port, first=port + 1, side=port + 500, prefill=prefill, decode=decode)
     profile.write_text(text)
@@ -96,8 +105,9 @@ def start_metrics_off_router(work: Path, planned, port: int) -> subprocess.Popen
 
 def throughput(args: argparse.Namespace, work: Path) -> None:
     planned, cluster_dir = start_cluster(work, "metricson", 39200, 1, 1)
-    off = start_metrics_off_router(work, planned, 39300)
-    urls = {"metrics on": "http://127.0.0.1:39200", "metrics off": "http://127.0.0.1:39300"}
+    off_port = free_ports(1, planned.plan.router.port + 300)
+    off = start_metrics_off_router(work, planned, off_port)
+    urls = {"metrics on": f"http://127.0.0.1:{planned.plan.router.port}", "metrics off": f"http://127.0.0.1:{off_port}"}
     try:
         for url in urls.values():
             asyncio.run(load(url, 300, args.concurrency))  # warm both

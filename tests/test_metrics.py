@@ -215,3 +215,45 @@ def test_every_series_the_grafana_dashboard_queries_is_exposed():
     exposed = RouterMetrics().render() + exposition(fixed_cluster(FakeClock(2000.0)))
     families = set(re.findall(r"^# TYPE (pdctl_[a-z0-9_]+) ", exposed, re.M))
     assert queried and queried <= families, queried - families
+
+
+async def _serve_answers(answers: list[bytes]):
+    """A server that answers each GET on a connection with the next canned reply, closing after the last."""
+    import asyncio
+
+    async def handle(reader, writer):
+        for answer in answers:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def test_the_metrics_connection_keeps_alive_and_reads_every_framing():
+    import asyncio
+
+    from pdctl.router.scrape import MetricsConnection
+
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nsec\r\n3;x=1\r\nond\r\n0\r\n\r\n",
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy",
+        b"HTTP/1.0 200 OK\r\n\r\nthird, to the end",
+    ]
+
+    async def scenario() -> list[str]:
+        server = await _serve_answers(answers)
+        port = server.sockets[0].getsockname()[1]
+        connection = MetricsConnection(f"http://127.0.0.1:{port}/metrics")
+        got = [await connection.get(), await connection.get()]
+        with pytest.raises(ValueError, match="503 Service Unavailable"):
+            await connection.get()  # read whole: the connection stays usable
+        got.append(await connection.get())  # no length, no chunks: to the end, then closed
+        got.append(await connection.get())  # a new connection, the server's script from the start
+        server.close()
+        connection.close()
+        return got
+
+    assert asyncio.run(scenario()) == ["first", "second", "third, to the end", "first"]
