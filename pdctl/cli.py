@@ -20,6 +20,8 @@ from pdctl.errors import ClusterError, PdctlError, UsageError
 from pdctl.gpus import FileGpuSource, GpuSource, discover
 from pdctl.profile import SCENARIO_PRESETS, load_profile
 from pdctl.router import client as route_client
+from pdctl.scaling import control as scale_control
+from pdctl.scaling.report import render_scaling
 from pdctl.state import ClusterDir, NoCluster, state_root, tail
 from pdctl.templates import profile_template
 
@@ -252,6 +254,26 @@ def route(
     else:
         out.print()
         out.print(views.route_result_view(result))
+
+
+@app.command()
+def scale(
+    name: NameArg = None,
+    prefill: Annotated[int | None, typer.Option(help="set the prefill pool to N instances (pauses its scaler)")] = None,
+    decode: Annotated[int | None, typer.Option(help="set the decode pool to N instances (pauses its scaler)")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="give pools set by hand back to the scaler")] = False,
+    state_dir: StateDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Resize the pools of a running cluster by hand, within their bounds, or hand them back to the scaler."""
+    if prefill is None and decode is None and not auto:
+        raise UsageError("say what to change: --prefill N, --decode N or --auto")
+    request = scale_control.ScaleRequest(prefill=prefill, decode=decode, auto=auto)
+    report = scale_control.send(ClusterDir.find(state_root(state_dir), name), request)
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+    else:
+        out.print(render_scaling(report))
 
 
 engine_app = typer.Typer(help="The engine runtime: vLLM in a virtual environment of its own.", no_args_is_help=True)

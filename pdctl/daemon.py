@@ -21,6 +21,7 @@ from pdctl import procs
 from pdctl.plan import Plan
 from pdctl.profile import ClusterProfile
 from pdctl.router.server import RouterService, build_router
+from pdctl.scaling.service import scaling
 from pdctl.state import ClusterDir, ClusterPhase
 from pdctl.supervisor import Supervisor, SupervisorPolicy
 
@@ -67,7 +68,8 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
     try:
         if await supervisor.start_all(stopping):
             log.info("cluster %s is ready", plan.cluster)
-            await supervisor.supervise(stopping)
+            async with scaling(profile, plan, supervisor, router.router, cluster_dir, stopping):
+                await supervisor.supervise(stopping)
         elif state.phase is ClusterPhase.FAILED:
             log.error("cluster %s failed to start; waiting for `pdctl down`", plan.cluster)
             await stopping.wait()

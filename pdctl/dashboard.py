@@ -19,6 +19,7 @@ from rich.text import Text
 
 from pdctl import lifecycle
 from pdctl.lifecycle import InstanceReport, StatusReport
+from pdctl.scaling.report import render_scaling
 from pdctl.state import ClusterDir
 from pdctl.stats import ClusterStats, InstanceStats, WindowStats
 
@@ -226,6 +227,8 @@ def render(snapshot: Snapshot, trend: bool = False, ascii_only: bool = False) ->
         parts.append(_trend(stats, ascii_only))
     if stats is not None and stats.hints:
         parts.append(_hints(stats))
+    if snapshot.status.scaling is not None:
+        parts.append(render_scaling(snapshot.status.scaling))
     return Group(*parts)
 
 

@@ -25,6 +25,7 @@ from pdctl.engines import runtime, tinymodel
 from pdctl.errors import ClusterError, UsageError
 from pdctl.gpus import GpuSource, GpuUse, attribute, discover
 from pdctl.plan import Plan, PlannedInstance
+from pdctl.scaling.report import ScalingReport, read_report
 from pdctl.state import (
     ClusterDir,
     ClusterPhase,
@@ -298,6 +299,7 @@ class StatusReport(BaseModel):
     router: str
     engine: str
     instances: list[InstanceReport]
+    scaling: ScalingReport | None = None
 
 
 def status(cluster_dir: ClusterDir, gpu_source: GpuSource | None = None) -> StatusReport:
@@ -315,6 +317,7 @@ def status(cluster_dir: ClusterDir, gpu_source: GpuSource | None = None) -> Stat
         router=f"http://{plan.router.host}:{plan.router.port}",
         engine=plan.engine,
         instances=[_instance_report(p, state.instances.get(p.id), gpu_use.get(p.id, [])) for p in plan.instances],
+        scaling=read_report(cluster_dir.path) if daemon else None,
     )
 
 

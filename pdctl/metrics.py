@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 Clock = Callable[[], float]
 
@@ -230,7 +231,11 @@ def summarize(buckets: Sequence[float], series: Sequence[float]) -> dict[str, fl
     }
 
 
-def render_all(metrics: Iterable[Counter | Histogram]) -> str:
+class Renderable(Protocol):
+    def render(self) -> Iterable[str]: ...
+
+
+def render_all(metrics: Iterable[Renderable]) -> str:
     lines: list[str] = []
     for metric in metrics:
         lines.extend(metric.render())

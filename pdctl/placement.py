@@ -115,3 +115,28 @@ def place_on_cpus(requests: list[PlacementRequest], cores: list[int]) -> list[As
         Assignment(instance_id=r.instance.instance_id, cpu_cores=cores[i * share : (i + 1) * share])
         for i, r in enumerate(requests)
     ]
+
+
+def place_added_on_gpus(request: PlacementRequest, inventory: GpuInventory, taken: set[int]) -> Assignment:
+    """GPUs for one instance added to a running cluster: only GPUs no instance of the cluster holds."""
+    count = request.instance.gpu_count or 1
+    free = [gpu for gpu in inventory.gpus if gpu.index not in taken]
+    fitting = [gpu for gpu in free if gpu.fits(request.memory_fraction)]
+    if len(fitting) < count:
+        busy = "; ".join(_describe_busy(gpu) for gpu in free if not gpu.fits(request.memory_fraction))
+        raise PlacementError(
+            f"no free GPU for {request.instance.instance_id}: it needs {count}, {len(fitting)} of "
+            f"{len(inventory.gpus)} are free ({len(taken)} held by the cluster"
+            + (f"; filled by other processes: {busy}" if busy else "")
+            + ")"
+        )
+    return place_on_gpus([request], GpuInventory(gpus=fitting))[0]
+
+
+def cores_for_added(cores: list[int], held: list[list[int]]) -> list[int]:
+    """Cores for one instance added on the CPU: the slice the fewest instances bind, shared with them (the
+    first instances split every core between them, so an added one shares rather than goes without)."""
+    if not held:
+        return list(cores)
+    use = Counter(core for slice_ in held for core in slice_)
+    return min(held, key=lambda slice_: (sum(use[core] for core in slice_) / max(1, len(slice_)), slice_))

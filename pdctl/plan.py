@@ -137,6 +137,19 @@ def make_plan(
     )
 
 
+def plan_added_instance(
+    profile: ClusterProfile,
+    plan: Plan,
+    instance: ExecutionInstance,
+    assignment: Assignment,
+    nixl_port: int,
+    launch_prefix: LaunchPrefix,
+) -> PlannedInstance:
+    """One instance the scaler adds to a running cluster, built the way make_plan builds the first ones."""
+    ctx = InstanceContext(instance, assignment, plan.device, plan.model_path, nixl_port)
+    return _planned(instance, ctx, _engine_command(profile, ctx, launch_prefix))
+
+
 def _engine_command(profile: ClusterProfile, ctx: InstanceContext, prefix: LaunchPrefix) -> EngineCommand:
     if profile.engine.kind == "sim":
         return commands.sim_command(profile, ctx)
@@ -202,10 +215,10 @@ def _profile_notes(profile: ClusterProfile, device: DeviceMode) -> list[str]:
         )
     if profile.pd.kv_cache_storage == "cpu":
         notes.append("kv_cache_storage: cpu: NIXL stages KV transfers through host memory (kv_buffer_device: cpu)")
-    if profile.pd.enable_dynamic_scaling:
+    if profile.pd.enable_dynamic_scaling and profile.scaling.mode != "off":
         notes.append(
-            "enable_dynamic_scaling: the pools start at their minimum sizes; the autoscaler that grows them "
-            "is not part of this release"
+            f"enable_dynamic_scaling: the pools start at their minimum sizes; the scaler ({profile.scaling.mode}) "
+            "sizes them between their bounds as the load moves"
         )
     if device == "cpu":
         notes.append(

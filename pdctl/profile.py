@@ -21,6 +21,7 @@ from pdctl.control_plane.types import (
     PrefillingConfig,
 )
 from pdctl.errors import ProfileError
+from pdctl.scaling.config import ScalingSpec
 from pdctl.yaml_source import Loc, YamlSource, dotted, load_yaml
 
 ScenarioName = Literal["qa", "chat", "code"]
@@ -157,6 +158,7 @@ class ClusterProfile(_Section):
     pd: PDSeparationConfig = Field(default_factory=PDSeparationConfig)
     prefill: PrefillingConfig = Field(default_factory=PrefillingConfig)
     decode: DecodingConfig = Field(default_factory=DecodingConfig)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     instances: list[ExecutionInstance] | None = Field(
         None, description="explicit instances; when unset, the pools' minimum sizes are launched"
     )
@@ -180,6 +182,10 @@ class ClusterProfile(_Section):
         """Every instance with nothing left unset: the explicit list, or the pools at their minimum."""
         specs = self.instances if self.instances is not None else self._pool_instances()
         return [self._resolve(spec, index) for index, spec in enumerate(specs)]
+
+    def added_instance(self, instance_id: str, role: ExecutionInstanceType, port: int) -> ExecutionInstance:
+        """An instance the scaler adds to a running pool, with its role's settings like the pool's own."""
+        return self._resolve(ExecutionInstance(id=instance_id, type=role, port=port), 0)
 
     def _pool_instances(self) -> list[ExecutionInstance]:
         if not self.pd.enabled:

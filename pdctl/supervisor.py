@@ -56,6 +56,7 @@ class _Managed:
     failures: collections.deque[float] = field(default_factory=collections.deque)
     health_failures: int = 0
     last_health_check: float = 0.0
+    retired: bool = False  # being removed by the scaler: a check still in flight must not revive it
 
 
 def expand_env(env: dict[str, str], environ: dict[str, str]) -> dict[str, str]:
@@ -86,6 +87,8 @@ class Supervisor:
             state.instances[managed.planned.id] = managed.status
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(3.0), trust_env=False)
         self._dirty = True
+        # Instances the scaler is adding or removing: not yet (or no longer) part of the cluster's health.
+        self.transient: set[str] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -132,6 +135,37 @@ class Supervisor:
         self._save(force=True)
         await self._http.aclose()
 
+    # ---- the scaler's changes -------------------------------------------------------------------------
+
+    def add(self, planned: PlannedInstance) -> None:
+        """Launch one more instance; the router is told through on_health once it is healthy."""
+        self.plan.instances.append(planned)
+        managed = _Managed(planned, InstanceStatus(id=planned.id))
+        self.managed[planned.id] = managed
+        self.state.instances[planned.id] = managed.status
+        self.transient.add(planned.id)
+        self._launch(managed)
+        self._save(force=True)
+
+    def settled(self, instance_id: str) -> None:
+        """An added instance is healthy: from now on it counts for the cluster's health like the others."""
+        self.transient.discard(instance_id)
+
+    async def retire(self, instance_id: str) -> None:
+        """Stop one instance's whole process group and forget it (the router has drained it first)."""
+        managed = self.managed[instance_id]
+        self.transient.add(instance_id)
+        self._set(managed, InstancePhase.STOPPING, message="removed by the scaler")
+        managed.retired = True
+        self._save(force=True)
+        await asyncio.to_thread(self._kill_instance, managed)
+        del self.managed[instance_id]
+        self.state.instances.pop(instance_id, None)
+        self.plan.instances.remove(managed.planned)
+        self.transient.discard(instance_id)
+        self._dirty = True
+        self._save()
+
     def _terminate_all(self) -> None:
         procs.terminate(procs.marked_processes(self.state.token), self.policy.stop_grace_s)
         for managed in self.managed.values():
@@ -145,7 +179,7 @@ class Supervisor:
 
     async def _check(self, managed: _Managed, starting: bool) -> None:
         phase = managed.status.phase
-        if phase in (InstancePhase.FAILED, InstancePhase.STOPPING, InstancePhase.STOPPED):
+        if managed.retired or phase in (InstancePhase.FAILED, InstancePhase.STOPPING, InstancePhase.STOPPED):
             return
         if not managed.planned.launch:
             await self._check_attached(managed)
@@ -233,7 +267,7 @@ class Supervisor:
         self._set(managed, InstancePhase.BACKOFF, message=f"{message}; restarting in {delay:g} s")
 
     def _update_cluster_phase(self) -> None:
-        healthy = all(m.status.phase in SERVING for m in self.managed.values())
+        healthy = all(m.status.phase in SERVING for m in self.managed.values() if m.planned.id not in self.transient)
         phase = ClusterPhase.READY if healthy else ClusterPhase.DEGRADED
         if phase is not self.state.phase:
             self.state.phase = phase
@@ -300,6 +334,8 @@ class Supervisor:
     # ---- state -----------------------------------------------------------------------------------------
 
     def _set(self, managed: _Managed, phase: InstancePhase, message: str | None = None) -> None:
+        if managed.retired:
+            return
         if managed.status.phase is not phase or managed.status.message != message:
             was_serving = managed.status.phase in SERVING
             managed.status.phase = phase

@@ -29,6 +29,8 @@ class Instance:
     kv_usage: float = 0.0
     # Measured prompt tokens per second of prefill on this instance (EWMA), for TTFT estimates.
     prefill_tokens_per_s: float = 0.0
+    # Decode requests still to read this prefill instance's KV cache: it must not stop while any remain.
+    kv_pending: int = 0
 
     def circuit_closed(self, now: float) -> bool:
         return now >= self.circuit_open_until
@@ -59,6 +61,14 @@ class Pool:
         self._by_role = {role: [] for role in ExecutionInstanceType}
         for instance in self.by_id.values():
             self._by_role[instance.role].append(instance)
+
+    def add(self, instance: Instance) -> None:
+        self.by_id[instance.id] = instance
+        self._rebuild()
+
+    def remove(self, instance_id: str) -> None:
+        self.by_id.pop(instance_id, None)
+        self._rebuild()
 
     def role(self, role: ExecutionInstanceType) -> list[Instance]:
         return self._by_role[role]

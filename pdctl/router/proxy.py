@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,8 @@ class Router:
         self.avg_output_tokens = 128.0
         self._ids = itertools.count(1)
         self.upstream = UpstreamPool(settings.connect_timeout_s)
+        # Told of each answered request (exchange, TTFT s, TPOT s, output tokens): the scaler's latency window.
+        self.on_complete: Callable[[Exchange, float | None, float | None, int], None] = lambda *_: None
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
@@ -392,6 +394,8 @@ class Exchange:
         router = self.router
         selection = self.route.decode
         role = Phase.HYBRID if self.phase is Phase.HYBRID and router.pool.role(Phase.HYBRID) else Phase.DECODING
+        if selection is not None and selection.instance.draining:  # chosen before a scale-in began draining it
+            selection = self._another(role) or selection
         last_error = "no instance"
         for attempt in range(2):
             if selection is None:
@@ -416,7 +420,8 @@ class Exchange:
     async def _attempt(self, instance: Instance, body: dict[str, Any]) -> Response | StreamingResponse | str:
         """One try on one instance: a response, or why it failed before any byte reached the client."""
         router = self.router
-        slot = _in_flight(instance, self.route.input_tokens)
+        kv_source = self.prefill_instance if "kv_transfer_params" in body else None
+        slot = _in_flight(instance, self.route.input_tokens, kv_source)
         slot.__enter__()
         try:
             upstream = await router.upstream.post(instance.url + self.path, body, router.settings.first_byte_timeout_s)
@@ -474,6 +479,8 @@ class Exchange:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
         )
+        if status == 200:
+            router.on_complete(self, None, None, output_tokens)
 
     async def _relay(self, upstream: UpstreamResponse, slot: _Slot, instance: Instance) -> AsyncIterator[bytes]:
         """Pass the engine's server-sent events through; end with an OpenAI-style error event if it breaks."""
@@ -528,19 +535,24 @@ class Exchange:
             input_tokens=self.route.input_tokens,
             output_tokens=tokens,
         )
+        if ttft is not None:
+            router.on_complete(self, ttft, tpot, tokens)
 
 
 class _Slot:
-    """Counts a request against an instance while it is there; exits once, whatever path ends it."""
+    """Counts a request against an instance while it is there; exits once, whatever path ends it. A decode
+    request carrying a prefill instance's KV parameters also holds that instance (kv_pending) until it ends."""
 
-    __slots__ = ("_done", "_instance", "_tokens")
+    __slots__ = ("_done", "_instance", "_kv_source", "_tokens")
 
-    def __init__(self, instance: Instance, tokens: int):
-        self._instance, self._tokens, self._done = instance, tokens, False
+    def __init__(self, instance: Instance, tokens: int, kv_source: Instance | None = None):
+        self._instance, self._tokens, self._kv_source, self._done = instance, tokens, kv_source, False
 
     def __enter__(self) -> _Slot:
         self._instance.in_flight += 1
         self._instance.in_flight_prompt_tokens += self._tokens
+        if self._kv_source is not None:
+            self._kv_source.kv_pending += 1
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -548,7 +560,9 @@ class _Slot:
             self._done = True
             self._instance.in_flight -= 1
             self._instance.in_flight_prompt_tokens -= self._tokens
+            if self._kv_source is not None:
+                self._kv_source.kv_pending -= 1
 
 
-def _in_flight(instance: Instance, tokens: int) -> _Slot:
-    return _Slot(instance, tokens)
+def _in_flight(instance: Instance, tokens: int, kv_source: Instance | None = None) -> _Slot:
+    return _Slot(instance, tokens, kv_source)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from pdctl.metrics import Clock, Counter, WindowedCounter, WindowedHistogram, log_buckets, render_all
+from pdctl.metrics import Clock, Counter, Renderable, WindowedCounter, WindowedHistogram, log_buckets, render_all
 
 # 5 us to 0.1 s: the 100 us target and the 10 ms troubleshooting threshold both fall inside.
 DECISION_BUCKETS_S = log_buckets(5e-6, 0.1, 1.25)
@@ -19,6 +19,7 @@ class RouterMetrics:
     def __init__(self, ttft_slo_s: float = 1.0, tpot_slo_s: float = 0.05, clock: Clock = time.monotonic):
         self.clock = clock
         self.started = clock()
+        self.extra: list[Renderable] = []
         self.ttft_slo_s, self.tpot_slo_s = ttft_slo_s, tpot_slo_s
         windowed = {"clock": clock}
         self.requests = WindowedCounter(
@@ -118,8 +119,12 @@ class RouterMetrics:
 
     # ---- reading --------------------------------------------------------------------------------------------
 
-    def families(self) -> list[Counter]:
-        return [m for m in vars(self).values() if isinstance(m, Counter | WindowedHistogram)]
+    def families(self) -> list[Renderable]:
+        return [m for m in vars(self).values() if isinstance(m, Counter | WindowedHistogram)] + self.extra
+
+    def register(self, family: Renderable) -> None:
+        """Lines of another part of the daemon (the scaler's) on the router's /metrics."""
+        self.extra.append(family)
 
     def render(self) -> str:
         return render_all(self.families())

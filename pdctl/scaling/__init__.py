@@ -1,0 +1,1 @@
+"""Dynamic scaling: signals from the router and supervisor, a policy that decides, an actuator that acts."""
