@@ -244,6 +244,42 @@ def route(
         out.print(views.route_result_view(result))
 
 
+@app.command()
+def simulate(
+    profile: ProfileArg,
+    num_prompts: Annotated[int, typer.Option("--num-prompts", min=1, help="requests to send")] = 1000,
+    input_len: Annotated[int, typer.Option("--input-len", min=1, help="prompt tokens per request")] = 200,
+    output_len: Annotated[int, typer.Option("--output-len", min=1, help="output tokens per request")] = 500,
+    range_ratio: Annotated[float, typer.Option("--range-ratio", min=0, max=0.99, help="length spread")] = 0.0,
+    request_rate: Annotated[float, typer.Option("--request-rate", help="requests/s (Poisson); inf: all at once")] = float(
+        "inf"
+    ),
+    max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", min=1)] = None,
+    prefix_groups: Annotated[int, typer.Option("--prefix-groups", min=0, help="groups sharing a prefix")] = 0,
+    prefix_len: Annotated[int, typer.Option("--prefix-len", min=0, help="shared prefix tokens")] = 0,
+    hardware: Annotated[str | None, typer.Option("--hardware", help="h100-sxm, cpu-local or a profile .json")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate a profile's cluster in virtual time: the daemon's routing, pdctl's engine model, no GPUs."""
+    from pdctl.simulate import render, run, workload
+
+    loaded = load_profile(profile)
+    try:
+        spec = workload.WorkloadSpec(
+            num_requests=num_prompts, input_tokens=input_len, output_tokens=output_len, range_ratio=range_ratio,
+            request_rate=request_rate, max_concurrency=max_concurrency, prefix_groups=prefix_groups,
+            prefix_tokens=prefix_len, seed=seed,
+        )  # fmt: skip
+    except ValueError as error:
+        raise UsageError(f"workload: {error}") from None
+    result = run.simulate_spec(loaded, spec, hardware=hardware)
+    if as_json:
+        _print_json(result.as_dict())
+    else:
+        out.print(render.result_table(result))
+
+
 engine_app = typer.Typer(help="The engine runtime: vLLM in a virtual environment of its own.", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
 

@@ -21,6 +21,7 @@ class ModelArch(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     name: str
+    hf_name: str | None = None
     num_hidden_layers: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
     num_attention_heads: int = Field(gt=0)
@@ -82,6 +83,9 @@ def models() -> dict[str, ModelArch]:
 
 def get_model(name: str) -> ModelArch:
     found = models().get(name) or models().get(name.removeprefix("builtin:"))
+    if found is None:  # a hub id or a local directory named after one
+        tail = name.rstrip("/").lower()
+        found = next((m for m in models().values() if m.hf_name and tail.endswith(m.hf_name.lower())), None)
     if found is None:
         raise UnknownModel(f"unknown model architecture {name!r}; known: {', '.join(sorted(models()))}")
     return found

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pdctl.perfmodel.kvcache import BlockPool, Eviction, Holding
 from pdctl.perfmodel.steptime import BatchShape, StepModel
@@ -48,6 +48,7 @@ class EngineRequest:
     preemptions: int = 0
     holding: Holding = field(default_factory=Holding)
     finished: bool = False
+    tag: Any = None  # the caller's own bookkeeping
 
     @property
     def known_tokens(self) -> int:
