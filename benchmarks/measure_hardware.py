@@ -169,7 +169,9 @@ class Layer:
         self.hd = model["head_dim"]
         self.hq = model["num_attention_heads"] // tp
         self.hkv = max(1, model["num_key_value_heads"] // tp)
-        self.w = {name: torch.randn(*shapes[name], dtype=DTYPE, device=device) * 0.02 for name in shapes if name != "lm_head"}
+        self.w = {
+            name: torch.randn(*shapes[name], dtype=DTYPE, device=device) * 0.02 for name in shapes if name != "lm_head"
+        }
         self.norm = torch.ones(model["hidden_size"], dtype=DTYPE, device=device)
         self.cache = None
         if batch and ctx:
@@ -243,7 +245,7 @@ def measure_layers(models: dict[str, Any], device: str, small: bool) -> list[dic
             rope = torch.randn(m, model["num_attention_heads"] * model["head_dim"], dtype=DTYPE, device=device)
             row: dict[str, Any] = {"model": name, "tp": tp, "prefill_tokens": prefill, "batch": batch, "ctx": ctx}
 
-            def forward(x=x, rope=rope, layers=layers) -> None:
+            def forward(x=x, rope=rope, layers=layers, prefill=prefill, batch=batch) -> None:
                 y = x
                 for layer in layers:
                     y = layer(y, rope, prefill, batch)

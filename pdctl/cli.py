@@ -244,6 +244,9 @@ def route(
         out.print(views.route_result_view(result))
 
 
+INF = float("inf")
+
+
 @app.command()
 def simulate(
     profile: ProfileArg,
@@ -251,9 +254,7 @@ def simulate(
     input_len: Annotated[int, typer.Option("--input-len", min=1, help="prompt tokens per request")] = 200,
     output_len: Annotated[int, typer.Option("--output-len", min=1, help="output tokens per request")] = 500,
     range_ratio: Annotated[float, typer.Option("--range-ratio", min=0, max=0.99, help="length spread")] = 0.0,
-    request_rate: Annotated[float, typer.Option("--request-rate", help="requests/s (Poisson); inf: all at once")] = float(
-        "inf"
-    ),
+    request_rate: Annotated[float, typer.Option("--request-rate", help="requests/s (Poisson); inf: at once")] = INF,
     max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", min=1)] = None,
     prefix_groups: Annotated[int, typer.Option("--prefix-groups", min=0, help="groups sharing a prefix")] = 0,
     prefix_len: Annotated[int, typer.Option("--prefix-len", min=0, help="shared prefix tokens")] = 0,

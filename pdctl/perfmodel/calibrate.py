@@ -165,7 +165,9 @@ def check_layers(layers: Iterable[dict[str, Any]], hardware: HardwareProfile) ->
         model = StepModel(get_model(row["model"]), hardware, tp=row["tp"])
         predicted = model.layer_seconds(layer_shape(row))
         checks.append(
-            LayerCheck(row["model"], row["tp"], row["prefill_tokens"], row["batch"], row["ctx"], row["seconds"], predicted)
+            LayerCheck(
+                row["model"], row["tp"], row["prefill_tokens"], row["batch"], row["ctx"], row["seconds"], predicted
+            )
         )
     return checks
 
@@ -222,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collectives", type=Path, help="a measure_hardware.py output with an nccl section")
     parser.add_argument("--name", required=True)
     parser.add_argument("--description", default="")
-    parser.add_argument("--overhead", type=Path, required=True, help="JSON of the Overhead fields (not measurable there)")
+    parser.add_argument(
+        "--overhead", type=Path, required=True, help="JSON of the Overhead fields (not measurable there)"
+    )
     parser.add_argument("--kv-transfer", type=Path, required=True, help="JSON of the kv_transfer and pipeline links")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -236,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         links["allreduce"] = fit_link(nccl["allreduce"], f"NCCL all-reduce on {nccl['world']}x {device}, "
                                       f"measured {collectives['measured_at']}")  # fmt: skip
         p2p = nccl["p2p"]
-        links.setdefault("pipeline", Link(latency_s=links["allreduce"].latency_s, bytes_per_s=p2p["bytes"] / p2p["seconds"],
-                                          source=f"peer-to-peer copy on {device}"))  # fmt: skip
+        p2p_link = Link(latency_s=links["allreduce"].latency_s, bytes_per_s=p2p["bytes"] / p2p["seconds"],
+                        source=f"peer-to-peer copy on {device}")  # fmt: skip
+        links.setdefault("pipeline", p2p_link)
         notes.append(f"all-reduce measured on {nccl['world']}x {device}, not on this device")
     profile = fit_profile(raw, args.name, args.description, links, Overhead.model_validate(_load(args.overhead)), notes)
     checks = check_layers(raw["layers"], profile)

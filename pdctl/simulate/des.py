@@ -218,7 +218,9 @@ class ClusterSim:
 
     # -- engines --------------------------------------------------------------------------------------------
 
-    def _submit(self, node: _Node, flight: _Flight, prefill_only: bool, external: int = 0, ready_at: float = 0.0) -> None:
+    def _submit(
+        self, node: _Node, flight: _Flight, prefill_only: bool, external: int = 0, ready_at: float = 0.0
+    ) -> None:
         request = flight.request
         node.record.in_flight += 1
         node.record.in_flight_prompt_tokens += request.input_tokens
@@ -276,7 +278,9 @@ class ClusterSim:
         seconds = self.now - ticket.started
         speed = engine_request.prompt_tokens / seconds if seconds > 0 else 0.0
         record = node.record
-        record.prefill_tokens_per_s = speed if not record.prefill_tokens_per_s else 0.8 * record.prefill_tokens_per_s + 0.2 * speed
+        record.prefill_tokens_per_s = (
+            speed if not record.prefill_tokens_per_s else 0.8 * record.prefill_tokens_per_s + 0.2 * speed
+        )
         self._release(engine_request)
         assert flight.decode is not None
         ready = self.now + flight.decode.model.kv_transfer_seconds(flight.request.input_tokens)

@@ -45,7 +45,9 @@ class SimulationResult:
         }
 
 
-def resolve(profile: ClusterProfile, hardware: str | None, architecture: str | None) -> tuple[ModelArch, HardwareProfile]:
+def resolve(
+    profile: ClusterProfile, hardware: str | None, architecture: str | None
+) -> tuple[ModelArch, HardwareProfile]:
     sim = profile.engine.sim
     hardware_name = hardware or sim.hardware
     if hardware_name is None:
