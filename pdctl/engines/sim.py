@@ -876,6 +876,8 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     # Unknown arguments are an error (exit 2), as they are to vLLM.
     args = parser.parse_args(argv)
+    if args.hardware:
+        _check_model_args(parser, args)
     return SimConfig(
         model=args.served_model_name,
         host=args.host,
@@ -893,6 +895,17 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         scheduling_policy=args.scheduling_policy,
     )
+
+
+def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from pdctl.perfmodel.arch import UnknownModel, get_model
+    from pdctl.perfmodel.hardware import UnknownHardware, get_hardware
+
+    try:
+        get_hardware(args.hardware)
+        get_model(args.architecture or args.served_model_name)
+    except (UnknownHardware, UnknownModel) as error:
+        parser.error(error.args[0])
 
 
 def main(argv: list[str] | None = None) -> int:
