@@ -13,6 +13,8 @@ from pdctl.perfmodel.arch import get_model
 from pdctl.perfmodel.hardware import get_hardware
 from pdctl.perfmodel.steptime import BatchShape, StepModel
 from pdctl.profile import load_profile
+from pdctl.simulate.design import DESIGN_DIR, DOCUMENT_ROWS, best, frontier_svg, layouts, sweep
+from pdctl.simulate.design import write_profile as write_profile_file
 from pdctl.simulate.report import RequestRecord, percentile, summarize
 from pdctl.simulate.run import simulate
 from pdctl.simulate.workload import SimRequest, WorkloadSpec, generate
@@ -160,3 +162,35 @@ def test_sim_engine_refuses_an_unknown_hardware_profile(tmp_path: Path) -> None:
         kill(sim)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{sim.port}/health", timeout=1)
+
+
+def test_layouts_of_four_gpus() -> None:
+    labels = [layout.label for layout in layouts(4, tps=(1, 2))]
+    # Hybrid pools, and every prefill/decode split using 2 to 4 GPUs with one TP size per role.
+    assert "4x hybrid TP1" in labels and "2x hybrid TP2" in labels
+    assert "1P TP1 : 3D TP1" in labels and "1P TP2 : 1D TP2" in labels and "2P TP1 : 1D TP2" in labels
+    assert all(layout.gpus <= 4 and layout.gpus * 2 >= 4 for layout in layouts(4, tps=(1, 2)))
+
+
+def test_sweep_chooses_the_best_goodput_per_gpu_and_writes_a_loadable_profile(tmp_path: Path) -> None:
+    base_path = write_profile(tmp_path, "enabled: true, routing_policy: always")
+    requests = generate(WorkloadSpec(num_requests=60, input_tokens=800, output_tokens=40, request_rate=30.0))
+    points = sweep(load_profile(base_path), 2, requests, None)
+    assert {p.layout.label for p in points} == {"1P TP1 : 1D TP1", "2x hybrid TP1", "1x hybrid TP2"}
+    chosen = best(points)
+    assert chosen.goodput_per_gpu == max(p.goodput_per_gpu for p in points)
+    out = tmp_path / "chosen.yaml"
+    write_profile_file(base_path, chosen.result_profile, out)
+    written = load_profile(out)
+    assert written.pd.prefilling_min_instances == chosen.layout.prefill
+    assert written.decode.tensor_parallel_size == chosen.layout.decode_tp
+    svg = frontier_svg(points, chosen)
+    assert svg.startswith("<svg") and chosen.layout.label in svg
+
+
+def test_design_table_rows_read_as_documented() -> None:
+    rows = {row.profile: load_profile(DESIGN_DIR / row.profile) for row in DOCUMENT_ROWS}
+    gpus = {name: sum(i.gpu_count or 1 for i in profile.resolved_instances()) for name, profile in rows.items()}
+    assert gpus == {"design-colocated.yaml": 16, "design-2x8.yaml": 16, "design-3x8.yaml": 24}
+    assert not rows["design-colocated.yaml"].pd.enabled
+    assert rows["design-3x8.yaml"].pd.decoding_min_instances == 2

@@ -66,7 +66,9 @@ class _Node:
     record: Instance
     engine: Engine
     model: StepModel
+    gpus: int = 1
     stepping: bool = False
+    busy_s: float = 0.0  # time spent in steps
 
 
 @dataclass(eq=False)
@@ -109,7 +111,8 @@ class ClusterSim:
             config = engine_config(profile, spec)
             record = Instance(spec.instance_id, spec.instance_type, f"sim://{spec.instance_id}",
                               max_num_seqs=config.max_num_seqs, healthy=True)  # fmt: skip
-            self.nodes[record.id] = _Node(record, Engine(model, config), model)
+            gpus = spec.gpu_count or 1
+            self.nodes[record.id] = _Node(record, Engine(model, config), model, gpus)
         self.pool = Pool([node.record for node in self.nodes.values()])
         self.policy = make_phase_policy(profile.pd)
         self.tables: defaultdict[str, PrefixTable] = defaultdict(
@@ -248,6 +251,7 @@ class ClusterSim:
         if result is None:
             return  # only requests whose KV is still arriving: their arrival kicks again
         node.stepping = True
+        node.busy_s += result.seconds
         done = self.now + result.seconds
 
         def finished() -> None:
@@ -303,3 +307,9 @@ class ClusterSim:
             self.avg_output_tokens = 0.9 * self.avg_output_tokens + 0.1 * record.output_tokens
             self._release(engine_request)
             self._on_done()
+
+    def gpu_busy_fraction(self, duration_s: float) -> float:
+        """GPU-seconds spent in engine steps over GPU-seconds available: what share of the cluster's GPU time
+        did work (an instance's GPUs all work in each of its steps)."""
+        total = sum(node.gpus for node in self.nodes.values()) * duration_s
+        return sum(node.busy_s * node.gpus for node in self.nodes.values()) / total if total else 0.0

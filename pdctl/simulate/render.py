@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from pdctl.simulate.design import DocumentRow, SweepPoint
 from pdctl.simulate.run import SimulationResult
 
 METRICS = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
@@ -41,4 +42,37 @@ def result_table(result: SimulationResult) -> Table:
              ("Simulated in (s, wall)", f"{result.wall_s:.2f}")]  # fmt: skip
     for row in rows:
         table.add_row(*row)
+    return table
+
+
+def design_table_view(rows: list[tuple[DocumentRow, SimulationResult]]) -> Table:
+    table = Table(title="The design document's table beside pdctl simulate (modelled: Llama-2-70B, h100-sxm)",
+                  title_justify="left")  # fmt: skip
+    for column in ("configuration", "GPUs", "output tok/s doc | sim", "P99 ITL ms doc | sim", "P99 TTFT ms sim",
+                   "GPU efficiency doc | sim", "$/M tokens doc | sim"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for doc, sim in rows:
+        m = sim.metrics
+        table.add_row(
+            doc.label,
+            str(sim.gpus),
+            f"{doc.throughput:.0f} | {m['output_throughput']:.0f}",
+            f"{doc.p99_ms:.0f} | {m['p99_itl_ms']:.0f}",
+            f"{m['p99_ttft_ms']:.0f}",
+            f"{doc.gpu_efficiency:.0%} | {sim.gpu_efficiency:.0%}",
+            f"{doc.cost_per_m:.2f} | {sim.cost_per_m_output_tokens_usd:.2f}",
+        )
+    return table
+
+
+def sweep_view(points: list[SweepPoint], chosen: SweepPoint) -> Table:
+    table = Table(title="pdctl simulate --sweep (modelled): layouts by goodput per GPU", title_justify="left")
+    for column in ("layout", "GPUs", "goodput tok/s/GPU", "output tok/s", "SLO met", "P99 TTFT ms", "P99 ITL ms"):
+        table.add_column(column, justify="left" if column == "layout" else "right")
+    for point in sorted(points, key=lambda p: -p.goodput_per_gpu):
+        m = point.result.metrics
+        mark = " (chosen)" if point is chosen else ""
+        table.add_row(point.layout.label + mark, str(point.layout.gpus), f"{point.goodput_per_gpu:.1f}",
+                      f"{m['output_throughput']:.0f}", f"{m.get('goodput_ratio', 0):.0%}", f"{m['p99_ttft_ms']:.0f}",
+                      f"{m['p99_itl_ms']:.1f}")  # fmt: skip
     return table

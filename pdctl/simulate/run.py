@@ -29,6 +29,8 @@ class SimulationResult:
     decisions: dict[str, int]
     preemptions: int
     wall_s: float
+    gpu_efficiency: float = 0.0
+    cost_per_m_output_tokens_usd: float = 0.0
     records: list[RequestRecord] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -40,6 +42,8 @@ class SimulationResult:
             "gpus": self.gpus,
             "decisions": self.decisions,
             "preemptions": self.preemptions,
+            "gpu_efficiency": round(self.gpu_efficiency, 4),
+            "cost_per_m_output_tokens_usd": round(self.cost_per_m_output_tokens_usd, 4),
             "wall_s": round(self.wall_s, 3),
             **self.metrics,
         }
@@ -77,8 +81,19 @@ def simulate(
     slo = SLO(profile.router.slo.ttft_ms, profile.slo_tpot_ms)
     metrics = summarize(sim.records, duration, slo)
     preemptions = sum(node.engine.preemptions for node in sim.nodes.values())
-    return SimulationResult(profile.name, arch.name, hw.name, gpu_count(profile), metrics, dict(sim.decisions),
-                            preemptions, time.perf_counter() - started, sim.records)  # fmt: skip
+    gpus = gpu_count(profile)
+    return SimulationResult(
+        profile.name, arch.name, hw.name, gpus, metrics, dict(sim.decisions), preemptions,
+        time.perf_counter() - started, sim.gpu_busy_fraction(duration),
+        cost_per_million(gpus, profile.cost.gpu_hour_usd, metrics["output_throughput"]), sim.records,
+    )  # fmt: skip
+
+
+def cost_per_million(gpus: int, gpu_hour_usd: float, output_tokens_per_s: float) -> float:
+    """Dollars per million output tokens: the cluster's GPU-hours over the tokens it makes in an hour."""
+    if output_tokens_per_s <= 0:
+        return float("inf")
+    return gpus * gpu_hour_usd / (output_tokens_per_s * 3600) * 1e6
 
 
 def simulate_spec(profile: ClusterProfile, spec: WorkloadSpec, **kwargs: Any) -> SimulationResult:
