@@ -458,7 +458,7 @@ class SimConfig:
     hardware: str | None = None
     architecture: str | None = None
     tensor_parallel_size: int = 1
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int | None = None  # the hardware profile's vLLM default when unset
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
 
 
@@ -495,9 +495,10 @@ def _live_engine(config: SimConfig) -> LiveEngine:
     from pdctl.perfmodel.steptime import StepModel
 
     assert config.hardware is not None
-    model = StepModel(get_model(config.architecture or config.model), get_hardware(config.hardware),
-                      tp=config.tensor_parallel_size)  # fmt: skip
-    engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+    hardware = get_hardware(config.hardware)
+    model = StepModel(get_model(config.architecture or config.model), hardware, tp=config.tensor_parallel_size)
+    budget = config.max_num_batched_tokens or hardware.default_max_num_batched_tokens
+    engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                                  policy=config.scheduling_policy, block_size=BLOCK_SIZE)  # fmt: skip
     return Live(Engine(model, engine_config))
 
@@ -687,6 +688,7 @@ class SimEngine:
         hashes = [hash(block) for block in block_hashes(job.tokens)]
         request = EngineRequest(job.id, len(job.tokens), job.max_tokens, priority=job.priority, block_hashes=hashes,
                                 external_tokens=external)  # fmt: skip
+        request.ready_at = time.monotonic() + live.engine.model.hw.overhead.per_request_s
         tokens = live.submit(request)
         finish_reason = "abort"
         try:
@@ -872,7 +874,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     parser.add_argument("--hardware", help="a hardware profile: time steps with pdctl's engine model")
     parser.add_argument("--architecture", help="the model architecture the engine model computes")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-batched-tokens", type=int)
     parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     # Unknown arguments are an error (exit 2), as they are to vLLM.
     args = parser.parse_args(argv)

@@ -107,6 +107,8 @@ class Overhead(_Strict):
     per_step_s: float = Field(ge=0)
     per_seq_s: float = Field(0.0, ge=0)
     per_token_s: float = Field(0.0, ge=0)
+    # From a request's arrival to the scheduler seeing it (API server: parsing, tokenising, IPC).
+    per_request_s: float = Field(0.0, ge=0)
     source: str
 
 
@@ -124,6 +126,8 @@ class HardwareProfile(_Strict):
     overhead: Overhead
     # Memory vLLM keeps for activations and CUDA graphs besides weights and KV cache, per GPU.
     activation_reserve_bytes: float = Field(0.0, ge=0)
+    # vLLM's default --max-num-batched-tokens for the API server on this platform (GPU 8192, CPU 2048).
+    default_max_num_batched_tokens: int = Field(8192, ge=1)
 
 
 class UnknownHardware(KeyError):

@@ -30,13 +30,11 @@ from pdctl.router.prefix import PrefixTable
 from pdctl.simulate.report import RequestRecord
 from pdctl.simulate.workload import SimRequest
 
-# vLLM's default token budget per step on a GPU (its OPENAI_API_SERVER usage context).
-DEFAULT_BATCHED_TOKENS = 8192
 # The router hashes 128 characters a block; at about 4 characters a token that is 32 tokens.
 ROUTER_BLOCK_TOKENS = 32
 
 
-def engine_config(profile: ClusterProfile, instance: ExecutionInstance) -> EngineConfig:
+def engine_config(profile: ClusterProfile, instance: ExecutionInstance, hardware: HardwareProfile) -> EngineConfig:
     """The engine's batching knobs as pdctl's command builder gives them to vLLM."""
     policy = "priority" if profile.router.scheduling_policy == "slo_aware" else "fcfs"
     decode = instance.decoding_config or profile.decode
@@ -53,7 +51,7 @@ def engine_config(profile: ClusterProfile, instance: ExecutionInstance) -> Engin
         )
     return EngineConfig(
         max_num_seqs=decode.max_parallel_requests,
-        max_num_batched_tokens=DEFAULT_BATCHED_TOKENS,
+        max_num_batched_tokens=hardware.default_max_num_batched_tokens,
         gpu_memory_utilization=decode.kv_cache_memory_fraction,
         **common,
     )
@@ -108,7 +106,7 @@ class ClusterSim:
         self.nodes: dict[str, _Node] = {}
         for spec in profile.resolved_instances():
             model = StepModel(arch, hardware, spec.tensor_parallel_size or 1, spec.pipeline_parallel_size or 1)
-            config = engine_config(profile, spec)
+            config = engine_config(profile, spec, hardware)
             record = Instance(spec.instance_id, spec.instance_type, f"sim://{spec.instance_id}",
                               max_num_seqs=config.max_num_seqs, healthy=True)  # fmt: skip
             gpus = spec.gpu_count or 1
@@ -225,6 +223,7 @@ class ClusterSim:
         self, node: _Node, flight: _Flight, prefill_only: bool, external: int = 0, ready_at: float = 0.0
     ) -> None:
         request = flight.request
+        ready_at = max(ready_at, self.now + node.model.hw.overhead.per_request_s)
         node.record.in_flight += 1
         node.record.in_flight_prompt_tokens += request.input_tokens
         self.tables[node.record.id].record(flight.blocks)
