@@ -257,13 +257,13 @@ def test_h100_profile_predicts_measured_decoder_layers_within_the_bar() -> None:
     assert len(checks) == 44
     assert statistics.median(errors) < 0.07
     assert sum(e <= 0.10 for e in errors) >= 38
-    assert max(errors) < 0.20
+    assert max(errors) < 0.18
 
 
 def test_h100_profile_against_published_vllm_decode_itl() -> None:
     """BLIS's validation data (vLLM 0.15.1, Llama-3.1-70B bf16, TP4 on H100): ITL 18.3 to 19.7 ms at moderate
     load (their concurrency is not in the figures we have). The model's decode step at 16 and 32 sequences of
-    1.5k to 2k tokens lands within 15 % of that range (it predicts 20.4 and 21.2 ms: +4 to +16 %)."""
+    1.5k to 2k tokens lands within 15 % of that range (it predicts 20.3 and 21.2 ms: +3 to +16 %)."""
     model = StepModel(get_model("llama-3.1-70b"), get_hardware("h100-sxm"), tp=4)
     for batch, context in ((16, 1500), (32, 2000)):
         shape = BatchShape()

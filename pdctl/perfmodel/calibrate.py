@@ -33,6 +33,7 @@ from pdctl.perfmodel.hardware import (
 from pdctl.perfmodel.steptime import BatchShape, StepModel, elementwise_bytes_per_token
 
 LAUNCH_GRID = (0.0, 1e-6, 2e-6, 3e-6, 4e-6, 5e-6, 6e-6, 8e-6)
+NARROW_GRID = (0.0, 256.0, 512.0, 1024.0, 2048.0)
 GPU_MODELS = ("llama-2-70b", "llama-3.1-8b", "llama-3.1-70b")
 
 
@@ -57,14 +58,14 @@ def fit_gemm(rows: list[dict[str, Any]], dtype_bytes: int = 2) -> GemmCurve:
         if (row["k"], row["n"]) in shapes:
             by_m[row["m"]].append(row)
     best: tuple[float, GemmCurve] | None = None
-    for launch in LAUNCH_GRID:
+    for launch, narrow in itertools.product(LAUNCH_GRID, NARROW_GRID):
         flops_curve, bytes_curve, total = [], [], 0.0
         for m in sorted(by_m):
-            group = by_m[m]
             work = [
-                (2.0 * m * r["k"] * r["n"], (r["k"] * r["n"] + m * r["k"] + m * r["n"]) * dtype_bytes, r["seconds"])
-                for r in group
-            ]
+                (2.0 * m * r["k"] * r["n"], (r["k"] * r["n"] + m * r["k"] + m * r["n"]) * dtype_bytes
+                 * (1 + narrow / r["n"]), r["seconds"])
+                for r in by_m[m]
+            ]  # fmt: skip
             # Candidates: the rate each shape achieved; the best pair explains the group with least error.
             flops_options = sorted({f / max(t - launch, 1e-9) for f, _, t in work})
             bytes_options = sorted({b / max(t - launch, 1e-9) for _, b, t in work})
@@ -76,7 +77,8 @@ def fit_gemm(rows: list[dict[str, Any]], dtype_bytes: int = 2) -> GemmCurve:
             flops_curve.append(f_best)
             bytes_curve.append(b_best)
             total += err
-        curve = GemmCurve(launch_s=launch, tokens=sorted(by_m), flops_per_s=flops_curve, bytes_per_s=bytes_curve)
+        curve = GemmCurve(launch_s=launch, narrow_n=narrow, tokens=sorted(by_m), flops_per_s=flops_curve,
+                          bytes_per_s=bytes_curve)  # fmt: skip
         if best is None or total < best[0]:
             best = (total, curve)
     assert best is not None
@@ -115,17 +117,24 @@ def fit_attention(raw: dict[str, Any], dtype_bytes: int = 2) -> Attention:
 
 
 def fit_elementwise(layers: list[dict[str, Any]]) -> Elementwise:
-    """Least squares of time against bytes moved, over the elementwise timings of the layer shapes."""
+    """fixed + bytes / bandwidth over the elementwise timings of the layer shapes, by squared log error (a
+    least-squares line would let the large batches set the small ones' fixed cost)."""
     points = []
     for row in layers:
         arch = get_model(row["model"])
         shard = arch.shard(row["tp"])
         per_token = elementwise_bytes_per_token(arch.hidden_size, shard["qkv"][1], shard["gate_up"][1], 2)
         points.append(((row["prefill_tokens"] + row["batch"]) * per_token, row["elementwise_seconds"]))
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
-    return Elementwise(fixed_s=max(0.0, my - slope * mx), bytes_per_s=1.0 / slope)
+    shortest = min(t for _, t in points)
+    best: tuple[float, Elementwise] | None = None
+    for fixed in (shortest * f for f in (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)):
+        for rate in sorted({b / max(t - fixed, 1e-9) for b, t in points}):
+            candidate = Elementwise(fixed_s=fixed, bytes_per_s=rate)
+            err = sum(_sq_log_error(fixed + b / rate, t) for b, t in points)
+            if best is None or err < best[0]:
+                best = (err, candidate)
+    assert best is not None
+    return best[1]
 
 
 def fit_link(rows: list[dict[str, Any]], source: str) -> Link:

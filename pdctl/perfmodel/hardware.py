@@ -32,9 +32,11 @@ class Measured(_Strict):
 
 class GemmCurve(_Strict):
     """Achieved FLOP/s and memory bandwidth of a bf16 GEMM by its token count M (both measured curves, not
-    datasheet peaks): time = launch + max(FLOPs / flops_per_s(M), bytes / bytes_per_s(M))."""
+    datasheet peaks): time = launch + max(FLOPs / flops_per_s(M), bytes x (1 + narrow_n / N) / bytes_per_s(M)).
+    An output only N columns wide has few tiles to spread over the SMs, so its weights stream slower."""
 
     launch_s: float = Field(ge=0)
+    narrow_n: float = Field(0.0, ge=0)
     tokens: list[int]
     flops_per_s: list[float]
     bytes_per_s: list[float]
@@ -63,7 +65,7 @@ class GemmCurve(_Strict):
         if m <= 0:
             return 0.0
         flops_per_s, bytes_per_s = self.rates(m)
-        nbytes = (k * n + m * k + m * n) * dtype_bytes
+        nbytes = (k * n + m * k + m * n) * dtype_bytes * (1 + self.narrow_n / n)
         return self.launch_s + max(2.0 * m * k * n / flops_per_s, nbytes / bytes_per_s)
 
 
