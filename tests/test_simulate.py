@@ -194,3 +194,15 @@ def test_design_table_rows_read_as_documented() -> None:
     assert gpus == {"design-colocated.yaml": 16, "design-2x8.yaml": 16, "design-3x8.yaml": 24}
     assert not rows["design-colocated.yaml"].pd.enabled
     assert rows["design-3x8.yaml"].pd.decoding_min_instances == 2
+
+
+def test_a_sim_profile_with_hardware_launches_modelled_sims(tmp_path: Path) -> None:
+    from pdctl.cluster import plan_profile
+
+    plan = plan_profile(write_profile(tmp_path, "enabled: true, routing_policy: always")).plan
+    prefill = next(i for i in plan.instances if "--role" in i.argv and i.argv[i.argv.index("--role") + 1] == "prefill")
+    argv = prefill.argv
+    assert argv[argv.index("--hardware") + 1] == "h100-sxm"
+    assert argv[argv.index("--architecture") + 1] == MODEL
+    assert argv[argv.index("--max-num-batched-tokens") + 1] == "4096"  # the prefill instance's chunk size
+    assert any("emulator" in note for note in plan.notes)
