@@ -118,13 +118,13 @@ class ClusterSim:
         )
         self.strategy = make_strategy(profile.router.routing_strategy, self.tables.__getitem__, random.Random(seed))
         self.uses_prefixes = profile.router.routing_strategy == "cache_aware" or profile.pd.routing_policy == "adaptive"
-        self.avg_output_tokens = 128.0
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._held: deque[_Flight] = deque()  # admitted by the router only when an instance has room
         self.records: list[RequestRecord] = []
         self.decisions: dict[str, int] = defaultdict(int)
+        self._on_done: Callable[[], None] = lambda: None  # under a concurrency limit: send the next request
 
     # -- the event loop ---------------------------------------------------------------------------------------
 
@@ -134,7 +134,6 @@ class ClusterSim:
     def run(self, requests: list[SimRequest], max_concurrency: int | None = None) -> float:
         """Simulate until every request is answered; returns the virtual duration from the first arrival."""
         pending = deque(sorted(requests, key=lambda r: r.arrival_s))
-        self._on_done: Callable[[], None] = lambda: None
         if max_concurrency is None:
             for request in pending:
                 self.at(request.arrival_s, lambda r=request: self._arrive(r))
@@ -303,7 +302,6 @@ class ClusterSim:
             record.cached_tokens = engine_request.cached_tokens
             record.preemptions = engine_request.preemptions
             self.records.append(record)
-            self.avg_output_tokens = 0.9 * self.avg_output_tokens + 0.1 * record.output_tokens
             self._release(engine_request)
             self._on_done()
 
