@@ -270,7 +270,7 @@ def _allreduce_worker(rank: int, world: int, out_path: str) -> None:
     import torch.distributed as dist
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29512")
+    os.environ["MASTER_PORT"] = str(29500 + world)
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world)
     rows = []
@@ -303,16 +303,20 @@ def _allreduce_worker(rank: int, world: int, out_path: str) -> None:
 
 
 def measure_collectives(out_dir: Path) -> dict[str, Any] | None:
-    world = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if world < 2:
+    """All-reduce at every power-of-two world size the machine has (2, 4, 8), and a peer-to-peer copy."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
         return None
     import torch.multiprocessing as mp
 
-    path = out_dir / "collectives.tmp.json"
-    mp.spawn(_allreduce_worker, args=(world, str(path)), nprocs=world, join=True)
-    result = json.loads(path.read_text())
-    path.unlink()
-    return result
+    by_world = {}
+    for world in (w for w in (2, 4, 8) if w <= count):
+        path = out_dir / f"collectives-{world}.tmp.json"
+        mp.spawn(_allreduce_worker, args=(world, str(path)), nprocs=world, join=True)
+        by_world[world] = json.loads(path.read_text())
+        path.unlink()
+    largest = by_world[max(by_world)]
+    return largest | {"by_world": by_world}
 
 
 def device_info(device: str) -> dict[str, Any]:
