@@ -276,6 +276,74 @@ def scale(
         out.print(render_scaling(report))
 
 
+INF = float("inf")
+
+
+@app.command()
+def simulate(
+    profile: Annotated[Path | None, typer.Argument(help="the cluster profile (YAML)", show_default=False)] = None,
+    num_prompts: Annotated[int, typer.Option("--num-prompts", min=1, help="requests to send")] = 1000,
+    input_len: Annotated[int, typer.Option("--input-len", min=1, help="prompt tokens per request")] = 200,
+    output_len: Annotated[int, typer.Option("--output-len", min=1, help="output tokens per request")] = 500,
+    range_ratio: Annotated[float, typer.Option("--range-ratio", min=0, max=0.99, help="length spread")] = 0.0,
+    request_rate: Annotated[float, typer.Option("--request-rate", help="requests/s (Poisson); inf: at once")] = INF,
+    max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", min=1)] = None,
+    prefix_groups: Annotated[int, typer.Option("--prefix-groups", min=0, help="groups sharing a prefix")] = 0,
+    prefix_len: Annotated[int, typer.Option("--prefix-len", min=0, help="shared prefix tokens")] = 0,
+    hardware: Annotated[str | None, typer.Option("--hardware", help="h100-sxm, cpu-local or a profile .json")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    design_table: Annotated[
+        bool, typer.Option("--design-table", help="the design document's table, simulated")
+    ] = False,
+    sweep: Annotated[int | None, typer.Option("--sweep", min=1, help="try P:D ratios and TP sizes on N GPUs")] = None,
+    out_profile: Annotated[Path | None, typer.Option("--out", help="--sweep: write the chosen layout here")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="--sweep: write the frontier as SVG here")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate a profile's cluster in virtual time: the daemon's routing, pdctl's engine model, no GPUs."""
+    from pdctl.simulate import design, render, run, workload
+
+    if design_table:
+        rows = design.design_table(hardware)
+        if as_json:
+            _print_json([{"document": vars(doc), "simulated": sim.as_dict()} for doc, sim in rows])
+        else:
+            out.print(render.design_table_view(rows))
+        return
+    if profile is None:
+        raise UsageError("name a profile (or pass --design-table)")
+    loaded = load_profile(profile)
+    try:
+        spec = workload.WorkloadSpec(
+            num_requests=num_prompts, input_tokens=input_len, output_tokens=output_len, range_ratio=range_ratio,
+            request_rate=request_rate, max_concurrency=max_concurrency, prefix_groups=prefix_groups,
+            prefix_tokens=prefix_len, seed=seed,
+        )  # fmt: skip
+    except ValueError as error:
+        raise UsageError(f"workload: {error}") from None
+    if sweep is not None:
+        points = design.sweep(loaded, sweep, workload.generate(spec), spec.max_concurrency, hardware)
+        if not points:
+            raise UsageError(f"no layout of {sweep} GPUs holds the model's weights")
+        chosen = design.best(points)
+        if out_profile:
+            design.write_profile(profile, chosen.result_profile, out_profile)
+        if plot:
+            plot.write_text(design.frontier_svg(points, chosen))
+        if as_json:
+            _print_json([{"layout": p.layout.label, "goodput_per_gpu": p.goodput_per_gpu, **p.result.as_dict()}
+                         for p in points])  # fmt: skip
+        else:
+            out.print(render.sweep_view(points, chosen))
+            out.print(f"chosen: {chosen.layout.label}" + (f", written to {out_profile}" if out_profile else ""))
+        return
+    result = run.simulate_spec(loaded, spec, hardware=hardware)
+    if as_json:
+        _print_json(result.as_dict())
+    else:
+        out.print(render.result_table(result))
+
+
 engine_app = typer.Typer(help="The engine runtime: vLLM in a virtual environment of its own.", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
 

@@ -167,7 +167,22 @@ def sim_command(profile: ClusterProfile, ctx: InstanceContext) -> EngineCommand:
     argv += ["--role", SIM_ROLE[instance.instance_type], "--max-num-seqs", str(max_num_seqs)]
     argv += ["--prefill-ms-per-token", str(profile.engine.sim.prefill_ms_per_token)]
     argv += ["--decode-ms-per-token", str(profile.engine.sim.decode_ms_per_token)]
+    argv += _sim_model_args(profile, instance)
     command = EngineCommand(argv=argv + profile.engine.extra_args)
     command.env.update(profile.engine.env)
     command.notes.append("engine: sim is an emulator of vLLM's HTTP API, not vLLM: its figures are modelled")
     return command
+
+
+def _sim_model_args(profile: ClusterProfile, instance: ExecutionInstance) -> list[str]:
+    """With a hardware profile, the sim times its steps with pdctl's engine model, batching as vLLM would."""
+    sim = profile.engine.sim
+    if sim.hardware is None:
+        return []
+    argv = ["--hardware", sim.hardware, "--architecture", sim.architecture or profile.model.path]
+    argv += ["--tensor-parallel-size", str(instance.tensor_parallel_size or 1)]
+    if instance.instance_type is ExecutionInstanceType.PREFILLING:
+        argv += ["--max-num-batched-tokens", str((instance.prefilling_config or profile.prefill).max_chunk_size_tokens)]
+    if profile.router.scheduling_policy == "slo_aware":
+        argv += ["--scheduling-policy", "priority"]
+    return argv

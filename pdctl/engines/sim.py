@@ -7,7 +7,8 @@ OpenAI endpoints (plain and streamed, in vLLM's shapes), vLLM's metric names, a 
 decode sim "reads the KV cache" of the prefill sim by pulling it over HTTP.
 
 Tokens are prompt bytes, as with the builtin model's byte-level tokenizer; output tokens are words derived
-from a hash of the prompt. Compute is slept: per prompt token computed, then per output token.
+from a hash of the prompt. Compute is slept: per prompt token computed, then per output token; or, with
+--hardware, as pdctl's engine model times each step of vLLM's scheduler (pdctl.perfmodel).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from pdctl.httpserver import (
 
 if TYPE_CHECKING:
     import httpx
+
+    from pdctl.perfmodel.live import LiveEngine
 
 log = logging.getLogger("pdctl.engines.sim")
 
@@ -451,6 +454,12 @@ class SimConfig:
     max_num_seqs: int = 256
     kv_cache_blocks: int = 4096
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Set: pdctl's engine model times every step (vLLM's scheduler, the batch's shape on this hardware).
+    hardware: str | None = None
+    architecture: str | None = None
+    tensor_parallel_size: int = 1
+    max_num_batched_tokens: int | None = None  # the hardware profile's vLLM default when unset
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
 
 
 @dataclass
@@ -477,6 +486,23 @@ class _HeldKV:
 # -- the engine -------------------------------------------------------------------------------------------
 
 
+def _live_engine(config: SimConfig) -> LiveEngine:
+    """The engine model for this instance (imported only when a hardware profile asks for it)."""
+    from pdctl.perfmodel.arch import get_model
+    from pdctl.perfmodel.hardware import get_hardware
+    from pdctl.perfmodel.live import LiveEngine as Live
+    from pdctl.perfmodel.scheduler import Engine, EngineConfig
+    from pdctl.perfmodel.steptime import StepModel
+
+    assert config.hardware is not None
+    hardware = get_hardware(config.hardware)
+    model = StepModel(get_model(config.architecture or config.model), hardware, tp=config.tensor_parallel_size)
+    budget = config.max_num_batched_tokens or hardware.default_max_num_batched_tokens
+    engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
+                                 policy=config.scheduling_policy, block_size=BLOCK_SIZE)  # fmt: skip
+    return Live(Engine(model, engine_config))
+
+
 class SimEngine:
     def __init__(self, config: SimConfig):
         self.config = config
@@ -490,6 +516,7 @@ class SimEngine:
         # Made on the first KV read: importing httpx is a third of a sim's start-up, and only decode sims read.
         self._http: httpx.AsyncClient | None = None
         self._held: dict[str, _HeldKV] = {}
+        self._live = _live_engine(config) if config.hardware else None
         self._next_block = 0
         self._running = 0
         self._waiting = 0
@@ -504,10 +531,14 @@ class SimEngine:
         }
 
     async def start(self) -> None:
+        if self._live is not None:
+            self._live.start()
         await self.server.start()
 
     async def stop(self) -> None:
         await self.server.stop()
+        if self._live is not None:
+            await self._live.stop()
         if self._http is not None:
             await self._http.aclose()
 
@@ -530,9 +561,13 @@ class SimEngine:
         self._expire_held_kv()
         held = sum(kv.blocks for kv in self._held.values())
         usage = min(1.0, (self._blocks_in_use + held) / self.config.kv_cache_blocks)
+        running, waiting = self._running, self._waiting
+        if self._live is not None:
+            engine = self._live.engine
+            running, waiting, usage = len(engine.running), engine.waiting, engine.pool.usage
         gauges = {
-            "vllm:num_requests_running": ("Number of requests in model execution batches.", self._running),
-            "vllm:num_requests_waiting": ("Number of requests waiting to be processed.", self._waiting),
+            "vllm:num_requests_running": ("Number of requests in model execution batches.", running),
+            "vllm:num_requests_waiting": ("Number of requests waiting to be processed.", waiting),
             "vllm:kv_cache_usage_perc": ("KV-cache usage. 1 means 100 percent usage.", usage),
         }
         text = self.metrics.render(self._labels, gauges, self.config.kv_cache_blocks)
@@ -610,6 +645,10 @@ class SimEngine:
 
     async def _generate(self, job: _Job) -> AsyncGenerator[str, None]:
         """The request's output words as they are produced; closing it early aborts the request."""
+        if self._live is not None:
+            async for word in self._generate_modelled(job, self._live):
+                yield word
+            return
         hashes = block_hashes(job.tokens)
         # vLLM always computes a prompt's last token, so a cache hit stops short of it.
         cache_hit = self._cache.match(hashes[: (len(job.tokens) - 1) // BLOCK_SIZE]) * BLOCK_SIZE
@@ -637,6 +676,31 @@ class SimEngine:
             self._running -= 1
             self._blocks_in_use -= blocks
             self._admission.release()
+            self.metrics.request_success[finish_reason] += 1
+
+    async def _generate_modelled(self, job: _Job, live: LiveEngine) -> AsyncGenerator[str, None]:
+        """The engine model decides when each token is ready: vLLM's scheduler over every request here."""
+        from pdctl.perfmodel.scheduler import EngineRequest
+
+        external = await self._read_remote_kv(job, 0)
+        if external:
+            await asyncio.sleep(live.engine.model.kv_transfer_seconds(external))
+        hashes = [hash(block) for block in block_hashes(job.tokens)]
+        request = EngineRequest(job.id, len(job.tokens), job.max_tokens, priority=job.priority, block_hashes=hashes,
+                                external_tokens=external)  # fmt: skip
+        request.ready_at = time.monotonic() + live.engine.model.hw.overhead.per_request_s
+        tokens = live.submit(request)
+        finish_reason = "abort"
+        try:
+            for index, word in enumerate(output_words(job.tokens, job.max_tokens)):
+                await tokens.get()
+                if index == 0:
+                    self.metrics.count_prompt(len(job.tokens), request.cached_tokens, external)
+                self.metrics.generation_tokens += 1
+                yield word
+            finish_reason = "length"
+        finally:
+            live.abort(request)
             self.metrics.request_success[finish_reason] += 1
 
     async def _read_remote_kv(self, job: _Job, cache_hit: int) -> int:
@@ -807,8 +871,15 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-blocks", type=int, default=4096)
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--hardware", help="a hardware profile: time steps with pdctl's engine model")
+    parser.add_argument("--architecture", help="the model architecture the engine model computes")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--max-num-batched-tokens", type=int)
+    parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     # Unknown arguments are an error (exit 2), as they are to vLLM.
     args = parser.parse_args(argv)
+    if args.hardware:
+        _check_model_args(parser, args)
     return SimConfig(
         model=args.served_model_name,
         host=args.host,
@@ -820,7 +891,23 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         max_num_seqs=args.max_num_seqs,
         kv_cache_blocks=args.kv_cache_blocks,
         max_body_bytes=args.max_body_bytes,
+        hardware=args.hardware,
+        architecture=args.architecture,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        scheduling_policy=args.scheduling_policy,
     )
+
+
+def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from pdctl.perfmodel.arch import UnknownModel, get_model
+    from pdctl.perfmodel.hardware import UnknownHardware, get_hardware
+
+    try:
+        get_hardware(args.hardware)
+        get_model(args.architecture or args.served_model_name)
+    except (UnknownHardware, UnknownModel) as error:
+        parser.error(error.args[0])
 
 
 def main(argv: list[str] | None = None) -> int:

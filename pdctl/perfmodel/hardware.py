@@ -1,0 +1,149 @@
+"""Hardware profiles as data: what one GPU (or CPU) achieves, measured, with how and when it was measured.
+
+A profile is a JSON file under data/hardware/ (or any path). `benchmarks/measure_hardware.py` measures a GPU
+and `python -m pdctl.perfmodel.calibrate` fits the file from its output; cpu-local is fitted to real vLLM CPU
+runs by `benchmarks/fit_cpu_local.py`."""
+
+from __future__ import annotations
+
+import json
+import math
+from bisect import bisect_left
+from functools import cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pdctl.perfmodel.arch import DATA
+
+HARDWARE_DIR = DATA / "hardware"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Measured(_Strict):
+    at: str
+    how: str
+    device: str
+    notes: list[str] = Field(default_factory=list)
+
+
+class GemmCurve(_Strict):
+    """Achieved FLOP/s and memory bandwidth of a bf16 GEMM by its token count M (both measured curves, not
+    datasheet peaks): time = launch + max(FLOPs / flops_per_s(M), bytes x (1 + narrow_n / N) / bytes_per_s(M)).
+    An output only N columns wide has few tiles to spread over the SMs, so its weights stream slower."""
+
+    launch_s: float = Field(ge=0)
+    narrow_n: float = Field(0.0, ge=0)
+    tokens: list[int]
+    flops_per_s: list[float]
+    bytes_per_s: list[float]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> GemmCurve:
+        if not (len(self.tokens) == len(self.flops_per_s) == len(self.bytes_per_s)) or not self.tokens:
+            raise ValueError("tokens, flops_per_s and bytes_per_s must be equally long and not empty")
+        return self
+
+    def rates(self, m: int) -> tuple[float, float]:
+        """(FLOP/s, bytes/s) at m tokens, interpolated in log(m)."""
+        tokens = self.tokens
+        if m <= tokens[0]:
+            return self.flops_per_s[0], self.bytes_per_s[0]
+        if m >= tokens[-1]:
+            return self.flops_per_s[-1], self.bytes_per_s[-1]
+        i = bisect_left(tokens, m)
+        lo, hi = tokens[i - 1], tokens[i]
+        w = (math.log(m) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        f = self.flops_per_s[i - 1] * (1 - w) + self.flops_per_s[i] * w
+        b = self.bytes_per_s[i - 1] * (1 - w) + self.bytes_per_s[i] * w
+        return f, b
+
+    def seconds(self, m: int, k: int, n: int, dtype_bytes: int) -> float:
+        if m <= 0:
+            return 0.0
+        flops_per_s, bytes_per_s = self.rates(m)
+        nbytes = (k * n + m * k + m * n) * dtype_bytes * (1 + self.narrow_n / n)
+        return self.launch_s + max(2.0 * m * k * n / flops_per_s, nbytes / bytes_per_s)
+
+
+class ParallelRate(_Strict):
+    """A kernel whose rate grows with its independent work units until the device is full:
+    time = fixed + work / min(rate, units x rate_per_unit)."""
+
+    fixed_s: float = Field(ge=0)
+    rate: float = Field(gt=0)
+    rate_per_unit: float = Field(gt=0)
+
+    def seconds(self, work: float, units: float) -> float:
+        if work <= 0:
+            return 0.0
+        return self.fixed_s + work / min(self.rate, max(units, 1.0) * self.rate_per_unit)
+
+
+class Attention(_Strict):
+    decode: ParallelRate  # work: KV bytes read; units: sequences x KV heads
+    prefill: ParallelRate  # work: attention FLOPs; units: query heads x 128-token query tiles
+
+
+class Elementwise(_Strict):
+    """Norms, RoPE, activation and residual adds of a layer: memory-bound, time = fixed + bytes / bytes_per_s."""
+
+    fixed_s: float = Field(ge=0)
+    bytes_per_s: float = Field(gt=0)
+
+
+class Link(_Strict):
+    """A collective or a transfer: time = latency + bytes / bytes_per_s (bus bandwidth for all-reduce)."""
+
+    latency_s: float = Field(ge=0)
+    bytes_per_s: float = Field(gt=0)
+    source: str
+
+
+class Overhead(_Strict):
+    """Engine time outside the GPU kernels: scheduling, sampling, detokenising, Python."""
+
+    per_step_s: float = Field(ge=0)
+    per_seq_s: float = Field(0.0, ge=0)
+    per_token_s: float = Field(0.0, ge=0)
+    # From a request's arrival to the scheduler seeing it (API server: parsing, tokenising, IPC).
+    per_request_s: float = Field(0.0, ge=0)
+    source: str
+
+
+class HardwareProfile(_Strict):
+    name: str
+    description: str
+    measured: Measured
+    memory_bytes: float = Field(gt=0)
+    gemm: GemmCurve
+    attention: Attention
+    elementwise: Elementwise
+    allreduce: Link
+    pipeline: Link
+    kv_transfer: Link
+    overhead: Overhead
+    # Memory vLLM keeps for activations and CUDA graphs besides weights and KV cache, per GPU.
+    activation_reserve_bytes: float = Field(0.0, ge=0)
+    # vLLM's default --max-num-batched-tokens for the API server on this platform (GPU 8192, CPU 2048).
+    default_max_num_batched_tokens: int = Field(8192, ge=1)
+
+
+class UnknownHardware(KeyError):
+    pass
+
+
+def known_hardware() -> list[str]:
+    return sorted(path.stem for path in HARDWARE_DIR.glob("*.json"))
+
+
+@cache
+def get_hardware(name: str) -> HardwareProfile:
+    """A shipped profile by name, or a profile file by path."""
+    path = Path(name) if name.endswith(".json") else HARDWARE_DIR / f"{name}.json"
+    if not path.is_file():
+        raise UnknownHardware(f"unknown hardware profile {name!r}; known: {', '.join(known_hardware())}")
+    return HardwareProfile.model_validate(json.loads(path.read_text()))

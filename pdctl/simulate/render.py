@@ -1,0 +1,78 @@
+"""Printing a simulation as `vllm bench serve` prints a run, marked as modelled."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from pdctl.simulate.design import DocumentRow, SweepPoint
+from pdctl.simulate.run import SimulationResult
+
+METRICS = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
+           ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency"))  # fmt: skip
+
+
+def result_table(result: SimulationResult) -> Table:
+    m = result.metrics
+    table = Table(
+        title=f"pdctl simulate (modelled, not measured): {result.profile}, {result.model} on {result.gpus}x "
+        f"{result.hardware}",
+        show_header=False,
+        title_justify="left",
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("Successful requests", f"{m['completed']}"),
+        ("Benchmark duration (s)", f"{m['duration']:.2f}"),
+        ("Total input tokens", f"{m['total_input_tokens']}"),
+        ("Total generated tokens", f"{m['total_output_tokens']}"),
+        ("Request throughput (req/s)", f"{m['request_throughput']:.2f}"),
+        ("Request goodput (req/s)", f"{m.get('request_goodput', 0.0):.2f}"),
+        ("Output token throughput (tok/s)", f"{m['output_throughput']:.2f}"),
+        ("Output token throughput per GPU (tok/s)", f"{m['output_throughput'] / max(1, result.gpus):.2f}"),
+        ("Total token throughput (tok/s)", f"{m['total_token_throughput']:.2f}"),
+    ]
+    for key, title in METRICS:
+        rows.append((f"[bold]{title}[/bold]", ""))
+        for stat in ("mean", "median", "p90", "p99"):
+            rows.append((f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} {key.upper()} (ms)",
+                         f"{m[f'{stat}_{key}_ms']:.2f}"))  # fmt: skip
+    decisions = ", ".join(f"{phase} {count}" for phase, count in sorted(result.decisions.items()))
+    rows += [("Routing decisions", decisions), ("Preemptions", str(result.preemptions)),
+             ("Simulated in (s, wall)", f"{result.wall_s:.2f}")]  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def design_table_view(rows: list[tuple[DocumentRow, SimulationResult]]) -> Table:
+    table = Table(title="The design document's table beside pdctl simulate (modelled: Llama-2-70B, h100-sxm)",
+                  title_justify="left")  # fmt: skip
+    for column in ("configuration", "GPUs", "output tok/s doc | sim", "P99 ITL ms doc | sim", "P99 TTFT ms sim",
+                   "GPU efficiency doc | sim", "$/M tokens doc | sim"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for doc, sim in rows:
+        m = sim.metrics
+        table.add_row(
+            doc.label,
+            str(sim.gpus),
+            f"{doc.throughput:.0f} | {m['output_throughput']:.0f}",
+            f"{doc.p99_ms:.0f} | {m['p99_itl_ms']:.0f}",
+            f"{m['p99_ttft_ms']:.0f}",
+            f"{doc.gpu_efficiency:.0%} | {sim.gpu_efficiency:.0%}",
+            f"{doc.cost_per_m:.2f} | {sim.cost_per_m_output_tokens_usd:.2f}",
+        )
+    return table
+
+
+def sweep_view(points: list[SweepPoint], chosen: SweepPoint) -> Table:
+    table = Table(title="pdctl simulate --sweep (modelled): layouts by goodput per GPU", title_justify="left")
+    for column in ("layout", "GPUs", "goodput tok/s/GPU", "output tok/s", "SLO met", "P99 TTFT ms", "P99 ITL ms"):
+        table.add_column(column, justify="left" if column == "layout" else "right")
+    for point in sorted(points, key=lambda p: -p.goodput_per_gpu):
+        m = point.result.metrics
+        mark = " (chosen)" if point is chosen else ""
+        table.add_row(point.layout.label + mark, str(point.layout.gpus), f"{point.goodput_per_gpu:.1f}",
+                      f"{m['output_throughput']:.0f}", f"{m.get('goodput_ratio', 0):.0%}", f"{m['p99_ttft_ms']:.0f}",
+                      f"{m['p99_itl_ms']:.1f}")  # fmt: skip
+    return table

@@ -1,0 +1,208 @@
+"""`pdctl simulate`: request timings worked out by hand from the step model, the daemon's routing decisions, the
+metrics, the command line; and the sim engine timed by the same model, as a real process over HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdctl.perfmodel.arch import get_model
+from pdctl.perfmodel.hardware import get_hardware
+from pdctl.perfmodel.steptime import BatchShape, StepModel
+from pdctl.profile import load_profile
+from pdctl.simulate.design import DESIGN_DIR, DOCUMENT_ROWS, best, frontier_svg, layouts, sweep
+from pdctl.simulate.design import write_profile as write_profile_file
+from pdctl.simulate.report import RequestRecord, percentile, summarize
+from pdctl.simulate.run import simulate
+from pdctl.simulate.workload import SimRequest, WorkloadSpec, generate
+from tests.test_cli import pdctl
+from tests.test_sim_engine import kill, launch, wait_healthy
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def write_profile(tmp_path: Path, pd: str, prefill: int = 1, decode: int = 1) -> Path:
+    path = tmp_path / "sim.yaml"
+    path.write_text(
+        f"name: simulated\nmodel: {{path: {MODEL}}}\n"
+        "engine: {kind: sim, sim: {hardware: h100-sxm}}\n"
+        "router: {scheduling_policy: fifo, slo: {ttft_ms: 500, tpot_ms: 50}}\n"
+        f"pd: {{{pd}, prefilling_min_instances: {prefill}, decoding_min_instances: {decode}, "
+        "enable_dynamic_scaling: false}\n"
+        "prefill: {tensor_parallel_size: 1}\ndecode: {tensor_parallel_size: 1}\n"
+    )
+    return path
+
+
+def step(model: StepModel, *requests: tuple[int, int]) -> float:
+    shape = BatchShape()
+    for new, before in requests:
+        shape.add(new, before)
+    return model.step_seconds(shape)
+
+
+def test_one_request_on_a_hybrid_instance_by_hand(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path, "enabled: false", prefill=0))
+    result = simulate(profile, [SimRequest(0, 0.0, 100, 4)])
+    model = StepModel(get_model(MODEL), get_hardware("h100-sxm"))
+    prefill = step(model, (100, 0))
+    decodes = [step(model, (1, 100 + i)) for i in range(3)]
+    (record,) = result.records
+    assert record.ttft == pytest.approx(prefill)
+    assert record.itls == pytest.approx(decodes)
+    assert record.e2e == pytest.approx(prefill + sum(decodes))
+    assert result.decisions == {"HYBRID": 1}
+
+
+def test_pd_split_request_by_hand(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path, "enabled: true, routing_policy: always"))
+    result = simulate(profile, [SimRequest(0, 0.0, 300, 3)])
+    model = StepModel(get_model(MODEL), get_hardware("h100-sxm"))
+    # Prefill instance: the whole prompt, one token sampled; KV over the link; the decode instance computes the
+    # prompt's last token again (vLLM's NixlConnector) and samples the client's first token.
+    ttft = step(model, (300, 0)) + model.kv_transfer_seconds(300) + step(model, (1, 299))
+    (record,) = result.records
+    assert record.phase == "PREFILLING"
+    assert record.ttft == pytest.approx(ttft)
+    assert record.itls == pytest.approx([step(model, (1, 300)), step(model, (1, 301))])
+
+
+def test_threshold_policy_decides_as_the_daemon_does(tmp_path: Path) -> None:
+    profile = load_profile(
+        write_profile(
+            tmp_path,
+            "enabled: true, routing_policy: threshold, prefilling_threshold_input_tokens: 512, "
+            "prefilling_threshold_ratio: 1.0",
+        )
+    )
+    requests = [SimRequest(i, i * 0.01, 1000 if i % 2 else 100, 10) for i in range(10)]
+    result = simulate(profile, requests)
+    assert result.decisions == {"PREFILLING": 5, "DECODING": 5}
+    assert {r.phase for r in result.records if r.input_tokens == 1000} == {"PREFILLING"}
+
+
+def test_shared_prefixes_hit_the_engine_prefix_cache(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path, "enabled: false", prefill=0))
+    spec = WorkloadSpec(num_requests=20, input_tokens=512, output_tokens=2, prefix_groups=1, prefix_tokens=256,
+                        request_rate=10.0)  # fmt: skip
+    result = simulate(profile, generate(spec))
+    cached = sorted(r.cached_tokens for r in result.records)
+    assert cached[0] == 0 and cached[-1] == 256
+
+
+def test_percentiles_and_metric_names() -> None:
+    values = [float(v) for v in range(1, 11)]
+    # numpy's linear percentile: rank (n - 1) x p.
+    assert (percentile(values, 50), percentile(values, 90), percentile(values, 99)) == pytest.approx((5.5, 9.1, 9.91))
+    records = [RequestRecord(i, 10, 3, 0.0, ttft=0.1 * (i + 1), itls=[0.02, 0.04], e2e=0.1 * (i + 1) + 0.06)
+               for i in range(4)]  # fmt: skip
+    metrics = summarize(records, 2.0)
+    assert metrics["output_throughput"] == 6.0 and metrics["request_throughput"] == 2.0
+    assert metrics["median_ttft_ms"] == pytest.approx(250.0)
+    assert metrics["mean_tpot_ms"] == pytest.approx(30.0)
+    assert metrics["p99_itl_ms"] == pytest.approx(40.0)
+
+
+def test_design_scenario_completes(tmp_path: Path) -> None:
+    """The design document's scenario: 1000 requests at once, 200 in, 500 out, Llama-2-70B on H100s."""
+    path = tmp_path / "design.yaml"
+    path.write_text(
+        "name: design\nmodel: {path: meta-llama/Llama-2-70b-hf}\nengine: {kind: sim, sim: {hardware: h100-sxm}}\n"
+        "pd: {enabled: true, routing_policy: always, prefilling_min_instances: 1, decoding_min_instances: 1, "
+        "enable_dynamic_scaling: false}\n"
+        "prefill: {tensor_parallel_size: 8, target_batch_size: 256, max_chunk_size_tokens: 8192}\n"
+        "decode: {tensor_parallel_size: 8, max_parallel_requests: 1024}\n"
+    )
+    result = simulate(
+        load_profile(path), generate(WorkloadSpec(num_requests=1000, input_tokens=200, output_tokens=500))
+    )
+    assert result.metrics["completed"] == 1000
+    assert result.metrics["total_output_tokens"] == 500_000
+    assert result.gpus == 16 and result.preemptions == 0
+
+
+def test_cli_prints_modelled_metrics_and_refuses_a_profile_without_hardware(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, "enabled: true, routing_policy: always")
+    shown = pdctl("simulate", str(path), "--num-prompts", "20", "--input-len", "64", "--output-len", "8")
+    assert shown.returncode == 0, shown.stderr
+    assert "modelled, not measured" in shown.stdout and "Median TTFT (ms)" in shown.stdout
+    data = json.loads(pdctl("simulate", str(path), "--num-prompts", "5", "--json").stdout)
+    assert data["completed"] == 5 and "p99_itl_ms" in data and data["engine"].startswith("pdctl simulate")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(path.read_text().replace("engine: {kind: sim, sim: {hardware: h100-sxm}}\n", ""))
+    refused = pdctl("simulate", str(bare))
+    assert refused.returncode == 2
+    assert "no hardware profile" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_sim_engine_with_a_hardware_profile_serves_and_says_it_is_a_sim(tmp_path: Path) -> None:
+    sim = launch(tmp_path, "--hardware", "h100-sxm", "--architecture", "llama-3.1-8b")
+    try:
+        wait_healthy(sim)
+        response = sim.complete("a prompt of some bytes " * 8, max_tokens=6)
+        body = response.json()
+        assert response.status_code == 200 and body["system_fingerprint"] == "pdctl-sim"
+        assert body["usage"]["completion_tokens"] == 6
+        assert sim.metric("vllm:generation_tokens_total") == 6
+        assert sim.get("/metrics").text.startswith("# pdctl-sim")
+    finally:
+        kill(sim)
+
+
+def test_sim_engine_refuses_an_unknown_hardware_profile(tmp_path: Path) -> None:
+    sim = launch(tmp_path, "--hardware", "no-such-gpu")
+    try:
+        sim.process.wait(timeout=30)
+        assert sim.process.returncode != 0
+        assert "unknown hardware profile 'no-such-gpu'" in sim.log()
+    finally:
+        kill(sim)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{sim.port}/health", timeout=1)
+
+
+def test_layouts_of_four_gpus() -> None:
+    labels = [layout.label for layout in layouts(4, tps=(1, 2))]
+    # Hybrid pools, and every prefill/decode split using 2 to 4 GPUs with one TP size per role.
+    assert "4x hybrid TP1" in labels and "2x hybrid TP2" in labels
+    assert "1P TP1 : 3D TP1" in labels and "1P TP2 : 1D TP2" in labels and "2P TP1 : 1D TP2" in labels
+    assert all(layout.gpus <= 4 and layout.gpus * 2 >= 4 for layout in layouts(4, tps=(1, 2)))
+
+
+def test_sweep_chooses_the_best_goodput_per_gpu_and_writes_a_loadable_profile(tmp_path: Path) -> None:
+    base_path = write_profile(tmp_path, "enabled: true, routing_policy: always")
+    requests = generate(WorkloadSpec(num_requests=60, input_tokens=800, output_tokens=40, request_rate=30.0))
+    points = sweep(load_profile(base_path), 2, requests, None)
+    assert {p.layout.label for p in points} == {"1P TP1 : 1D TP1", "2x hybrid TP1", "1x hybrid TP2"}
+    chosen = best(points)
+    assert chosen.goodput_per_gpu == max(p.goodput_per_gpu for p in points)
+    out = tmp_path / "chosen.yaml"
+    write_profile_file(base_path, chosen.result_profile, out)
+    written = load_profile(out)
+    assert written.pd.prefilling_min_instances == chosen.layout.prefill
+    assert written.decode.tensor_parallel_size == chosen.layout.decode_tp
+    svg = frontier_svg(points, chosen)
+    assert svg.startswith("<svg") and chosen.layout.label in svg
+
+
+def test_design_table_rows_read_as_documented() -> None:
+    rows = {row.profile: load_profile(DESIGN_DIR / row.profile) for row in DOCUMENT_ROWS}
+    gpus = {name: sum(i.gpu_count or 1 for i in profile.resolved_instances()) for name, profile in rows.items()}
+    assert gpus == {"design-colocated.yaml": 16, "design-2x8.yaml": 16, "design-3x8.yaml": 24}
+    assert not rows["design-colocated.yaml"].pd.enabled
+    assert rows["design-3x8.yaml"].pd.decoding_min_instances == 2
+
+
+def test_a_sim_profile_with_hardware_launches_modelled_sims(tmp_path: Path) -> None:
+    from pdctl.cluster import plan_profile
+
+    plan = plan_profile(write_profile(tmp_path, "enabled: true, routing_policy: always")).plan
+    prefill = next(i for i in plan.instances if "--role" in i.argv and i.argv[i.argv.index("--role") + 1] == "prefill")
+    argv = prefill.argv
+    assert argv[argv.index("--hardware") + 1] == "h100-sxm"
+    assert argv[argv.index("--architecture") + 1] == MODEL
+    assert argv[argv.index("--max-num-batched-tokens") + 1] == "4096"  # the prefill instance's chunk size
+    assert any("emulator" in note for note in plan.notes)
