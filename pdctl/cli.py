@@ -15,6 +15,7 @@ from rich.live import Live
 from rich.markup import escape
 
 from pdctl import __version__, cluster, lifecycle, views
+from pdctl.bench import command as bench_command
 from pdctl.engines import runtime
 from pdctl.errors import ClusterError, PdctlError, UsageError
 from pdctl.gpus import FileGpuSource, GpuSource, discover
@@ -243,6 +244,8 @@ def route(
         out.print()
         out.print(views.route_result_view(result))
 
+
+app.command("bench")(bench_command.bench)
 
 engine_app = typer.Typer(help="The engine runtime: vLLM in a virtual environment of its own.", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
