@@ -236,6 +236,7 @@ def main() -> None:
             ("wrk (C, no SSE parsing)", wrk_rps, 0),
             ("pdctl bench client", pd_rps, pd_failed),
             ("httpx AsyncClient stream", hx_rps, hx_failed),
+            ("httpx, concurrency 8", hx8_rps, hx8_failed),
         ]
         for name, rps, failed in rows:
             if rps is None:
