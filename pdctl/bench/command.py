@@ -141,10 +141,10 @@ def _runner():
         info, workload, tokenizer_name = prepare(target, settings.spec, settings.tokenizer)
         for note in workload.notes:
             err.print(f"note: {note}")
-        label = f"{workload.description} -> {target.label or target.url}"
-        bar = views.progress_bar()
+        err.print(f"{target.label or target.url}: {workload.description}; prompts: {tokenizer_name}")
+        bar = views.progress_bar(err)
         with bar:
-            update = views.progress_updater(bar, label, len(workload.requests))
+            update = views.progress_updater(bar, "requests", len(workload.requests))
             return execute(
                 target,
                 info,

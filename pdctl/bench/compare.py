@@ -186,11 +186,10 @@ def run_sweep(
 
 
 def knee_text(knee: dict[str, Any] | None, slos: dict[str, float]) -> str:
-    what = " ".join(f"{k}:{v:g}" for k, v in slos.items()) or "completion"
+    what = "within " + " ".join(f"{k}:{v:g} ms" for k, v in slos.items()) if slos else "completed"
     if knee is None:
-        return f"no load met the SLOs ({what}): the knee is below the lowest load swept"
+        return f"no load passed (requests {what}): the knee is below the lowest load swept"
     load = next(f"{k} {v:g}" for k, v in knee.items() if k in ("rate", "concurrency"))
     return (
-        f"knee: {load} ({knee['slo_attainment']:.0%} of requests within {what}; "
-        f"{knee['output_throughput']:,.1f} output tok/s)"
+        f"knee: {load} ({knee['slo_attainment']:.0%} of requests {what}; {knee['output_throughput']:,.1f} output tok/s)"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -14,13 +14,14 @@ from pdctl.bench.report import LATENCY_METRICS, PERCENTILES
 _NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
 
 
-def progress_bar() -> Progress:
+def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("running {task.fields[running]}  failed {task.fields[failed]}  {task.fields[tokens]} tok/s"),
         TimeElapsedColumn(),
+        console=console,
         auto_refresh=False,  # refreshed from the event loop's tick: no thread competing with the load
     )
 
@@ -132,13 +133,12 @@ def compared_value(run: dict[str, Any], key: str) -> Any:
 
 def comparison_table(runs: list[tuple[str, dict[str, Any]]], title: str) -> Table:
     """Runs side by side; each column after the first has its ratio to the first."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=f"{title}; ratios to {runs[0][0]}", title_justify="left")
     table.add_column("metric", style="bold")
-    base_name = runs[0][0]
     for index, (name, _) in enumerate(runs):
         table.add_column(name, justify="right")
         if index:
-            table.add_column(f"{name} / {base_name}", justify="right")
+            table.add_column("ratio", justify="right")
     for key, label in COMPARED:
         base = compared_value(runs[0][1], key)
         cells = []
