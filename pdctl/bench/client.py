@@ -391,6 +391,9 @@ async def run_workload(
         if limit is None:
             await one(index)
             return
+        after = requests[index].after
+        if after is not None:  # before taking a slot: a waiting turn must not hold one its predecessor needs
+            await finished[after].wait()
         async with limit:
             await one(index)
 

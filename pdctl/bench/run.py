@@ -23,6 +23,9 @@ from pdctl.errors import UsageError
 from pdctl.plan import Plan
 from pdctl.state import ClusterDir
 
+# The router counts a stream once it has passed [DONE] on: an instant scrape could miss the last few.
+SETTLE_S = 0.5
+
 
 @dataclass
 class Target:
@@ -156,6 +159,7 @@ def execute(
             client.close()
 
     results, duration = asyncio.run(go())
+    time.sleep(SETTLE_S)
     after = serverstats.snapshot(target.url, target.engines)
     summary = report.summarize(results, duration, goodput)
     summary["model"] = info.model
