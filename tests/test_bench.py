@@ -146,7 +146,21 @@ def test_a_chat_trace_and_poisson_arrivals_run_through(cluster, tmp_path):
     assert replay.returncode == 0, replay.stderr
     assert json.loads((tmp_path / "t.json").read_text())["completed"] == 10
     chat = pdctl(
-        "bench", "--url", router, "--scenario", "chat", "-n", "8", "--rate", "50", "--json", str(tmp_path / "c.json")
+        "bench",
+        "--url",
+        router,
+        "--scenario",
+        "chat",
+        "-n",
+        "8",
+        "--rate",
+        "50",
+        "--concurrency",
+        "1",
+        "--priority-mix",
+        "0:1,3:1",
+        "--json",
+        str(tmp_path / "c.json"),
     )
     assert chat.returncode == 0, chat.stderr
     data = json.loads((tmp_path / "c.json").read_text())
