@@ -102,7 +102,8 @@ class _Exchange(asyncio.Protocol):
         now = time.perf_counter()
         try:
             if not self._status:
-                self._buffer += data
+                # lstrip: the previous response's final CRLF may come in a later read than its last chunk.
+                self._buffer = (self._buffer + data).lstrip(b"\r\n")
                 end = self._buffer.find(b"\r\n\r\n")
                 if end < 0:
                     return
