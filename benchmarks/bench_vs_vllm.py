@@ -28,7 +28,7 @@ from pdctl.state import ClusterDir  # noqa: E402
 KEYS = ("completed", "output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms", "p99_ttft_ms")
 
 
-def run_pdctl(router: str, args: argparse.Namespace, out: Path) -> dict:
+def run_pdctl(router: str, model_dir: str, args: argparse.Namespace, out: Path) -> dict:
     argv = [
         sys.executable,
         "-m",
@@ -36,6 +36,8 @@ def run_pdctl(router: str, args: argparse.Namespace, out: Path) -> dict:
         "bench",
         "--url",
         router,
+        "--tokenizer",
+        model_dir,
         "-n",
         str(args.num_prompts),
         "--input-len",
