@@ -372,3 +372,39 @@ def test_compare_brings_up_pd_then_colocated_on_the_same_devices(tmp_path):
     assert runs["pd"]["completed"] == runs["colocated"]["completed"] == 20
     assert "ratios to pd" in result.stdout and "sim engine" in result.stdout
     assert not list((tmp_path / "state").glob("*/state.json"))  # both layouts were stopped
+
+
+def test_policies_run_the_same_workload_under_each_routing_policy(tmp_path):
+    profile = with_sections(sim_profile(tmp_path, name="pol", port_start=33800, extra=FAST))
+    out = tmp_path / "policies.json"
+    result = pdctl(
+        "bench",
+        str(profile),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--policies",
+        "always,never",
+        "-n",
+        "10",
+        "--input-len",
+        "40",
+        "--output-len",
+        "3",
+        "--json",
+        str(out),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert runs["always"]["pdctl"]["server"]["phase_split"] == {"PREFILLING": {"ok": 10.0}}
+    assert runs["never"]["pdctl"]["server"]["phase_split"] == {"DECODING": {"ok": 10.0}}
+    assert "routing policies, same PD layout" in result.stdout
+
+
+def test_compare_needs_a_profile_and_known_policies(cluster, tmp_path):
+    _, router = cluster
+    no_profile = pdctl("bench", "--url", router, "--compare")
+    assert no_profile.returncode == 2 and "give PROFILE" in no_profile.stderr
+    profile = sim_profile(tmp_path, name="unknownpolicy", port_start=33900)
+    result = pdctl("bench", str(profile), "--state-dir", str(tmp_path / "state"), "--policies", "random")
+    assert result.returncode == 2 and "--policies 'random': choose among threshold, adaptive" in result.stderr
