@@ -137,14 +137,19 @@ def test_shared_prefixes_hit_the_prefix_cache(cluster, tmp_path):
 
 
 def test_a_chat_trace_and_poisson_arrivals_run_through(cluster, tmp_path):
-    _, router = cluster
     trace = tmp_path / "trace.jsonl"
     trace.write_text(
         "".join(json.dumps({"arrival_s": i * 0.01, "input_tokens": 30, "output_tokens": 3}) + "\n" for i in range(10))
     )
-    replay = pdctl("bench", "--url", router, "--trace", str(trace), "--json", str(tmp_path / "t.json"))
+    state, router = cluster
+    plan = json.loads((state / "benchc" / "plan.json").read_text())
+    engine = next(f"http://127.0.0.1:{i['port']}" for i in plan["instances"] if i["role"] == "DECODING")
+    replay = pdctl(
+        "bench", "--url", router, "--engine", engine, "--trace", str(trace), "--json", str(tmp_path / "t.json")
+    )
     assert replay.returncode == 0, replay.stderr
-    assert json.loads((tmp_path / "t.json").read_text())["completed"] == 10
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["completed"] == 10 and data["pdctl"]["server"]["prefix_cache_queries"] > 0
     chat = pdctl(
         "bench",
         "--url",

@@ -35,6 +35,9 @@ def bench(
         Path | None, typer.Option(help="the model's directory, for its tokenizer (default: the served model's)")
     ] = None,
     cluster: Annotated[str | None, typer.Option(help="the running cluster (the only one when omitted)")] = None,
+    engine: Annotated[
+        list[str] | None, typer.Option(help="with --url: an engine URL whose /metrics to read (repeatable)")
+    ] = None,
     state_dir: Annotated[Path | None, typer.Option(help="where cluster state lives")] = None,
     scenario: Annotated[
         str | None, typer.Option(help=f"preset workload: {', '.join(SCENARIOS)}", rich_help_panel=_WORKLOAD)
@@ -119,6 +122,7 @@ def bench(
         _write(json_file, {"runs": dict(runs)})
         return
     target = _target(profile, url, model, cluster, state_dir)
+    target.engines.update({e.rstrip("/"): e.rstrip("/") for e in engine or []})
     if sweep:
         runs, knee = compare.run_sweep(target, compare.parse_sweep(sweep), settings, sweep_attainment, _runner())
         out.print(views.comparison_table(runs, f"sweep on {target.label or target.url}"))
