@@ -15,6 +15,7 @@ from rich.live import Live
 from rich.markup import escape
 
 from pdctl import __version__, cluster, dashboard, lifecycle, views
+from pdctl.bench import command as bench_command
 from pdctl.engines import runtime
 from pdctl.errors import ClusterError, PdctlError, UsageError
 from pdctl.gpus import FileGpuSource, GpuSource, discover
@@ -343,6 +344,8 @@ def simulate(
     else:
         out.print(render.result_table(result))
 
+
+app.command("bench")(bench_command.bench)
 
 engine_app = typer.Typer(help="The engine runtime: vLLM in a virtual environment of its own.", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")

@@ -1,0 +1,52 @@
+"""`pdctl bench` end to end on the real CPU build of vLLM (the session's `local_cluster`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e import LocalCluster
+
+pytestmark = pytest.mark.e2e
+
+
+def test_pdctl_bench_runs_clean_against_the_real_cluster(local_cluster: LocalCluster, tmp_path):
+    out = tmp_path / "real.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "pdctl",
+        "bench",
+        "--state-dir",
+        str(local_cluster.dir.root),
+        "--cluster",
+        local_cluster.dir.name,
+        "-n",
+        "12",
+        "--input-len",
+        "150",
+        "--output-len",
+        "8",
+        "--concurrency",
+        "4",
+        "--json",
+        str(out),
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert (data["completed"], data["failed"], data["total_output_tokens"]) == (12, 0, 96)
+    # Token events need not be one per token (vLLM may merge tokens when behind), so ITL counts vary.
+    assert sum(len(itl) for itl in data["itls"]) > 0 and data["median_tpot_ms"] > 0
+    # The builtin model's tokenizer: one token a byte, plus the BOS vLLM adds.
+    assert data["pdctl"]["tokenizer"] == "byte-level (one token per byte)" and set(data["input_lens"]) == {151}
+    server = data["pdctl"]["server"]
+    assert data["pdctl"]["sim"] is False and "sim engine" not in result.stdout
+    # 151 tokens >= the local profile's threshold of 64: every request is prefilled, its KV moved by NIXL.
+    assert server["phase_split"] == {"PREFILLING": {"ok": 12.0}}
+    assert server["nixl_transfers"] >= 12 and server["nixl_bytes_transferred"] > 0
+    assert 0 <= server["prefix_cache_hit_rate"] <= 1 and server["cost_per_million_output_tokens_usd"] > 0
