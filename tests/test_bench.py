@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from pdctl import lifecycle
+from pdctl.cost import load_comparison
 from tests.clusters import free_port_block, sim_profile, up
 from tests.conftest import ROOT
 
@@ -377,6 +378,11 @@ def test_compare_brings_up_pd_then_colocated_on_the_same_devices(tmp_path):
     assert runs["pd"]["completed"] == runs["colocated"]["completed"] == 20
     assert "ratios to pd" in result.stdout and "sim engine" in result.stdout
     assert not list((tmp_path / "state").glob("*/state.json"))  # both layouts were stopped
+    # The measured comparison PDMetrics.total_cost_optimization_percent reads: PD over colocated throughput.
+    stored = load_comparison(tmp_path / "state", "ab")
+    assert stored is not None and stored.devices == 2 and stored.engine == "sim"
+    assert stored.pd_output_tokens_per_s == runs["pd"]["output_throughput"]
+    assert stored.colocated_output_tokens_per_s == runs["colocated"]["output_throughput"]
 
 
 def test_policies_run_the_same_workload_under_each_routing_policy(tmp_path):

@@ -119,6 +119,8 @@ def bench(
         runs = compare.run_variants(profile, variants, settings, state_root(state_dir), _runner(), err)
         title = "routing policies, same PD layout" if policies else "PD against colocated, same devices"
         out.print(views.comparison_table(runs, title + _sim_label(runs)))
+        if not policies and (saved := compare.record_cost_comparison(profile, runs, settings, state_root(state_dir))):
+            err.print(f"cost comparison stored in {saved}: `pdctl status` and PDMetrics show it")
         _write(json_file, {"runs": dict(runs)})
         return
     target = _target(profile, url, model, cluster, state_dir)

@@ -4,10 +4,12 @@ turn through pdctl.lifecycle and stopped after), and sweeps of load that find th
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from pdctl.bench.report import tpot_of
 from pdctl.bench.run import BenchOutcome, Target, target_of_cluster
 from pdctl.bench.workload import WorkloadSpec
 from pdctl.cluster import plan_profile
+from pdctl.cost import CostComparison, save_comparison
 from pdctl.errors import ClusterError, UsageError
 from pdctl.plan import Plan
 from pdctl.state import ClusterDir
@@ -193,3 +196,32 @@ def knee_text(knee: dict[str, Any] | None, slos: dict[str, float]) -> str:
     return (
         f"knee: {load} ({knee['slo_attainment']:.0%} of requests {what}; {knee['output_throughput']:,.1f} output tok/s)"
     )
+
+
+# ---- the measured cost comparison status shows ---------------------------------------------------------------
+
+
+def record_cost_comparison(
+    profile: Path, runs: list[tuple[str, dict[str, Any]]], settings: RunSettings, state_root: Path
+) -> Path | None:
+    """Store the PD and colocated throughputs of one --compare run, so `pdctl status` and PDMetrics can say
+    what PD saves per token on these devices: measured, never estimated."""
+    by_layout = dict(runs)
+    pd, colocated = by_layout.get("pd"), by_layout.get("colocated")
+    if not pd or not colocated or not pd.get("output_throughput") or not colocated.get("output_throughput"):
+        return None
+    planned = plan_profile(profile)
+    workload = settings.spec.model_dump(exclude_defaults=True, mode="json")
+    if settings.concurrency:
+        workload["concurrency"] = settings.concurrency
+    comparison = CostComparison(
+        profile=planned.profile.name,
+        measured_at=datetime.now(UTC),
+        workload=json.dumps(workload, sort_keys=True),
+        engine=planned.plan.engine,
+        devices=sum(len(i.gpus) or 1 for i in planned.plan.instances),
+        gpu_hour_usd=planned.profile.cost.gpu_hour_usd,
+        pd_output_tokens_per_s=pd["output_throughput"],
+        colocated_output_tokens_per_s=colocated["output_throughput"],
+    )
+    return save_comparison(state_root, comparison)
