@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from pdctl.router.pool import Instance, Pool
 
@@ -28,16 +27,22 @@ class EngineSample:
 
 
 def parse_engine_metrics(text: str) -> EngineSample:
-    """Sum each gauge over the engine's series (one per engine core under data parallelism)."""
-    sample = EngineSample()
-    for family in text_string_to_metric_families(text):
-        field = GAUGES.get(family.name)
-        if field is None:
+    """Sum each gauge over the engine's series (one per engine core under data parallelism).
+
+    Reads only the three gauges' sample lines (`name{labels} value`): a full Prometheus parse of the whole
+    page cost the daemon more CPU, every second and per engine, than routing a request."""
+    values: dict[str, list[float]] = {field: [] for field in GAUGES.values()}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
             continue
-        values = [s.value for s in family.samples if s.name == family.name]
-        total = sum(values)
-        setattr(sample, field, total / len(values) if field == "kv_usage" and values else total)
-    return sample
+        name, _, rest = line.partition("{")
+        if not rest:
+            name, _, rest = line.partition(" ")
+        field = GAUGES.get(name.strip())
+        if field is not None:
+            values[field].append(float(rest.rpartition("}")[2].split()[0] if "}" in rest else rest.split()[0]))
+    running, waiting, kv_usage = values["running"], values["waiting"], values["kv_usage"]
+    return EngineSample(sum(running), sum(waiting), sum(kv_usage) / len(kv_usage) if kv_usage else 0.0)
 
 
 async def scrape_once(client: httpx.AsyncClient, instance: Instance) -> None:
