@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pdctl import procs
 from pdctl.plan import Plan
 from pdctl.profile import ClusterProfile
-from pdctl.router.server import RouterService, build_router
+from pdctl.router.server import RouterService, build_router, use_fast_event_loop
 from pdctl.scaling.service import scaling
 from pdctl.state import ClusterDir, ClusterPhase
 from pdctl.supervisor import Supervisor, SupervisorPolicy
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the log
     given = DaemonInput.model_validate(json.loads(sys.stdin.buffer.read()))
     cluster_dir = ClusterDir(args.cluster_dir.parent, args.cluster_dir.name)
+    log.info("event loop: %s", "uvloop" if use_fast_event_loop() else "asyncio")
     return asyncio.run(run(cluster_dir, given))
 
 

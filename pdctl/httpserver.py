@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger("pdctl.httpserver")
 
@@ -179,8 +179,8 @@ class _Connection(asyncio.Protocol):
     # -- protocol callbacks -------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport; not an asyncio.Transport subclass under every event loop (uvloop's is not).
+        self._transport = cast(asyncio.Transport, transport)
         self._server._connections.add(self)
         self._task = self._loop.create_task(self._serve())
 

@@ -30,7 +30,7 @@ from pdctl.router.pool import Instance, Pool
 from pdctl.router.prefix import PrefixTable, block_hashes
 from pdctl.router.recorder import DisabledRecorder, RouterMetrics
 from pdctl.router.scrape import EngineTelemetry
-from pdctl.router.tokens import TokenCounter
+from pdctl.router.tokens import TokenCounter, utf8_length
 from pdctl.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("pdctl.router")
@@ -95,6 +95,9 @@ def _explain_selection(selection: Selection | None) -> dict[str, Any] | None:
     return {"instance": selection.instance.id, "url": selection.instance.url, "scores": scores}
 
 
+_ROLES = tuple(Phase)  # iterating the enum class itself is slow on the hot path
+
+
 class NoInstance(HttpError):
     def __init__(self, what: str):
         super().__init__(503, f"no healthy {what} instance can take the request", "ServiceUnavailableError")
@@ -129,15 +132,14 @@ class Router:
     async def fetch(self, url: str, body: dict[str, Any], timeout_s: float) -> tuple[int, bytes]:
         """POST and read the whole answer within timeout_s."""
 
-        async def exchange() -> tuple[int, bytes]:
-            response = await self.upstream.post(url, body, timeout_s)
-            try:
-                return response.status_code, await response.read()
-            finally:
-                await response.aclose()
-
         try:
-            return await asyncio.wait_for(exchange(), timeout_s)
+            # asyncio.timeout, not wait_for: no task of its own, so no extra trips through the event loop.
+            async with asyncio.timeout(timeout_s):
+                response = await self.upstream.post(url, body, timeout_s)
+                try:
+                    return response.status_code, await response.read()
+                finally:
+                    await response.aclose()
         except TimeoutError:
             raise UpstreamError(f"no complete answer within {timeout_s:g} s") from None
 
@@ -200,9 +202,10 @@ class Router:
         blocks = block_hashes(parsed.text) if self._uses_prefixes else []
         routing = RoutingRequest(input_tokens=input_tokens, prefix_blocks=blocks, now=now)
         # Filter each pool once; every later step reads these lists.
-        candidates = {role: self.strategy.candidates(self.pool.role(role), routing) for role in Phase}
+        candidates = {role: self.strategy.candidates(self.pool.role(role), routing) for role in _ROLES}
         decode = self.strategy.pick_from(candidates[Phase.DECODING], routing)
-        features = RequestFeatures(input_tokens, expected_output, self._cached_tokens(decode, blocks, input_tokens))
+        cached = self._cached_tokens(decode, blocks, input_tokens, routing.prefix_matches)
+        features = RequestFeatures(input_tokens, expected_output, cached)
         available = [role for role, kept in candidates.items() if kept]
         decision = self.pd_routing.decide(features, self._load(decode, candidates[Phase.PREFILLING]), available)
         route = Route(f"pdctl-{next(self._ids)}", decision, input_tokens, expected_output, decode, prefix_blocks=blocks)
@@ -213,10 +216,15 @@ class Router:
         self.metrics.decided(time.perf_counter() - started)
         return route
 
-    def _cached_tokens(self, decode: Selection | None, blocks: list[int], input_tokens: int) -> int:
+    def _cached_tokens(
+        self, decode: Selection | None, blocks: list[int], input_tokens: int, matches: dict[str, int]
+    ) -> int:
         if decode is None or not blocks:
             return 0
-        matched = self.tables[decode.instance.id].match(blocks)
+        # The prefix scorer, where the strategy has one, matched this instance already.
+        matched = matches.get(decode.instance.id)
+        if matched is None:
+            matched = self.tables[decode.instance.id].match(blocks)
         return min(input_tokens, round(input_tokens * matched / max(1, len(blocks) + 1)))
 
     def _load(self, decode: Selection | None, prefills: list[Instance]) -> PoolLoad:
@@ -466,7 +474,7 @@ class Exchange:
             prompt, completion = _USAGE_PROMPT.search(content), _USAGE_COMPLETION.search(content)
             if prompt:
                 input_tokens = int(prompt.group(1))
-                router.counter.observe(len(self.parsed.text.encode()), input_tokens)
+                router.counter.observe(utf8_length(self.parsed.text), input_tokens)
             if completion:
                 output_tokens = int(completion.group(1))
                 router.record_output(output_tokens)

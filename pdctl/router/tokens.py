@@ -21,8 +21,10 @@ INITIAL_BYTES_PER_TOKEN = 4.0
 _SMOOTHING = 0.1
 
 
-def _utf8_bytes(text: str) -> int:
-    return len(text.encode())
+def utf8_length(text: str) -> int:
+    """The UTF-8 length of text without encoding it when it is ASCII (isascii is O(1) for str): encoding a
+    long prompt only to measure it was a copy of the whole prompt on the routing decision's hot path."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 class TokenCounter:
@@ -38,7 +40,7 @@ class TokenCounter:
     def for_model(cls, model_path: str) -> TokenCounter:
         directory = Path(model_path)
         if (directory / tinymodel.MARKER).is_file():
-            return cls(_utf8_bytes)
+            return cls(utf8_length)
         path = directory / "tokenizer.json"
         if not path.is_file():
             return cls()
@@ -57,7 +59,7 @@ class TokenCounter:
     def count(self, text: str) -> int:
         if self._exact_count is not None:
             return self._exact_count(text)
-        return round(len(text.encode()) / self.bytes_per_token)
+        return round(utf8_length(text) / self.bytes_per_token)
 
     def observe(self, text_bytes: int, prompt_tokens: int) -> None:
         """Learn the bytes-per-token ratio from what an engine counted for a prompt."""
