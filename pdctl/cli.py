@@ -263,13 +263,19 @@ def scale(
     prefill: Annotated[int | None, typer.Option(help="set the prefill pool to N instances (pauses its scaler)")] = None,
     decode: Annotated[int | None, typer.Option(help="set the decode pool to N instances (pauses its scaler)")] = None,
     auto: Annotated[bool, typer.Option("--auto", help="give pools set by hand back to the scaler")] = False,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="a pd setting to change now, e.g. prefilling_max_instances=6 (repeatable)"),
+    ] = None,
     state_dir: StateDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Resize the pools of a running cluster by hand, within their bounds, or hand them back to the scaler."""
-    if prefill is None and decode is None and not auto:
-        raise UsageError("say what to change: --prefill N, --decode N or --auto")
-    request = scale_control.ScaleRequest(prefill=prefill, decode=decode, auto=auto)
+    """Resize the pools of a running cluster by hand, change its PD settings (bounds, dynamic scaling, routing)
+    without a restart, or hand the pools back to the scaler."""
+    if prefill is None and decode is None and not auto and not settings:
+        raise UsageError("say what to change: --prefill N, --decode N, --set KEY=VALUE or --auto")
+    changes = scale_control.parse_settings(settings or [])
+    request = scale_control.ScaleRequest(prefill=prefill, decode=decode, auto=auto, pd=changes)
     report = scale_control.send(ClusterDir.find(state_root(state_dir), name), request)
     if as_json:
         _print_json(report.model_dump(mode="json"))

@@ -279,3 +279,43 @@ def _settle(watch: Watch, pool: str, quiet_s: float, timeout_s: float) -> int:
         if now_size != size:
             count, size, since = len(watch.seen), now_size, time.monotonic()
     return count
+
+
+def test_the_documents_remedy_raises_a_bound_on_the_running_cluster(tmp_path, started):
+    """`pd_config.prefilling_max_instances = 6` in the design document: through the Python API (and
+    `pdctl scale --set`), a pool's maximum and dynamic scaling change on the running cluster, no restart."""
+    from pydantic import ValidationError
+
+    from pdctl.control_plane.cluster import running_pd_config
+
+    pd = (
+        "pd: {prefilling_min_instances: 1, prefilling_max_instances: 1, decoding_min_instances: 1,\n"
+        "     decoding_max_instances: 1, routing_policy: never, enable_dynamic_scaling: false}\n"
+    )
+    profile = scaling_profile(tmp_path, "remedy", pd, FAST + "decode: {max_parallel_requests: 4}\n", 27500)
+    cluster_dir, router = started(profile)
+    state = tmp_path / "state"
+    refused = pdctl("scale", "remedy", "--decode", "2", state=state)
+    assert refused.returncode == 2 and "outside the pool's bounds 1..1" in refused.stderr
+    pd_config = running_pd_config("remedy", state)
+    pd_config.decoding_max_instances = 3
+    pd_config.enable_dynamic_scaling = True
+    with pytest.raises(ValidationError, match=r"decoding_min_instances \(5\) is above decoding_max_instances \(3\)"):
+        pd_config.decoding_min_instances = 5
+    assert pd_config.decoding_min_instances == 1
+    report = read_report(cluster_dir.path)
+    decode = next(p for p in report.pools if p.pool == "decode")
+    assert (decode.min, decode.max) == (1, 3) and report.mode != "off"
+    assert any(d.pool == "pd" and "decoding_max_instances 1 -> 3" in d.reason for d in report.decisions)
+    assert running_pd_config("remedy", state).decoding_max_instances == 3  # what a later reader sees
+    raised = pdctl("scale", "remedy", "--set", "prefilling_max_instances=2", "--decode", "2", "--json", state=state)
+    assert raised.returncode == 0, raised.stderr
+    watch = Watch(cluster_dir.path)
+    try:
+        watch.wait_for("decode", 2, timeout_s=40)
+    finally:
+        watch.close()
+    assert (
+        httpx.post(f"{router}/v1/completions", json={"model": "sim-model", "prompt": "hi", "max_tokens": 2}).status_code
+        == 200
+    )

@@ -18,6 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from pdctl import cluster
 from pdctl.engines import commands
@@ -296,6 +299,48 @@ class Scaler:
         if record.delta == 0:
             record.outcome = "no change"
         log.info("%s set to %d by hand; its scaler is paused until `pdctl scale --auto`", role, count)
+
+    def update_pd(self, changes: dict[str, Any]) -> list[str]:
+        """Apply changes to the running cluster's PD config (the design document's remedies: raise a pool's
+        maximum, turn dynamic scaling on). All are validated together first, so a bad one changes nothing;
+        the router shares the same object, so routing changes apply to its next request."""
+        pd = self.profile.pd
+        unknown = sorted(set(changes) - set(type(pd).model_fields) | {k for k in changes if k.endswith("_config")})
+        if unknown:
+            raise ScaleRequestError(f"not a PD setting that can change at run time: {', '.join(unknown)}")
+        try:
+            type(pd).model_validate({**pd.model_dump(), **changes})
+        except ValidationError as error:
+            raise ScaleRequestError("; ".join(e["msg"] for e in error.errors())) from None
+        said = [
+            f"{name} {getattr(pd, name)} -> {value}" for name, value in changes.items() if getattr(pd, name) != value
+        ]
+        for name, value in changes.items():
+            setattr(pd, name, value)
+        self._apply_pd()
+        if said:
+            reason = "pd: " + ", ".join(said)
+            self.decisions.append(DecisionRecord(at=time.time(), pool="pd", delta=0, loop="manual", reason=reason))
+            self.decisions[-1].outcome = "applied"
+            log.info("pd config changed at run time: %s", ", ".join(said))
+        # Readers of the state directory (`pdctl status`, a Python client attaching later) see what is in force.
+        self.dir.write_json(self.dir.profile_file, self.profile.model_dump(mode="json"))
+        self._publish()
+        return said
+
+    def _apply_pd(self) -> None:
+        pd = self.profile.pd
+        bounds = {
+            Role.PREFILL: Bounds(pd.prefilling_min_instances, pd.prefilling_max_instances),
+            Role.DECODE: Bounds(pd.decoding_min_instances, pd.decoding_max_instances),
+        }
+        self.mode = self.spec.mode if pd.enabled and pd.enable_dynamic_scaling else "off"
+        for pool in self.pools.values():
+            pool.bounds = bounds[pool.role]
+            pool.floor = pool.bounds.clamp(pool.floor)
+            if pool.mode != "manual":
+                pool.mode = self.mode
+            pool.desired = pool.bounds.clamp(pool.desired)
 
     def set_auto(self) -> None:
         for pool in self.pools.values():

@@ -13,8 +13,9 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from pdctl.errors import ClusterError, UsageError
@@ -33,12 +34,24 @@ class ScaleRequest(BaseModel):
     prefill: int | None = None
     decode: int | None = None
     auto: bool = False
+    pd: dict[str, Any] = {}  # PD settings to change at run time (bounds, dynamic scaling, routing)
 
 
 class ScaleAnswer(BaseModel):
     ok: bool
     error: str | None = None
     report: ScalingReport | None = None
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs, each value read as YAML (6, true, adaptive), as the profile would have it."""
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {pair!r}: write KEY=VALUE, e.g. prefilling_max_instances=6")
+        changes[key.strip().removeprefix("pd.")] = yaml.safe_load(value)
+    return changes
 
 
 def socket_path(cluster_dir: ClusterDir) -> Path:
@@ -48,6 +61,8 @@ def socket_path(cluster_dir: ClusterDir) -> Path:
 def apply(scaler: Scaler, request: ScaleRequest) -> ScaleAnswer:
     counts = {Role.PREFILL: request.prefill, Role.DECODE: request.decode}
     try:
+        if request.pd:
+            scaler.update_pd(request.pd)
         # Check every pool before changing any, so a bad count changes nothing.
         for role, count in counts.items():
             if count is not None:
