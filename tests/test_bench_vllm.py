@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from pdctl import lifecycle
 from tests.conftest import ROOT
 from tests.e2e import LocalCluster
 
@@ -39,7 +40,12 @@ def test_pdctl_bench_runs_clean_against_the_real_cluster(local_cluster: LocalClu
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert (data["completed"], data["failed"], data["total_output_tokens"]) == (12, 0, 96)
+    errors = sorted({e for e in data["errors"] if e})[:3]
+    assert (data["completed"], data["failed"], data["total_output_tokens"]) == (12, 0, 96), (
+        data["failures_by_kind"],
+        errors,
+        lifecycle.log_path(local_cluster.dir, "daemon").read_text()[-3000:],
+    )
     # Token events need not be one per token (vLLM may merge tokens when behind), so ITL counts vary.
     assert sum(len(itl) for itl in data["itls"]) > 0 and data["median_tpot_ms"] > 0
     # The builtin model's tokenizer: one token a byte, plus the BOS vLLM adds.
