@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from pdctl.gpus import Gpu, GpuProcess, StaticGpuSource
@@ -59,6 +60,16 @@ def local_cluster(tmp_path_factory):
             + "\n".join(f"{f.id}: {f.message}\n" + "\n".join(f.last_lines) for f in failures)
         )
     token = cluster_dir.read_state().token
-    yield LocalCluster(cluster_dir, started.plan)
+    cluster = LocalCluster(cluster_dir, started.plan)
+    # One request through prefill and decode first: the first NIXL handshake is slow, and no test should time it.
+    warm = {"model": started.plan.served_model_name, "prompt": "warm up " * 20, "max_tokens": 2}
+    assert httpx.post(f"{cluster.router}/v1/completions", json=warm, timeout=300).status_code == 200
+    yield cluster
     report = lifecycle.down(cluster_dir)
     assert report.remaining_pids == [] and procs.marked_processes(token) == [], "down left processes behind"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the session's real cluster run last: its idle vLLM workers keep the cores busy, so every
+    other test (the scaling test's own vLLM cluster among them) runs faster and steadier before it starts."""
+    items.sort(key=lambda item: "local_cluster" in getattr(item, "fixturenames", ()))
