@@ -36,7 +36,7 @@ def test_decode_scales_one_to_two_and_back_under_real_vllm(tmp_path):
         text,
     )
     text = text.replace("max_parallel_requests: 16", "max_parallel_requests: 4")
-    text = text.replace("start_timeout_s: 300", "start_timeout_s: 900")  # a third instance, started under load
+    text = text.replace("start_timeout_s: 300", "start_timeout_s: 600")  # a third instance, started under load
     profile = tmp_path / "localscale.yaml"
     profile.write_text(text + f"ports: {{instances: {base + 1}, nixl_side_channel: {base + 400}}}\n" + SCALING)
     cluster_dir, _, failures = up(profile, tmp_path / "state")
@@ -48,7 +48,11 @@ def test_decode_scales_one_to_two_and_back_under_real_vllm(tmp_path):
         assert failures == []
         time.sleep(6)  # past the warm-up of the first two instances
         load.set_clients(8)
-        out_s = watch.wait_for("decode", 2, timeout_s=900)
+        _wait_for_launch(cluster_dir.path, "decode", timeout_s=120)
+        # Two cores: eight clients on two busy engines would starve the third one's start for ten minutes.
+        # The decision is taken; one client keeps requests flowing (none may fail) while it starts.
+        load.set_clients(1)
+        out_s = watch.wait_for("decode", 2, timeout_s=600)
         served_before = load.ok
         time.sleep(10)  # the new instance serves
         load.set_clients(0)
@@ -65,3 +69,14 @@ def test_decode_scales_one_to_two_and_back_under_real_vllm(tmp_path):
     decisions = [(d.delta, d.outcome.split(":")[0]) for d in report.decisions if d.pool == "decode"]
     assert decisions == [(1, "done"), (-1, "done")], report.decisions
     assert down.remaining_pids == [] and procs.marked_processes(token) == []
+
+
+def _wait_for_launch(cluster_path, pool: str, timeout_s: float) -> None:
+    """Until the scaler has decided to add an instance to the pool (its launch is under way)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        report = read_report(cluster_path)
+        if report and any(d.pool == pool and d.delta > 0 for d in report.decisions):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the scaler never added a {pool} instance in {timeout_s:.0f} s: {read_report(cluster_path)}")
