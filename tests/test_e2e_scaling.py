@@ -4,6 +4,7 @@ it alone under the machine-wide lock: `flock /tmp/pdctl-real-vllm.lock pytest te
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -16,7 +17,13 @@ from tests.clusters import free_port_block, up
 from tests.e2e import LOCAL_PROFILE
 from tests.scaling_load import Load, Watch
 
-pytestmark = pytest.mark.e2e
+# Three vLLM CPU engines on a two-core machine: the third one's start is starved by the other two's busy
+# workers (7 to 11 minutes measured), longer than CI can give. Run it on purpose, alone:
+#   PDCTL_E2E_SCALING=1 flock /tmp/pdctl-real-vllm.lock pytest tests/test_e2e_scaling.py
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not os.environ.get("PDCTL_E2E_SCALING"), reason="set PDCTL_E2E_SCALING=1: ~15 min alone"),
+]
 
 SCALING = (
     "scaling: {interval_s: 1, scale_out_after_s: 5, scale_in_after_s: 10, warmup_s: 5, window_s: 10,\n"
