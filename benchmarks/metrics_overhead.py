@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from router_throughput import load  # noqa: E402
+from router_throughput import free_ports, load  # noqa: E402
 
 from pdctl import lifecycle  # noqa: E402
 from pdctl.cluster import plan_profile  # noqa: E402
@@ -47,14 +47,6 @@ pd: {{routing_policy: always, prefilling_min_instances: {prefill}, prefilling_ma
 prefill: {{tensor_parallel_size: 1, target_batch_size: 1024}}
 decode: {{max_parallel_requests: 1024}}
 """
-
-
-def free_ports(count: int, start: int) -> int:
-    """A base port with `count` free ports after it (engines of other processes hold random ports)."""
-    for base in range(start, 60000, 997):
-        if all(lifecycle.port_owner("127.0.0.1", base + i) is None for i in range(count)):
-            return base
-    raise SystemExit("no free block of ports")
 
 
 def start_cluster(work: Path, name: str, port: int, prefill: int, decode: int):
@@ -115,9 +107,9 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
         for round_index in range(args.rounds):
             order = list(urls.items()) if round_index % 2 == 0 else list(reversed(urls.items()))
             for name, url in order:
-                elapsed, latencies, failures = asyncio.run(load(url, args.requests, args.concurrency))
-                assert failures == 0, f"{name}: {failures} failed requests"
-                rps[name].append(len(latencies) / elapsed)
+                measured = asyncio.run(load(url, args.requests, args.concurrency))
+                assert measured.failures == 0, f"{name}: {measured.failures} failed requests"
+                rps[name].append(measured.rps)
         ratios = [on / off for on, off in zip(rps["metrics on"], rps["metrics off"], strict=True)]
         print(f"router requests/s, {args.rounds} interleaved rounds of {args.requests} requests, "
               f"{args.concurrency} concurrent, PD two hops on sim backends with no model time")  # fmt: skip

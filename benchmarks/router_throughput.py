@@ -185,8 +185,8 @@ def start_vllm_router(binary: str, port: int, prefill: str, decode: str, log: Pa
     raise SystemExit(f"vllm-router did not start; see {log}")
 
 
-def free_ports(count: int) -> int:
-    for base in range(39000, 60000, 97):
+def free_ports(count: int, start: int = 39000) -> int:
+    for base in range(start, 60000, 97):
         if all(lifecycle.port_owner("127.0.0.1", base + i) is None for i in range(count)):
             return base
     raise SystemExit("no free block of ports")
