@@ -1,7 +1,9 @@
 """`pdctl bench` against `vllm bench serve` (shipped with the engine runtime): the same router of the real
 local CPU cluster, the same workload (random prompts of --input-len tokens, --output-len tokens with
 ignore_eos, --concurrency streams, --num-prompts), run alternately --rounds times; prints both clients'
-output tokens/s and median TTFT / TPOT / ITL side by side with their ratios (the issue asks for 10 %).
+output tokens/s and median TTFT / TPOT / ITL side by side with their ratios (the issue asks for 10 %), per
+round and as medians over the rounds. Both send the same --extra-body: the tiny model samples printable ASCII
+only, so every token streams as it is generated.
 
 Brings profiles/local.yaml up in its own state directory and stops it after. Real vLLM: run it under the
 machine-wide lock:  flock /tmp/pdctl-real-vllm.lock python benchmarks/bench_vs_vllm.py
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,9 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 from pdctl import lifecycle  # noqa: E402
 from pdctl.cluster import plan_profile  # noqa: E402
+from pdctl.engines import tinymodel  # noqa: E402
 from pdctl.engines.runtime import default_runtime_dir  # noqa: E402
 from pdctl.state import ClusterDir  # noqa: E402
 
+# Both clients sample printable ASCII only, so each token streams as it is generated (see printable_token_ids).
+EXTRA_BODY = json.dumps({"allowed_token_ids": tinymodel.printable_token_ids()})
 KEYS = ("completed", "output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms", "p99_ttft_ms")
 
 
@@ -48,6 +54,8 @@ def run_pdctl(router: str, model_dir: str, args: argparse.Namespace, out: Path) 
         str(args.concurrency),
         "--seed",
         "0",
+        "--extra-body",
+        EXTRA_BODY,
         "--json",
         str(out),
     ]
@@ -89,6 +97,8 @@ def run_vllm(router: str, model: str, model_dir: str, args: argparse.Namespace, 
         "--max-concurrency",
         str(args.concurrency),
         "--ignore-eos",
+        "--extra-body",
+        EXTRA_BODY,
         "--seed",
         "0",
         "--disable-tqdm",
@@ -145,8 +155,17 @@ def main() -> None:
     print(f"{'round':<6} {'metric':<20} {'pdctl bench':>12} {'vllm bench':>12} {'ratio':>7}")
     for round_, pd, vl in rows:
         for key in KEYS:
-            ratio = pd[key] / vl[key] if vl.get(key) else float("nan")
-            print(f"{round_:<6} {key:<20} {pd[key]:12.2f} {vl[key]:12.2f} {ratio:7.3f}")
+            print(f"{round_:<6} {key:<20} {pd[key]:12.2f} {vl[key]:12.2f} {_ratio(pd[key], vl[key]):7.3f}")
+    # One round's median TTFT swings with where its requests happened to queue; the median over rounds is the
+    # figure each client stands by.
+    for key in KEYS:
+        pd_median = statistics.median(pd[key] for _, pd, _ in rows)
+        vl_median = statistics.median(vl[key] for _, _, vl in rows)
+        print(f"{'median':<6} {key:<20} {pd_median:12.2f} {vl_median:12.2f} {_ratio(pd_median, vl_median):7.3f}")
+
+
+def _ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs else float("nan")
 
 
 if __name__ == "__main__":

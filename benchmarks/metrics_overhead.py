@@ -1,6 +1,7 @@
-"""What collecting metrics costs: (1) the router's requests/s with its per-request metrics on against off, on
-the same fast sim backends, in interleaved rounds; (2) the CPU one scraper spends reading /metrics of 50 sim
-instances every second.
+"""What collecting metrics costs: (1) in-process, the CPU the router's recorder spends on one request, on
+against off; (2) the router's requests/s with its per-request metrics on against off, two router processes
+started alike over the same fast sim backends, in interleaved rounds; (3) the CPU one scraper spends reading
+/metrics of 50 sim instances every second.
 
     python benchmarks/metrics_overhead.py [--rounds N] [--requests N] [--concurrency C] [--instances N]
 
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,8 +33,9 @@ from pdctl import lifecycle  # noqa: E402
 from pdctl.cluster import plan_profile  # noqa: E402
 from pdctl.daemon import DaemonInput  # noqa: E402
 from pdctl.router.pool import Instance, Pool  # noqa: E402
+from pdctl.router.recorder import DisabledRecorder, RouterMetrics  # noqa: E402
 from pdctl.router.scrape import EngineTelemetry, scrape_forever  # noqa: E402
-from pdctl.router.server import RouterService, build_router  # noqa: E402
+from pdctl.router.server import RouterService, build_router, use_fast_event_loop  # noqa: E402
 from pdctl.state import ClusterDir  # noqa: E402
 
 PROFILE = """\
@@ -64,10 +67,11 @@ def start_cluster(work: Path, name: str, port: int, prefill: int, decode: int):
     return planned, cluster_dir
 
 
-def serve_router(given_file: Path, port: int) -> None:
-    """A second router over the same instances with metrics off (runs in its own process, as the daemon's)."""
+def serve_router(given_file: Path, port: int, metrics: bool) -> None:
+    """One router over the cluster's instances, in a process of its own, on the daemon's event loop: the two
+    routers compared differ only in the profile's `router.metrics`."""
     given = DaemonInput.model_validate_json(given_file.read_bytes())
-    given.profile.router.metrics = False
+    given.profile.router.metrics = metrics
 
     async def run() -> None:
         service = RouterService(build_router(given.profile, given.plan), "127.0.0.1", port)
@@ -76,13 +80,14 @@ def serve_router(given_file: Path, port: int) -> None:
         await service.start()
         await asyncio.Event().wait()
 
+    use_fast_event_loop()
     asyncio.run(run())
 
 
-def start_metrics_off_router(work: Path, planned, port: int) -> subprocess.Popen[bytes]:
+def start_router(work: Path, planned, port: int, metrics: bool) -> subprocess.Popen[bytes]:
     given = work / "given.json"
     given.write_text(DaemonInput(profile=planned.profile, plan=planned.plan).model_dump_json())
-    argv = [sys.executable, __file__, "--serve-router", str(given), str(port)]
+    argv = [sys.executable, __file__, "--serve-router", str(given), str(port), "on" if metrics else "off"]
     process = subprocess.Popen(argv, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -92,36 +97,79 @@ def start_metrics_off_router(work: Path, planned, port: int) -> subprocess.Popen
         except httpx.HTTPError:
             time.sleep(0.2)
     process.kill()
-    raise SystemExit("the metrics-off router did not start")
+    raise SystemExit(f"the router with metrics {'on' if metrics else 'off'} did not start")
 
 
 def throughput(args: argparse.Namespace, work: Path) -> None:
     planned, cluster_dir = start_cluster(work, "metricson", 39200, 1, 1)
-    off_port = free_ports(1, planned.plan.router.port + 300)
-    off = start_metrics_off_router(work, planned, off_port)
-    urls = {"metrics on": f"http://127.0.0.1:{planned.plan.router.port}", "metrics off": f"http://127.0.0.1:{off_port}"}
+    first = free_ports(2, planned.plan.router.port + 300)
+    # --same: both with metrics on, an A/A run that shows the benchmark's own bias between the two processes.
+    routers = {"metrics on": (first, True), "metrics off": (first + 1, args.same)}
+    processes = {name: start_router(work, planned, port, metrics) for name, (port, metrics) in routers.items()}
+    urls = {name: f"http://127.0.0.1:{port}" for name, (port, _) in routers.items()}
     try:
         for url in urls.values():
             asyncio.run(load(url, 300, args.concurrency))  # warm both
         rps: dict[str, list[float]] = {name: [] for name in urls}
+        # The router process's own CPU per request: what collecting adds, without the noise that the engines
+        # and the load generator sharing the cores put into requests/s.
+        cpu_us: dict[str, list[float]] = {name: [] for name in urls}
         for round_index in range(args.rounds):
             order = list(urls.items()) if round_index % 2 == 0 else list(reversed(urls.items()))
             for name, url in order:
+                router = psutil.Process(processes[name].pid)
+                before = sum(router.cpu_times()[:2])
                 measured = asyncio.run(load(url, args.requests, args.concurrency))
                 assert measured.failures == 0, f"{name}: {measured.failures} failed requests"
                 rps[name].append(measured.rps)
+                cpu_us[name].append((sum(router.cpu_times()[:2]) - before) / args.requests * 1e6)
         ratios = [on / off for on, off in zip(rps["metrics on"], rps["metrics off"], strict=True)]
+        cpu_ratios = [on / off for on, off in zip(cpu_us["metrics on"], cpu_us["metrics off"], strict=True)]
         print(f"router requests/s, {args.rounds} interleaved rounds of {args.requests} requests, "
-              f"{args.concurrency} concurrent, PD two hops on sim backends with no model time")  # fmt: skip
+              f"{args.concurrency} concurrent, PD two hops on sim backends with no model time, "
+              f"event loop {'uvloop' if use_fast_event_loop() else 'asyncio'}")  # fmt: skip
         for name, values in rps.items():
             print(
                 f"  {name:<12} median {statistics.median(values):7.0f}  rounds {' '.join(f'{v:.0f}' for v in values)}"
             )
         print(f"  on/off ratio: median {statistics.median(ratios):.3f}  min {min(ratios):.3f}  max {max(ratios):.3f}"
               "  (target >= 0.97)")  # fmt: skip
+        for name, values in cpu_us.items():
+            print(f"  {name:<12} router CPU per request, median {statistics.median(values):6.0f} us  "
+                  f"rounds {' '.join(f'{v:.0f}' for v in values)}")  # fmt: skip
+        print(f"  router CPU per request on/off: median {statistics.median(cpu_ratios):.3f}  "
+              f"min {min(cpu_ratios):.3f}  max {max(cpu_ratios):.3f}")  # fmt: skip
     finally:
-        off.kill()
+        for process in processes.values():
+            process.kill()
         lifecycle.down(cluster_dir, grace_s=2)
+
+
+def one_request(recorder: RouterMetrics) -> None:
+    """The recorder's calls for one PD request, streamed with 16 chunks, as the proxy makes them."""
+    recorder.decided(4e-5)
+    recorder.prefilled("prefill-0", 0.02)
+    gaps = []
+    for _ in range(16):
+        gaps.append(0.01)  # what the proxy does per chunk
+    recorder.streamed("prefilling", gaps)
+    recorder.finished("prefilling", "ok", "decode-0", e2e_s=0.2, ttft_s=0.03, tpot_s=0.01, input_tokens=200,
+                      output_tokens=16)  # fmt: skip
+
+
+def record_cost(args: argparse.Namespace) -> None:
+    """Recording alone, in-process: the CPU per request the throughput ratio above is made of."""
+    recorders = {"metrics on": RouterMetrics(), "metrics off": DisabledRecorder()}
+    per_request: dict[str, list[float]] = {name: [] for name in recorders}
+    for _ in range(args.rounds):
+        for name, recorder in recorders.items():
+            started = time.process_time()
+            for _ in range(args.record_requests):
+                one_request(recorder)
+            per_request[name].append((time.process_time() - started) / args.record_requests * 1e6)
+    on, off = (statistics.median(per_request[name]) for name in recorders)
+    print(f"recording one streamed PD request (16 chunks), {args.rounds} rounds of {args.record_requests}: "
+          f"metrics on {on:.1f} us, off {off:.1f} us of CPU: {on - off:.1f} us a request")  # fmt: skip
 
 
 def scrape_cost(args: argparse.Namespace, work: Path) -> None:
@@ -150,8 +198,8 @@ def scrape_cost(args: argparse.Namespace, work: Path) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--serve-router":
-        serve_router(Path(sys.argv[2]), int(sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve-router":
+        serve_router(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "on")
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
@@ -159,9 +207,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--instances", type=int, default=50)
     parser.add_argument("--scrape-seconds", type=float, default=20.0)
-    parser.add_argument("--only", choices=("throughput", "scrape"))
+    parser.add_argument("--record-requests", type=int, default=20000)
+    parser.add_argument("--only", choices=("record", "throughput", "scrape"))
+    parser.add_argument("--same", action="store_true", help="A/A: metrics on in both routers")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
+    if args.only in (None, "record"):
+        record_cost(args)
     if args.only in (None, "throughput"):
         throughput(args, work)
     if args.only in (None, "scrape"):

@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
+from pdctl.bench.report import percentile
 from pdctl.lifecycle import port_owner
 from pdctl.profile import load_profile
-from pdctl.simulate.report import percentile
 from pdctl.simulate.run import simulate
 from pdctl.simulate.workload import SimRequest
 

@@ -108,7 +108,9 @@ def prepare_engine(planned: PlannedCluster) -> None:
     if profile.engine.kind != "vllm" or profile.engine.command:
         return
     python = Path(plan.engine_python) if plan.engine_python else None
-    runtime.check_runtime(python)
+    info = runtime.check_runtime(python)
+    if runtime.read_marker(info.dir) is not None:  # a runtime pdctl made; never edit another environment
+        runtime.install_hooks(info.dir)
     if profile.model.is_builtin_tiny:
         tinymodel.write_tiny_model(Path(plan.model_path), python=python)
 

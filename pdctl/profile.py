@@ -124,6 +124,11 @@ class EngineSpec(_Section):
 
 class CpuSpec(_Section):
     kv_cache_space_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE per instance")
+    nixl_progress_delay_us: int = Field(
+        100,
+        ge=0,
+        description="pause of NIXL's progress thread between polls; 0 keeps NIXL's own busy polling, a core each",
+    )
 
 
 class PortsSpec(_Section):

@@ -27,8 +27,8 @@ def state_root(override: Path | None = None) -> Path:
     return Path(base) / "pdctl"
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Readers see the old file or the new one, never half of one; only the owner can read either."""
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+    """Readers see the old file or the new one, never half of one; by default only the owner can read either."""
     payload = data.encode() if isinstance(data, str) else data
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -36,7 +36,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, 0o600)
+        os.chmod(temp, mode)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

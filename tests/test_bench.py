@@ -179,6 +179,8 @@ def test_a_chat_trace_and_poisson_arrivals_run_through(cluster, tmp_path):
         (["--scenario", "poetry"], "unknown scenario 'poetry'"),
         (["--model", "gpt-17"], "does not serve model 'gpt-17'; it serves: sim-model"),
         (["--goodput", "latency:5"], "--goodput"),
+        (["--extra-body", "[35, 36]"], "--extra-body must be a JSON object"),
+        (["--extra-body", '{"stream": false}'], "--extra-body cannot set stream"),
     ],
 )
 def test_bad_input_is_refused_before_any_load(cluster, args, message):

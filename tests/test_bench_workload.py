@@ -16,6 +16,7 @@ from pdctl.bench.workload import (
     arrival_offsets,
     build,
     load_trace,
+    parse_extra_body,
     parse_goodput,
     parse_priority_mix,
     sample_length,
@@ -277,3 +278,17 @@ def test_server_figures_are_differences_over_the_run():
 def test_a_server_without_these_metrics_gives_no_figures():
     empty = serverstats.Snapshot(None, {"x": None})
     assert serverstats.differences(empty, empty) == {}
+
+
+def test_extra_body_fields_reach_every_request_but_never_the_workloads_own():
+    from pdctl.bench.client import request_body
+    from pdctl.bench.workload import BenchRequest
+
+    extra = parse_extra_body('{"allowed_token_ids": [35, 36], "top_k": 1}')
+    body = request_body("m", BenchRequest(0, "hi", 2, 5), extra)
+    assert body["allowed_token_ids"] == [35, 36] and body["top_k"] == 1
+    assert (body["prompt"], body["max_tokens"], body["ignore_eos"], body["stream"]) == ("hi", 5, True, True)
+    assert parse_extra_body(None) is None
+    for bad, message in (("{", "not JSON"), ("3", "JSON object"), ('{"prompt": "x"}', "cannot set prompt")):
+        with pytest.raises(UsageError, match=message):
+            parse_extra_body(bad)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -268,3 +269,60 @@ def test_tiny_model_tokenizer_round_trips_in_the_runtime(tmp_path: Path) -> None
     assert result["ids"] == [1, *(3 + byte for byte in text.encode())]
     assert result["vocab"] == tinymodel.VOCAB_SIZE
     assert result["chat"] == "user: hi\nassistant: "
+
+
+# ---- the NIXL progress hook ----------------------------------------------------------------------------------
+
+
+def test_hooks_go_into_the_runtime_and_are_rewritten_only_when_changed(tmp_path: Path) -> None:
+    site_packages = tmp_path / "rt" / "lib" / "python3.11" / "site-packages"
+    site_packages.mkdir(parents=True)
+    runtime.install_hooks(tmp_path / "rt")
+    hook, pth = site_packages / "pdctl_nixl_progress.py", site_packages / "pdctl_nixl_progress.pth"
+    assert pth.read_text() == "import pdctl_nixl_progress\n"
+    assert hook.read_text() == (Path(runtime.__file__).parent / "nixl_progress.py").read_text()
+    assert oct(hook.stat().st_mode & 0o777) == "0o644"  # a shared install is read by other users
+    written = hook.stat().st_mtime_ns
+    runtime.install_hooks(tmp_path / "rt")
+    assert hook.stat().st_mtime_ns == written
+    hook.write_text("# an older pdctl's hook\n")
+    runtime.install_hooks(tmp_path / "rt")
+    assert "PDCTL_NIXL_PROGRESS_DELAY_US" in hook.read_text()
+
+
+def test_the_hook_reads_the_variable_pdctl_sets() -> None:
+    from pdctl.engines import commands, nixl_progress
+
+    assert nixl_progress.ENV == commands.NIXL_PROGRESS_ENV
+
+
+FAKE_BINDINGS = """
+class nixlAgentConfig:
+    pthrDelay = 0
+
+def nixlAgent(name, config):
+    return (name, config.pthrDelay)
+"""
+
+
+def test_the_hook_delays_the_progress_thread_of_agents_made_after_import(tmp_path: Path) -> None:
+    """In a fresh interpreter, as vLLM's starts: the .pth line imports the hook, then NIXL's bindings load."""
+    site = tmp_path / "site"
+    (site / "nixl_cu99").mkdir(parents=True)
+    (site / "nixl_cu99" / "__init__.py").write_text("")
+    (site / "nixl_cu99" / "_bindings.py").write_text(FAKE_BINDINGS)
+    (site / "pdctl_nixl_progress.py").write_text((Path(runtime.__file__).parent / "nixl_progress.py").read_text())
+    script = (
+        "import site, sys; site.addsitedir(sys.argv[1]); import pdctl_nixl_progress; "
+        "import nixl_cu99._bindings as b; print(b.nixlAgent('a', b.nixlAgentConfig()))"
+    )
+    (site / "pdctl_nixl_progress.pth").write_text("import pdctl_nixl_progress\n")
+
+    def run(env: dict[str, str]) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(site)], env=env, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    assert run({"PDCTL_NIXL_PROGRESS_DELAY_US": "100"}) == "('a', 100)"
+    assert run({}) == "('a', 0)"

@@ -32,6 +32,22 @@ def test_log_buckets_step_by_the_ratio():
     assert all(1.2 < b / a < 1.3 for a, b in itertools.pairwise(bounds))
 
 
+def test_a_streams_gaps_recorded_together_count_as_each_observed_alone():
+    clock = FakeClock(1000.2)
+    together = WindowedHistogram("t", "help", ("phase",), clock=clock)
+    alone = WindowedHistogram("a", "help", ("phase",), clock=clock)
+    gaps = [0.001, 0.004, 0.004, 0.2, 300.0]
+    together.observe_each(gaps, "DECODING")
+    for gap in gaps:
+        alone.observe(gap, "DECODING")
+    clock.now = 1001.7  # a later second: a new slot, the first one still in the window
+    together.observe_each([0.01], "DECODING")
+    alone.observe(0.01, "DECODING")
+    assert together.series == alone.series
+    assert together.window(10) == alone.window(10)
+    assert together.window(10)[-1] == 6 and together.window(10)[-2] == pytest.approx(sum(gaps) + 0.01)
+
+
 def test_windowed_counter_keeps_each_second_for_a_minute():
     clock = FakeClock(1000.2)
     counter = WindowedCounter("c", "help", ("phase",), clock=clock)

@@ -52,6 +52,7 @@ def test_local_profile_on_the_cpu():
     assert prefill.env["VLLM_CPU_OMP_THREADS_BIND"] == "0" and decode.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     assert prefill.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert prefill.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] != decode.env["VLLM_NIXL_SIDE_CHANNEL_PORT"]
+    assert prefill.env["PDCTL_NIXL_PROGRESS_DELAY_US"] == decode.env["PDCTL_NIXL_PROGRESS_DELAY_US"] == "100"
     assert (prefill.cpu_cores, decode.cpu_cores) == ([0], [1])
 
 
@@ -80,6 +81,18 @@ def test_gpu_profile_maps_every_knob(write_profile):
         fake_gpu(4).uuid,
         fake_gpu(5).uuid,
     }
+    # A GPU host's NIXL progress thread keeps NIXL's own busy polling: cores are not what limits there.
+    assert "PDCTL_NIXL_PROGRESS_DELAY_US" not in prefill.env
+
+
+def test_nixl_progress_delay_zero_keeps_nixls_polling(write_profile):
+    plan = plan_of(
+        write_profile(
+            "name: g\nmodel: {path: m}\ndevice: cpu\ncpu: {nixl_progress_delay_us: 0}\n"
+            "prefill: {tensor_parallel_size: 1}\ndecode: {tensor_parallel_size: 1}\n"
+        )
+    )
+    assert plan.instances and all("PDCTL_NIXL_PROGRESS_DELAY_US" not in instance.env for instance in plan.instances)
 
 
 def test_document_gpu_count_beyond_parallelism_is_data_parallel(write_profile):

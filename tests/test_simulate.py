@@ -9,13 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pdctl.bench.report import percentile
 from pdctl.perfmodel.arch import get_model
 from pdctl.perfmodel.hardware import get_hardware
 from pdctl.perfmodel.steptime import BatchShape, StepModel
 from pdctl.profile import load_profile
 from pdctl.simulate.design import DESIGN_DIR, DOCUMENT_ROWS, best, frontier_svg, layouts, sweep
 from pdctl.simulate.design import write_profile as write_profile_file
-from pdctl.simulate.report import RequestRecord, percentile, summarize
+from pdctl.simulate.report import RequestRecord, summarize
 from pdctl.simulate.run import simulate
 from pdctl.simulate.workload import SimRequest, WorkloadSpec, generate
 from tests.test_cli import pdctl

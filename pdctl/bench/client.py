@@ -365,10 +365,12 @@ async def run_workload(
     concurrency: int | None,
     timed: bool,
     on_tick: Callable[[Progress], None] | None = None,
+    extra_body: dict[str, Any] | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Sends every request (at its arrival time when timed, at most `concurrency` at once when given) and
     returns the results in request order and the duration from the first send to the last answer."""
-    payloads = [client.payload(request_body(model, r)) for r in requests]  # built before the clock starts
+    # Built before the clock starts.
+    payloads = [client.payload(request_body(model, r, extra_body)) for r in requests]
     results = [RequestResult(r.index, prompt_tokens=r.input_tokens) for r in requests]
     finished = {r.after: asyncio.Event() for r in requests if r.after is not None}
     progress = Progress(len(requests))

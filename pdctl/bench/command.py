@@ -11,7 +11,7 @@ from rich.console import Console
 
 from pdctl.bench import compare, views
 from pdctl.bench.run import BenchOutcome, Target, execute, prepare, target_of_cluster, write_json
-from pdctl.bench.workload import SCENARIOS, WorkloadSpec, parse_goodput, parse_priority_mix
+from pdctl.bench.workload import SCENARIOS, WorkloadSpec, parse_extra_body, parse_goodput, parse_priority_mix
 from pdctl.errors import ClusterError, UsageError
 from pdctl.profile import load_profile
 from pdctl.state import ClusterDir, NoCluster, state_root
@@ -67,6 +67,13 @@ def bench(
     timeout: Annotated[
         float, typer.Option(help="seconds before a request counts as timed out", rich_help_panel=_LOAD)
     ] = 600.0,
+    extra_body: Annotated[
+        str | None,
+        typer.Option(
+            help="JSON object merged into every request body, as vllm bench serve's --extra-body",
+            rich_help_panel=_LOAD,
+        ),
+    ] = None,
     goodput: Annotated[
         list[str] | None, typer.Option(help="SLOs for goodput: ttft:MS tpot:MS e2el:MS", rich_help_panel=_REPORT)
     ] = None,
@@ -111,7 +118,9 @@ def bench(
         seed=seed,
     )
     slos = parse_goodput(goodput or [])
-    settings = compare.RunSettings(spec, concurrency, slos, timeout, str(tokenizer) if tokenizer else None)
+    settings = compare.RunSettings(
+        spec, concurrency, slos, timeout, str(tokenizer) if tokenizer else None, parse_extra_body(extra_body)
+    )
     if compare_layouts or policies:
         if profile is None:
             raise UsageError("--compare and --policies bring layouts up from a profile: give PROFILE")
@@ -160,6 +169,7 @@ def _runner():
                 settings.goodput,
                 settings.timeout_s,
                 update,
+                settings.extra_body,
             )
 
     return run

@@ -8,7 +8,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ class RunSettings:
     goodput: dict[str, float]
     timeout_s: float
     tokenizer: str | None
+    # Fields merged into every request body (vllm bench serve's --extra-body).
+    extra_body: dict[str, Any] | None = None
 
 
 Runner = Callable[[Target, RunSettings], BenchOutcome]
@@ -164,15 +166,9 @@ def run_sweep(
     passing = True
     for load in loads:
         if kind == "rate":
-            current = RunSettings(
-                settings.spec.model_copy(update={"rate": load}),
-                settings.concurrency,
-                settings.goodput,
-                settings.timeout_s,
-                settings.tokenizer,
-            )
+            current = replace(settings, spec=settings.spec.model_copy(update={"rate": load}))
         else:
-            current = RunSettings(settings.spec, int(load), settings.goodput, settings.timeout_s, settings.tokenizer)
+            current = replace(settings, concurrency=int(load))
         outcome = run(target, current)
         share = attainment(outcome, settings.goodput)
         data = outcome.as_json({"sweep": {kind: load, "slo_attainment": share}})

@@ -148,13 +148,16 @@ def execute(
     goodput: dict[str, float],
     timeout_s: float,
     on_tick: Callable[[Progress], None] | None = None,
+    extra_body: dict[str, Any] | None = None,
 ) -> BenchOutcome:
     before = serverstats.snapshot(target.url, target.engines)
     client = StreamClient(target.url, timeout_s)
 
     async def go() -> tuple[list[Any], float]:
         try:
-            return await run_workload(client, info.model, workload.requests, concurrency, workload.timed, on_tick)
+            return await run_workload(
+                client, info.model, workload.requests, concurrency, workload.timed, on_tick, extra_body
+            )
         finally:
             client.close()
 

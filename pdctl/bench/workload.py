@@ -8,6 +8,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -128,6 +129,25 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
             if slos[name] <= 0:
                 raise UsageError(f"--goodput {part!r}: the SLO must be positive")
     return slos
+
+
+# What the measurement itself sets: an --extra-body that changed them would measure another workload.
+_OWN_BODY_FIELDS = ("model", "prompt", "max_tokens", "stream", "stream_options")
+
+
+def parse_extra_body(text: str | None) -> dict[str, Any] | None:
+    """`--extra-body '{"allowed_token_ids": [35, 36]}'`: fields merged into every request, as vllm bench serve's."""
+    if not text:
+        return None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--extra-body is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise UsageError("--extra-body must be a JSON object")
+    if taken := sorted(set(body) & set(_OWN_BODY_FIELDS)):
+        raise UsageError(f"--extra-body cannot set {', '.join(taken)}: the workload sets them")
+    return body
 
 
 # ---- synthetic workloads ---------------------------------------------------------------------------------

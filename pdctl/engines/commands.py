@@ -13,6 +13,8 @@ from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
 from pdctl.placement import Assignment, DeviceMode
 from pdctl.profile import ClusterProfile
 
+# The same name as pdctl/engines/nixl_progress.py's ENV (that module runs in vLLM's interpreter, not here).
+NIXL_PROGRESS_ENV = "PDCTL_NIXL_PROGRESS_DELAY_US"
 KV_ROLE = {
     ExecutionInstanceType.PREFILLING: "kv_producer",
     ExecutionInstanceType.DECODING: "kv_consumer",
@@ -125,6 +127,9 @@ def _add_kv_transfer(profile: ClusterProfile, ctx: InstanceContext, command: Eng
     command.argv += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
     command.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ctx.nixl_port)
     command.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = ctx.instance.host
+    if ctx.device == "cpu" and profile.cpu.nixl_progress_delay_us:
+        # Read by pdctl's hook in the runtime (pdctl/engines/nixl_progress.py): cores are the engine's here.
+        command.env[NIXL_PROGRESS_ENV] = str(profile.cpu.nixl_progress_delay_us)
 
 
 def _add_device_env(profile: ClusterProfile, ctx: InstanceContext, command: EngineCommand) -> None:

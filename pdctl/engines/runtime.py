@@ -26,11 +26,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pdctl.engines.commands import LaunchPrefix
 from pdctl.errors import EngineRuntimeMissing, PdctlError
+from pdctl.state import write_atomic
 
 MARKER = "pdctl-runtime.json"
 INSTALL_LOG = "pdctl-install.log"
 INSTALL_LOCK = ".pdctl-install.lock"
 MARKER_VERSION = 1
+# pdctl's hook in the runtime's interpreter (pdctl/engines/nixl_progress.py), loaded by a .pth line at start.
+NIXL_HOOK = "pdctl_nixl_progress"
 LOG_TAIL_LINES = 20
 MODULE = "vllm.entrypoints.openai.api_server"
 # Importing vLLM alone takes 10 to 20 s on a small CPU; these bound a hung step, not a slow one.
@@ -232,6 +235,7 @@ def install_runtime(target: Path, on_step: StepCallback | None = None, *, force:
     step = on_step or _ignore
     target = target.expanduser().absolute()
     if not force and (done := finished_runtime(target)):
+        install_hooks(target)
         step("already installed")
         return done
     with _install_lock(target, step):
@@ -282,8 +286,21 @@ def _install(target: Path, step: StepCallback) -> RuntimeInfo:
         installed_at=datetime.now(UTC).isoformat(timespec="seconds"),
         packages=RUNTIME_SPEC.packages,
     )
+    install_hooks(target)
     write_marker(target, info)
     return info
+
+
+def install_hooks(target: Path) -> None:
+    """Put pdctl's NIXL progress hook into a runtime pdctl made (it does nothing unless pdctl's launch
+    environment asks for it). Rewritten only where it differs, so a runtime installed by an older pdctl gets
+    the current hook at the next `up`."""
+    source = (Path(__file__).parent / "nixl_progress.py").read_text()
+    for site_packages in sorted(target.glob("lib/python3*/site-packages")):
+        for name, text in ((f"{NIXL_HOOK}.py", source), (f"{NIXL_HOOK}.pth", f"import {NIXL_HOOK}\n")):
+            path = site_packages / name
+            if not path.is_file() or path.read_text() != text:
+                write_atomic(path, text, mode=0o644)
 
 
 def _ignore(_message: str) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdctl.bench.report import percentile
 from pdctl.engines import tinymodel
 from pdctl.perfmodel.arch import get_model
 from pdctl.perfmodel.hardware import (
@@ -27,7 +28,6 @@ from pdctl.perfmodel.hardware import (
     ParallelRate,
 )
 from pdctl.profile import BUILTIN_TINY_MODEL, ClusterProfile
-from pdctl.simulate.report import percentile
 from pdctl.simulate.run import simulate
 from pdctl.simulate.workload import SimRequest
 

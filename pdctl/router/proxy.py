@@ -95,6 +95,8 @@ def _explain_selection(selection: Selection | None) -> dict[str, Any] | None:
     return {"instance": selection.instance.id, "url": selection.instance.url, "scores": scores}
 
 
+# A long stream's gaps reach the windowed ITL figures every this many tokens, not only at its end.
+_GAPS_BATCH = 64
 _ROLES = tuple(Phase)  # iterating the enum class itself is slow on the hot path
 
 
@@ -498,14 +500,21 @@ class Exchange:
         last_at = 0.0
         events = 0
         outcome = "ok"
+        # Inter-token gaps, recorded in batches: tokens arriving together in one chunk share its gap.
+        gaps: list[float] = []
         try:
             async for chunk in upstream.iter_raw():
                 now = time.monotonic()
                 count = chunk.count(b"data: ")
                 if first_at is None:
                     first_at = now
-                else:
-                    router.metrics.streamed(phase, now - last_at, count)
+                elif count == 1:
+                    gaps.append(now - last_at)
+                elif count:
+                    gaps.extend([(now - last_at) / count] * count)
+                if len(gaps) >= _GAPS_BATCH:
+                    router.metrics.streamed(phase, gaps)
+                    gaps = []
                 last_at = now
                 events += count
                 yield chunk
@@ -522,6 +531,7 @@ class Exchange:
             await upstream.aclose()
             slot.__exit__(None, None, None)
             router.admission.release()
+            router.metrics.streamed(phase, gaps)
             self._finish_stream(outcome, first_at, events, instance)
 
     def _finish_stream(self, outcome: str, first_at: float | None, events: int, instance: Instance) -> None:

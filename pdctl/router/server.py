@@ -23,7 +23,7 @@ log = logging.getLogger("pdctl.router.server")
 
 
 def use_fast_event_loop() -> bool:
-    """Run the daemon on uvloop when it is installed (`pip install 'pdctl[fast]'`), else on asyncio's own loop.
+    """Run the daemon on uvloop (a dependency wherever libuv builds), else on asyncio's own loop.
 
     The router's hot path is event-loop work (socket callbacks, futures, timers); libuv's loop does it in C.
     Measured side by side on sim backends: about 1.5-2x the requests/s of the same router on asyncio's loop."""

@@ -1,13 +1,13 @@
-"""Per-request records and vllm bench serve's metrics over them. The seam for `pdctl bench`'s report: it
-needs only ttft, itls and e2e per request (plus token counts)."""
+"""Per-request records of a simulation, reported by `pdctl bench`'s own code (pdctl/bench/report.py), so a
+simulated run and a measured one print the same metrics, computed the same way."""
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-PERCENTILES = (50, 90, 99)
+from pdctl.bench import report as bench_report
+from pdctl.bench.client import RequestResult
 
 
 @dataclass(slots=True)
@@ -34,44 +34,27 @@ class SLO:
     tpot_ms: float
 
 
-def percentile(values: list[float], p: float) -> float:
-    """numpy's default (linear) percentile, as vllm bench serve computes it."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def _stats(name: str, values_s: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values_s]
-    out = {f"mean_{name}_ms": statistics.fmean(ms) if ms else 0.0, f"median_{name}_ms": percentile(ms, 50)}
-    for p in PERCENTILES[1:]:
-        out[f"p{p}_{name}_ms"] = percentile(ms, p)
-    return out
+def as_measured(record: RequestRecord) -> RequestResult:
+    """A simulated request as `pdctl bench` records a measured one."""
+    return RequestResult(
+        index=record.id,
+        start=record.arrival_s,
+        success=True,
+        ttft=record.ttft,
+        itl=record.itls,
+        latency=record.e2e,
+        prompt_tokens=record.input_tokens,
+        output_tokens=record.output_tokens,
+        phase=record.phase or None,
+    )
 
 
 def summarize(records: list[RequestRecord], duration_s: float, slo: SLO | None = None) -> dict[str, Any]:
-    """vllm bench serve's result keys (its --save-result JSON names), goodput by --goodput ttft and tpot."""
-    output_tokens = sum(r.output_tokens for r in records)
-    input_tokens = sum(r.input_tokens for r in records)
-    result: dict[str, Any] = {
-        "completed": len(records),
-        "duration": duration_s,
-        "total_input_tokens": input_tokens,
-        "total_output_tokens": output_tokens,
-        "request_throughput": len(records) / duration_s if duration_s else 0.0,
-        "output_throughput": output_tokens / duration_s if duration_s else 0.0,
-        "total_token_throughput": (input_tokens + output_tokens) / duration_s if duration_s else 0.0,
-    }
+    """`pdctl bench`'s metrics (vllm bench serve's names and definitions, the same code), goodput under the
+    profile's TTFT and TPOT targets, and the share of requests meeting them (goodput_ratio)."""
+    slos_ms = {"ttft": slo.ttft_ms, "tpot": slo.tpot_ms} if slo is not None else {}
+    result = bench_report.summarize([as_measured(r) for r in records], duration_s, slos_ms)
     if slo is not None:
-        good = sum(1 for r in records if r.ttft * 1000 <= slo.ttft_ms and r.tpot * 1000 <= slo.tpot_ms)
-        result["request_goodput"] = good / duration_s if duration_s else 0.0
+        good = result["request_goodput"] * result["duration"]
         result["goodput_ratio"] = good / len(records) if records else 0.0
-    result |= _stats("ttft", [r.ttft for r in records])
-    result |= _stats("tpot", [r.tpot for r in records if r.output_tokens > 1])
-    result |= _stats("itl", [itl for r in records for itl in r.itls])
-    result |= _stats("e2el", [r.e2e for r in records])
     return result
