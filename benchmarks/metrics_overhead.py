@@ -101,7 +101,9 @@ def start_router(work: Path, planned, port: int, metrics: bool) -> subprocess.Po
 
 
 def throughput(args: argparse.Namespace, work: Path) -> None:
-    planned, cluster_dir = start_cluster(work, "metricson", 39200, 1, 1)
+    # With one engine of each role the engines bound requests/s; --engines N per role leaves the router the
+    # bottleneck on a machine with the cores for it, so requests/s shows the router's own cost.
+    planned, cluster_dir = start_cluster(work, "metricson", 39200, args.engines, args.engines)
     first = free_ports(2, planned.plan.router.port + 300)
     # --same: both with metrics on, an A/A run that shows the benchmark's own bias between the two processes.
     routers = {"metrics on": (first, True), "metrics off": (first + 1, args.same)}
@@ -126,7 +128,8 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
         ratios = [on / off for on, off in zip(rps["metrics on"], rps["metrics off"], strict=True)]
         cpu_ratios = [on / off for on, off in zip(cpu_us["metrics on"], cpu_us["metrics off"], strict=True)]
         print(f"router requests/s, {args.rounds} interleaved rounds of {args.requests} requests, "
-              f"{args.concurrency} concurrent, PD two hops on sim backends with no model time, "
+              f"{args.concurrency} concurrent, PD two hops on {args.engines}+{args.engines} sim engines with no "
+              "model time, "
               f"event loop {'uvloop' if use_fast_event_loop() else 'asyncio'}")  # fmt: skip
         for name, values in rps.items():
             print(
@@ -210,6 +213,7 @@ def main() -> None:
     parser.add_argument("--record-requests", type=int, default=20000)
     parser.add_argument("--only", choices=("record", "throughput", "scrape"))
     parser.add_argument("--same", action="store_true", help="A/A: metrics on in both routers")
+    parser.add_argument("--engines", type=int, default=1, help="sim engines per role behind the routers")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     if args.only in (None, "record"):
