@@ -8,10 +8,14 @@ from pdctl import lifecycle
 from pdctl.cluster import plan_profile
 from pdctl.state import ClusterDir
 
+# Linux hands out outgoing connections' ports from 32768 up: a port there, free when checked, can be taken
+# by any client socket before the engine binds it. Test clusters stay below.
+EPHEMERAL_START = 32768
+
 
 def free_port_block(count: int, start: int = 21000) -> int:
-    """A base port with `count` free ports after it."""
-    for base in range(start, 60000, 97):
+    """A base port with `count` free ports after it, below the ephemeral range."""
+    for base in range(start, EPHEMERAL_START - count - 50, 97):
         if all(lifecycle.port_owner("127.0.0.1", base + i) is None for i in range(count)):
             return base
     raise RuntimeError("no free port block")

@@ -70,6 +70,6 @@ def local_cluster(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests on the session's real cluster run last: its idle vLLM workers keep the cores busy, so every
+    """The tests on the session's real cluster run last: its vLLM processes take CPU even when idle, so every
     other test (the scaling test's own vLLM cluster among them) runs faster and steadier before it starts."""
     items.sort(key=lambda item: "local_cluster" in getattr(item, "fixturenames", ()))

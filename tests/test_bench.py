@@ -41,7 +41,7 @@ def with_sections(profile, sections: str = SECTIONS):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    profile = with_sections(sim_profile(tmp, name="benchc", port_start=33000, extra=FAST))
+    profile = with_sections(sim_profile(tmp, name="benchc", port_start=13000, extra=FAST))
     cluster_dir, _, failures = up(profile, tmp / "state")
     assert failures == []
     yield tmp / "state", cluster_dir.read_state().router
@@ -200,7 +200,7 @@ def test_a_malformed_trace_names_the_line(cluster, tmp_path):
 
 
 def test_a_url_that_does_not_answer_and_no_cluster(tmp_path):
-    port = free_port_block(1, 33500)
+    port = free_port_block(1, 13500)
     result = pdctl("bench", "--url", f"http://127.0.0.1:{port}", "-n", "1")
     assert result.returncode == 2 and f"http://127.0.0.1:{port} does not answer" in result.stderr
     none = pdctl("bench", "--state-dir", str(tmp_path / "empty"), "-n", "1")
@@ -276,7 +276,7 @@ class FaultyServer:
 
 
 def test_failures_are_counted_by_kind_and_the_results_still_written(tmp_path):
-    port = free_port_block(1, 33600)
+    port = free_port_block(1, 13600)
     out = tmp_path / "faulty.json"
     with FaultyServer(port):
         result = pdctl(
@@ -352,7 +352,7 @@ def test_sweep_finds_the_knee(cluster, tmp_path):
 
 
 def test_compare_brings_up_pd_then_colocated_on_the_same_devices(tmp_path):
-    profile = with_sections(sim_profile(tmp_path, name="ab", port_start=33700, extra=FAST))
+    profile = with_sections(sim_profile(tmp_path, name="ab", port_start=13700, extra=FAST))
     out = tmp_path / "ab.json"
     result = pdctl(
         "bench",
@@ -388,7 +388,7 @@ def test_compare_brings_up_pd_then_colocated_on_the_same_devices(tmp_path):
 
 
 def test_policies_run_the_same_workload_under_each_routing_policy(tmp_path):
-    profile = with_sections(sim_profile(tmp_path, name="pol", port_start=33800, extra=FAST))
+    profile = with_sections(sim_profile(tmp_path, name="pol", port_start=13800, extra=FAST))
     out = tmp_path / "policies.json"
     result = pdctl(
         "bench",
@@ -418,6 +418,6 @@ def test_compare_needs_a_profile_and_known_policies(cluster, tmp_path):
     _, router = cluster
     no_profile = pdctl("bench", "--url", router, "--compare")
     assert no_profile.returncode == 2 and "give PROFILE" in no_profile.stderr
-    profile = sim_profile(tmp_path, name="unknownpolicy", port_start=33900)
+    profile = sim_profile(tmp_path, name="unknownpolicy", port_start=13900)
     result = pdctl("bench", str(profile), "--state-dir", str(tmp_path / "state"), "--policies", "random")
     assert result.returncode == 2 and "--policies 'random': choose among threshold, adaptive" in result.stderr

@@ -155,7 +155,7 @@ def test_explain_a_decision(cluster):
 
 
 def test_decode_killed_mid_stream_ends_the_stream_with_an_error(tmp_path):
-    profile = sim_profile(tmp_path, name="midstream", port_start=33000, extra="  sim: {decode_ms_per_token: 50}\n")
+    profile = sim_profile(tmp_path, name="midstream", port_start=14000, extra="  sim: {decode_ms_per_token: 50}\n")
     cluster_dir, _started, failures = up(profile, tmp_path / "state")
     try:
         assert failures == []
@@ -178,7 +178,7 @@ def test_decode_killed_mid_stream_ends_the_stream_with_an_error(tmp_path):
 
 
 def test_a_dead_prefill_instance_falls_back_to_decode(tmp_path):
-    profile = sim_profile(tmp_path, name="noprefill", port_start=35000)
+    profile = sim_profile(tmp_path, name="noprefill", port_start=15000)
     cluster_dir, _, failures = up(profile, tmp_path / "state")
     try:
         assert failures == []
@@ -200,7 +200,7 @@ def test_full_instances_queue_and_a_hopeless_deadline_gets_429(tmp_path):
     profile = sim_profile(
         tmp_path,
         name="full",
-        port_start=37000,
+        port_start=17000,
         extra="  sim: {decode_ms_per_token: 50}\n",
         sections="decode: {max_parallel_requests: 1}\n",
     )
