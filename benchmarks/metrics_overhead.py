@@ -20,14 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from router_throughput import free_ports, load  # noqa: E402
+from router_throughput import free_ports, load, wait_healthy  # noqa: E402
 
 from pdctl import lifecycle  # noqa: E402
 from pdctl.cluster import plan_profile  # noqa: E402
@@ -89,15 +88,7 @@ def start_router(work: Path, planned, port: int, metrics: bool) -> subprocess.Po
     given.write_text(DaemonInput(profile=planned.profile, plan=planned.plan).model_dump_json())
     argv = [sys.executable, __file__, "--serve-router", str(given), str(port), "on" if metrics else "off"]
     process = subprocess.Popen(argv, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"the router with metrics {'on' if metrics else 'off'} did not start")
+    return wait_healthy(process, port, f"the router with metrics {'on' if metrics else 'off'} did not start")
 
 
 def throughput(args: argparse.Namespace, work: Path) -> None:

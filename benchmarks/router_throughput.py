@@ -174,6 +174,11 @@ def start_vllm_router(binary: str, port: int, prefill: str, decode: str, log: Pa
             "--prefill", prefill, "--decode", decode, "--kv-connector", "nixl",
             "--prometheus-port", str(port + 1)]  # fmt: skip
     process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return wait_healthy(process, port, f"vllm-router did not start; see {log}")
+
+
+def wait_healthy(process: subprocess.Popen[bytes], port: int, failure: str) -> subprocess.Popen[bytes]:
+    """`process` once its /health on `port` answers 200 (30 s at most; else it is killed)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -182,7 +187,7 @@ def start_vllm_router(binary: str, port: int, prefill: str, decode: str, log: Pa
         except httpx.HTTPError:
             time.sleep(0.2)
     process.kill()
-    raise SystemExit(f"vllm-router did not start; see {log}")
+    raise SystemExit(failure)
 
 
 def free_ports(count: int, start: int = 39000) -> int:

@@ -71,10 +71,10 @@ class _SecondRing:
     def current(self) -> object:
         second = int(self.clock())
         if second != self.second:
-            self.move_to(second)
+            self._move_to(second)
         return self.slot
 
-    def move_to(self, second: int) -> None:
+    def _move_to(self, second: int) -> None:
         index = second % HORIZON_S
         if self._seconds[index] != second:
             self._seconds[index] = second
@@ -127,10 +127,7 @@ class WindowedCounter(Counter):
 
     def inc(self, *label_values: str, amount: float = 1.0) -> None:
         self.values[label_values] = self.values.get(label_values, 0.0) + amount
-        ring = self._ring  # current() written out: one call less on every request's path
-        if (second := int(ring.clock())) != ring.second:
-            ring.move_to(second)
-        slot: dict[tuple[str, ...], float] = ring.slot  # type: ignore[assignment]
+        slot: dict[tuple[str, ...], float] = self._ring.current()  # type: ignore[assignment]
         slot[label_values] = slot.get(label_values, 0.0) + amount
 
     def window(self, seconds: int) -> dict[tuple[str, ...], float]:
@@ -214,10 +211,7 @@ class WindowedHistogram(Histogram):
         series = self.series.get(label_values)
         if series is None:
             series = self.series[label_values] = self._new_series()
-        ring = self._ring  # current() written out: one call less on every request's path
-        if (second := int(ring.clock())) != ring.second:
-            ring.move_to(second)
-        slot: list[float] = ring.slot  # type: ignore[assignment]
+        slot: list[float] = self._ring.current()  # type: ignore[assignment]
         weighted = value * count
         # Written out rather than two _add calls: this runs several times for every request the router serves.
         series[index] += count

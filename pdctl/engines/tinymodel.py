@@ -27,16 +27,6 @@ SPECIAL_TOKENS = (UNK, BOS, EOS)
 # 256 byte symbols after the three special tokens.
 VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 MAX_POSITIONS = 4096
-
-
-def printable_token_ids() -> list[int]:
-    """The tokens of printable ASCII (bytes 32 to 126). Random weights otherwise emit bytes that open UTF-8
-    sequences which never complete, and vLLM's detokenizer holds such bytes back: a stream then arrives in
-    bursts, and TTFT and ITL measure the model's luck. Sampling only these (`allowed_token_ids`) makes every
-    token stream as it is generated."""
-    return [len(SPECIAL_TOKENS) + byte for byte in range(32, 127)]
-
-
 TOKENIZER_BUILD_TIMEOUT_S = 120
 
 # Role-prefixed turns: enough structure for /v1/chat/completions; the model's output is noise anyway.
@@ -77,6 +67,14 @@ tok.post_processor = processors.TemplateProcessing(
 tok.save(out)
 print(tok.get_vocab_size())
 """
+
+
+def printable_token_ids() -> list[int]:
+    """The tokens of printable ASCII (bytes 32 to 126). Random weights otherwise emit bytes that open UTF-8
+    sequences which never complete, and vLLM's detokenizer holds such bytes back: a stream then arrives in
+    bursts, and TTFT and ITL measure the model's luck. Sampling only these (`allowed_token_ids`) makes every
+    token stream as it is generated."""
+    return [len(SPECIAL_TOKENS) + byte for byte in range(32, 127)]
 
 
 def default_model_dir() -> Path:

@@ -23,10 +23,6 @@ class RequestRecord:
     cached_tokens: int = 0
     preemptions: int = 0
 
-    @property
-    def tpot(self) -> float:
-        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
-
 
 @dataclass(frozen=True, slots=True)
 class SLO:
