@@ -62,7 +62,7 @@ def served(router: Router, route: Route) -> None:
     """What the proxy does after the hops succeed: the instances now hold the prompt's prefix."""
     for selection in (route.prefill, route.decode):
         if selection is not None:
-            router.tables[selection.instance.id].record(route.prefix_blocks)
+            router.tables[selection.instance.id].record(route.routing.prefix_blocks)
 
 
 def timed(router: Router, parsed: list[requests.ParsedRequest], decisions: int) -> tuple[list[float], list[float]]:

@@ -23,7 +23,7 @@ from pdctl.router.phase import (
 )
 from pdctl.router.pieces import RoutingRequest, make_strategy
 from pdctl.router.pool import Instance
-from pdctl.router.prefix import PrefixTable, block_hashes
+from pdctl.router.prefix import PrefixTable, block_ends, block_hashes, covered
 from pdctl.router.tokens import TokenCounter
 
 CONFIG = PDSeparationConfig(prefilling_threshold_input_tokens=800, prefilling_threshold_ratio=4.0)
@@ -133,7 +133,8 @@ def test_cache_aware_follows_the_prefix():
     strategy = make_strategy("cache_aware", tables.__getitem__, random.Random(0))
     prompt = "system: you are a helpful assistant. " * 20
     tables["b"].record(block_hashes(prompt))
-    request = RoutingRequest(200, prefix_blocks=block_hashes(prompt + "question one"))
+    asked = prompt + "question one"
+    request = RoutingRequest(200, prefix_blocks=block_hashes(asked), prefix_length=len(asked))
     assert strategy.select([instance("a"), instance("b")], request).instance.id == "b"
 
 
@@ -155,6 +156,30 @@ def test_prefix_table_lru_and_lfu_eviction():
 def test_block_hashes_chain_the_prefix():
     a, b = block_hashes("x" * 256 + "tail"), block_hashes("y" * 128 + "x" * 128)
     assert len(a) == 2 and a[1] != b[1]  # the same second block after a different first one differs
+
+
+def test_blocks_grow_with_the_prefix_and_the_match_says_how_much_is_held():
+    ends = block_ends(128)
+    assert ends[:3] == (128, 256, 384) and ends[15:18] == (2048, 2304, 2560) and ends[23:25] == (4096, 4608)
+    assert len(ends) == 64 and ends[-1] == 128 * 1024
+    assert len(block_hashes("a" * 18_500)) == 41  # 16 + 8 + 8 + 8 + 1, not 144 blocks of 128
+    shared = "s" * 5000
+    table = PrefixTable()
+    table.record(block_hashes(shared + "x" * 5000))
+    prompt = shared + "y" * 5000
+    matched = table.match(block_hashes(prompt))
+    assert ends[matched - 1] == 4608  # the last block end inside the 5000 shared characters
+    assert covered(matched, ends, len(prompt)) == 4608 / 10_000
+    assert covered(0, ends, len(prompt)) == 0.0
+
+
+def test_lru_evicts_a_prefix_from_its_tail():
+    table = PrefixTable(capacity_blocks=20, eviction="lru")
+    long_prompt = block_hashes("L" * 128 * 16)
+    table.record(long_prompt)
+    table.record(block_hashes("o" * 128 * 4))  # 20 blocks: 10 % more evicts down to 18
+    table.record(block_hashes("p" * 128))
+    assert table.match(long_prompt) == 13  # the head survives; an evicted head would leave nothing usable
 
 
 def test_token_estimate_learns_the_engines_ratio():

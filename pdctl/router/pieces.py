@@ -13,7 +13,7 @@ from typing import Protocol
 
 from pdctl.control_plane.errors import UnknownPolicy
 from pdctl.router.pool import Instance
-from pdctl.router.prefix import PrefixTable
+from pdctl.router.prefix import CHAR_BLOCK_ENDS, PrefixTable, covered
 
 
 @dataclass(slots=True)
@@ -23,40 +23,62 @@ class RoutingRequest:
     input_tokens: int
     prefix_blocks: list[int] = field(default_factory=list)
     now: float = 0.0
+    # The prompt's length in the units of prefix_ends (characters for the daemon, tokens for simulate).
+    prefix_length: int = 0
+    prefix_ends: tuple[int, ...] = CHAR_BLOCK_ENDS
     # Filled by PrefixAffinity while scoring: instance id -> matched leading blocks.
     prefix_matches: dict[str, int] = field(default_factory=dict)
 
+    def cached_share(self, matched_blocks: int) -> float:
+        """The share of the prompt that `matched_blocks` leading blocks hold."""
+        return covered(matched_blocks, self.prefix_ends, self.prefix_length)
+
+    def cached_tokens(self, instance_id: str, table: PrefixTable) -> int:
+        """The prompt tokens the instance likely holds in its prefix cache."""
+        if not self.prefix_blocks:
+            return 0
+        matched = self.prefix_matches.get(instance_id)  # the prefix scorer, where there is one, matched already
+        if matched is None:
+            matched = table.match(self.prefix_blocks)
+        return min(self.input_tokens, round(self.input_tokens * self.cached_share(matched)))
+
 
 class Filter(Protocol):
-    def keep(self, instance: Instance, request: RoutingRequest) -> bool: ...
+    def filter(self, instances: list[Instance], request: RoutingRequest) -> list[Instance]: ...
 
 
 class Scorer(Protocol):
     weight: float
 
-    def score(self, instance: Instance, request: RoutingRequest) -> float: ...
+    def scores(self, candidates: list[Instance], request: RoutingRequest) -> list[float]:
+        """Each candidate's score in [0, 1], times the scorer's weight."""
+        ...
 
 
 class Picker(Protocol):
     def pick(self, candidates: list[Instance], scores: list[float]) -> Instance: ...
 
 
+# Pieces take the whole list, as llm-d's plugins take every pod: one call and one comprehension per piece, not a
+# call per instance and piece, on the routing decision's hot path.
+
 # ---- filters ---------------------------------------------------------------------------------------------
 
 
 class Healthy:
-    def keep(self, instance: Instance, request: RoutingRequest) -> bool:
-        return instance.healthy
+    def filter(self, instances: list[Instance], request: RoutingRequest) -> list[Instance]:
+        return [instance for instance in instances if instance.healthy]
 
 
 class NotDraining:
-    def keep(self, instance: Instance, request: RoutingRequest) -> bool:
-        return not instance.draining
+    def filter(self, instances: list[Instance], request: RoutingRequest) -> list[Instance]:
+        return [instance for instance in instances if not instance.draining]
 
 
 class CircuitClosed:
-    def keep(self, instance: Instance, request: RoutingRequest) -> bool:
-        return instance.circuit_closed(request.now)
+    def filter(self, instances: list[Instance], request: RoutingRequest) -> list[Instance]:
+        now = request.now
+        return [instance for instance in instances if now >= instance.circuit_open_until]
 
 
 # ---- scorers ---------------------------------------------------------------------------------------------
@@ -69,8 +91,9 @@ class OutstandingTokens:
     weight: float = 1.0
     scale_tokens: float = 2048.0
 
-    def score(self, instance: Instance, request: RoutingRequest) -> float:
-        return 1.0 / (1.0 + instance.in_flight_prompt_tokens / self.scale_tokens)
+    def scores(self, candidates: list[Instance], request: RoutingRequest) -> list[float]:
+        scale, weight = self.scale_tokens, self.weight
+        return [weight * scale / (scale + instance.in_flight_prompt_tokens) for instance in candidates]
 
 
 @dataclass(slots=True)
@@ -79,8 +102,9 @@ class RunningSequences:
 
     weight: float = 1.0
 
-    def score(self, instance: Instance, request: RoutingRequest) -> float:
-        return max(0.0, 1.0 - instance.load)
+    def scores(self, candidates: list[Instance], request: RoutingRequest) -> list[float]:
+        weight = self.weight
+        return [weight * (1.0 - load) if (load := instance.load) < 1.0 else 0.0 for instance in candidates]
 
 
 @dataclass(slots=True)
@@ -89,8 +113,9 @@ class KVCacheUsage:
 
     weight: float = 0.5
 
-    def score(self, instance: Instance, request: RoutingRequest) -> float:
-        return max(0.0, 1.0 - instance.kv_usage)
+    def scores(self, candidates: list[Instance], request: RoutingRequest) -> list[float]:
+        weight = self.weight
+        return [weight * (1.0 - used) if (used := instance.kv_usage) < 1.0 else 0.0 for instance in candidates]
 
 
 @dataclass(slots=True)
@@ -100,12 +125,17 @@ class PrefixAffinity:
     tables: Callable[[str], PrefixTable]
     weight: float = 2.0
 
-    def score(self, instance: Instance, request: RoutingRequest) -> float:
-        if not request.prefix_blocks:
-            return 0.0
-        matched = self.tables(instance.id).match(request.prefix_blocks)
-        request.prefix_matches[instance.id] = matched
-        return matched / len(request.prefix_blocks)
+    def scores(self, candidates: list[Instance], request: RoutingRequest) -> list[float]:
+        blocks = request.prefix_blocks
+        if not blocks:
+            return [0.0] * len(candidates)
+        tables, matches, ends = self.tables, request.prefix_matches, request.prefix_ends
+        per_unit = self.weight / request.prefix_length
+        column: list[float] = []
+        for instance in candidates:
+            matched = matches[instance.id] = tables(instance.id).match(blocks)
+            column.append(ends[matched - 1] * per_unit if matched else 0.0)  # covered(), inlined: the hot path
+        return column
 
 
 # ---- pickers ---------------------------------------------------------------------------------------------
@@ -119,8 +149,11 @@ class BestScore:
 
     def pick(self, candidates: list[Instance], scores: list[float]) -> Instance:
         best = max(scores)
-        tied = [c for c, s in zip(candidates, scores, strict=True) if s >= best - 1e-9]
-        return tied[0] if len(tied) == 1 else tied[int(self._rng.random() * len(tied))]
+        if scores.count(best) == 1:
+            return candidates[scores.index(best)]
+        # Equal inputs sum to equal floats (every column is added in the same order), so ties are exact.
+        tied = [candidate for candidate, score in zip(candidates, scores, strict=True) if score == best]
+        return tied[int(self._rng.random() * len(tied))]
 
 
 class RoundRobin:
@@ -137,7 +170,13 @@ class RoundRobin:
 @dataclass(slots=True)
 class Selection:
     instance: Instance
-    scores: dict[str, float]
+    candidates: list[Instance]
+    values: list[float]
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Each candidate's total score (none for a strategy without scorers), built only when explained."""
+        return {candidate.id: value for candidate, value in zip(self.candidates, self.values, strict=False)}
 
 
 class Strategy:
@@ -148,11 +187,9 @@ class Strategy:
         self.picker = picker
 
     def candidates(self, instances: list[Instance], request: RoutingRequest) -> list[Instance]:
-        # One comprehension per filter: the decision's hot path, where a call per instance and filter counts.
         kept = instances
         for piece in self.filters:
-            keep = piece.keep
-            kept = [instance for instance in kept if keep(instance, request)]
+            kept = piece.filter(kept, request)
         return kept
 
     def select(self, instances: list[Instance], request: RoutingRequest) -> Selection | None:
@@ -163,15 +200,13 @@ class Strategy:
         if not candidates:
             return None
         if not self.scorers:
-            return Selection(self.picker.pick(candidates, [0.0] * len(candidates)), {})
-        # Column by column (one comprehension per scorer), summed in scorer order as a row-wise loop would.
+            return Selection(self.picker.pick(candidates, []), candidates, [])
+        # Column by column, summed in scorer order as a row-wise loop would.
         scores: list[float] = []
         for scorer in self.scorers:
-            weight, score = scorer.weight, scorer.score
-            column = [weight * score(candidate, request) for candidate in candidates]
+            column = scorer.scores(candidates, request)
             scores = list(map(add, scores, column)) if scores else column
-        chosen = self.picker.pick(candidates, scores)
-        return Selection(chosen, {candidate.id: value for candidate, value in zip(candidates, scores, strict=True)})
+        return Selection(self.picker.pick(candidates, scores), candidates, scores)
 
 
 def _filters() -> list[Filter]:

@@ -32,13 +32,12 @@ class Instance:
     # Decode requests still to read this prefill instance's KV cache: it must not stop while any remain.
     kv_pending: int = 0
 
-    def circuit_closed(self, now: float) -> bool:
-        return now >= self.circuit_open_until
-
     @property
     def load(self) -> float:
         """Sequences running or queued here against what the engine runs at once."""
-        return max(self.in_flight, self.running + self.waiting) / max(1, self.max_num_seqs)
+        # Conditional expressions, not max(): this is read per candidate on the routing decision's hot path.
+        queued = self.running + self.waiting
+        return (self.in_flight if self.in_flight > queued else queued) / (self.max_num_seqs or 1)
 
     def record_success(self) -> None:
         self.consecutive_failures = 0

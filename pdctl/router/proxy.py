@@ -73,7 +73,7 @@ class Route:
     expected_output_tokens: float
     decode: Selection | None
     prefill: Selection | None = None
-    prefix_blocks: list[int] = field(default_factory=list)
+    routing: RoutingRequest = field(default_factory=lambda: RoutingRequest(0))
 
     def explain(self) -> dict[str, Any]:
         return {
@@ -202,32 +202,21 @@ class Router:
         input_tokens = self.counter.count(parsed.text)
         expected_output = float(parsed.max_tokens) if parsed.max_tokens else self.avg_output_tokens
         blocks = block_hashes(parsed.text) if self._uses_prefixes else []
-        routing = RoutingRequest(input_tokens=input_tokens, prefix_blocks=blocks, now=now)
+        routing = RoutingRequest(input_tokens, blocks, now, len(parsed.text))
         # Filter each pool once; every later step reads these lists.
         candidates = {role: self.strategy.candidates(self.pool.role(role), routing) for role in _ROLES}
         decode = self.strategy.pick_from(candidates[Phase.DECODING], routing)
-        cached = self._cached_tokens(decode, blocks, input_tokens, routing.prefix_matches)
+        cached = routing.cached_tokens(decode.instance.id, self.tables[decode.instance.id]) if decode else 0
         features = RequestFeatures(input_tokens, expected_output, cached)
         available = [role for role, kept in candidates.items() if kept]
         decision = self.pd_routing.decide(features, self._load(decode, candidates[Phase.PREFILLING]), available)
-        route = Route(f"pdctl-{next(self._ids)}", decision, input_tokens, expected_output, decode, prefix_blocks=blocks)
+        route = Route(f"pdctl-{next(self._ids)}", decision, input_tokens, expected_output, decode, routing=routing)
         if decision.phase is Phase.HYBRID:
             route.decode = self.strategy.pick_from(instances_for_phase(Phase.HYBRID, candidates), routing)
         elif decision.phase is Phase.PREFILLING:
             route.prefill = self.strategy.pick_from(candidates[Phase.PREFILLING], routing)
         self.metrics.decided(time.perf_counter() - started)
         return route
-
-    def _cached_tokens(
-        self, decode: Selection | None, blocks: list[int], input_tokens: int, matches: dict[str, int]
-    ) -> int:
-        if decode is None or not blocks:
-            return 0
-        # The prefix scorer, where the strategy has one, matched this instance already.
-        matched = matches.get(decode.instance.id)
-        if matched is None:
-            matched = self.tables[decode.instance.id].match(blocks)
-        return min(input_tokens, round(input_tokens * matched / max(1, len(blocks) + 1)))
 
     def _load(self, decode: Selection | None, prefills: list[Instance]) -> PoolLoad:
         settings = self.settings
@@ -375,7 +364,7 @@ class Exchange:
                     params = json.loads(content).get("kv_transfer_params")
                     instance.record_success()
                     router.record_prefill(instance, self.route.input_tokens, time.monotonic() - started)
-                    router.tables[instance.id].record(self.route.prefix_blocks)
+                    router.tables[instance.id].record(self.route.routing.prefix_blocks)
                     self.prefill_instance = instance
                     return params if isinstance(params, dict) else None
                 if status < 500:
@@ -394,7 +383,8 @@ class Exchange:
         return None
 
     def _another(self, role: Phase) -> Selection | None:
-        routing = RoutingRequest(self.route.input_tokens, self.route.prefix_blocks, time.monotonic())
+        routing = self.route.routing
+        routing.now = time.monotonic()
         remaining = [i for i in self.router.pool.role(role) if i.id not in self.tried]
         return self.router.strategy.select(remaining, routing)
 
@@ -445,7 +435,7 @@ class Exchange:
             router.admission.release()
             return f"{instance.id} answered {upstream.status_code}"
         instance.record_success()
-        router.tables[instance.id].record(self.route.prefix_blocks)
+        router.tables[instance.id].record(self.route.routing.prefix_blocks)
         if self.parsed.stream and upstream.status_code == 200:
             return StreamingResponse(
                 status=200, headers=self.headers(instance), chunks=self._relay(upstream, slot, instance)

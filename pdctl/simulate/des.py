@@ -13,7 +13,7 @@ import heapq
 import itertools
 import random
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pdctl.control_plane.types import ExecutionInstance
@@ -26,12 +26,12 @@ from pdctl.profile import ClusterProfile
 from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, make_phase_policy, with_availability
 from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
 from pdctl.router.pool import Instance, Pool
-from pdctl.router.prefix import PrefixTable
+from pdctl.router.prefix import PrefixTable, block_ends
 from pdctl.simulate.report import RequestRecord
 from pdctl.simulate.workload import SimRequest
 
-# The router hashes 128 characters a block; at about 4 characters a token that is 32 tokens.
-ROUTER_BLOCK_TOKENS = 32
+# The router's first blocks are 128 characters; at about 4 characters a token that is 32 tokens.
+ROUTER_BLOCK_ENDS = block_ends(32)
 
 
 def engine_config(profile: ClusterProfile, instance: ExecutionInstance, hardware: HardwareProfile) -> EngineConfig:
@@ -91,13 +91,16 @@ class _Ticket:
     on_token: Callable[[EngineRequest], None]
 
 
-def _hashes(request: SimRequest, unit: int) -> list[int]:
-    """Chained block hashes of the prompt, shared across a prefix group for its first prefix_tokens tokens."""
-    shared = request.prefix_tokens // unit if request.prefix_group is not None else 0
-    total = request.input_tokens // unit
-    return [hash(("p", request.prefix_group, i)) for i in range(shared)] + [
-        hash(("r", request.id, i)) for i in range(shared, total)
-    ]
+def _hashes(request: SimRequest, ends: Iterable[int]) -> list[int]:
+    """Hashes of the prompt's full blocks, ending at `ends` (in tokens); a block within a prefix group's first
+    prefix_tokens is shared across the group, so its hash stands for that prefix as a chained hash would."""
+    shared = request.prefix_tokens if request.prefix_group is not None else 0
+    hashes: list[int] = []
+    for index, end in enumerate(ends):
+        if end > request.input_tokens:
+            break
+        hashes.append(hash(("p", request.prefix_group, index) if end <= shared else ("r", request.id, index)))
+    return hashes
 
 
 class ClusterSim:
@@ -157,21 +160,20 @@ class ClusterSim:
 
     def _arrive(self, request: SimRequest) -> None:
         record = RequestRecord(request.id, request.input_tokens, request.output_tokens, self.now)
-        blocks = _hashes(request, ROUTER_BLOCK_TOKENS) if self.uses_prefixes else []
+        blocks = _hashes(request, ROUTER_BLOCK_ENDS) if self.uses_prefixes else []
         block_size = next(iter(self.nodes.values())).engine.config.block_size
-        flight = _Flight(request, record, blocks, _hashes(request, block_size))
+        flight = _Flight(
+            request, record, blocks, _hashes(request, range(block_size, request.input_tokens + 1, block_size))
+        )
         if self._held or not self._route(flight):
             self._held.append(flight)  # the router's admission queue, in arrival order
 
     def plan(self, flight: _Flight) -> tuple[PhaseDecision, Selection | None, Selection | None]:
         request = flight.request
-        routing = RoutingRequest(input_tokens=request.input_tokens, prefix_blocks=flight.blocks, now=self.now)
+        routing = RoutingRequest(request.input_tokens, flight.blocks, self.now, request.input_tokens, ROUTER_BLOCK_ENDS)
         candidates = {role: self.strategy.candidates(self.pool.role(role), routing) for role in Phase}
         decode = self.strategy.pick_from(candidates[Phase.DECODING], routing)
-        cached = 0
-        if decode is not None and flight.blocks:
-            matched = self.tables[decode.instance.id].match(flight.blocks)
-            cached = min(request.input_tokens, round(request.input_tokens * matched / (len(flight.blocks) + 1)))
+        cached = routing.cached_tokens(decode.instance.id, self.tables[decode.instance.id]) if decode else 0
         features = RequestFeatures(request.input_tokens, float(request.output_tokens), cached)
         decision = self.policy.decide(features, self._load(decode, candidates[Phase.PREFILLING]))
         available = {role for role, kept in candidates.items() if kept}
