@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -83,22 +84,36 @@ def serve_router(given_file: Path, port: int, metrics: bool) -> None:
     asyncio.run(run())
 
 
-def start_router(work: Path, planned, port: int, metrics: bool) -> subprocess.Popen[bytes]:
+def start_router(work: Path, planned, port: int, metrics: bool, core: int | None) -> subprocess.Popen[bytes]:
     given = work / "given.json"
     given.write_text(DaemonInput(profile=planned.profile, plan=planned.plan).model_dump_json())
     argv = [sys.executable, __file__, "--serve-router", str(given), str(port), "on" if metrics else "off"]
     process = subprocess.Popen(argv, start_new_session=True)
+    if core is not None:
+        psutil.Process(process.pid).cpu_affinity([core])
     return wait_healthy(process, port, f"the router with metrics {'on' if metrics else 'off'} did not start")
 
 
-def throughput(args: argparse.Namespace, work: Path) -> None:
+def reserve_router_core() -> int | None:
+    """With 8 cores or more, the routers get one core to themselves (they run one at a time) and everything
+    else (engines, load generator) the others: the scheduler moving a router between busy cores, or an engine
+    landing on its core, was most of the round-to-round spread in requests/s."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 8:
+        return None
+    os.sched_setaffinity(0, cores[:-1])  # inherited by the engines started after this
+    return cores[-1]
+
+
+def throughput(args: argparse.Namespace, work: Path, recording_us: float | None) -> None:
     # With one engine of each role the engines bound requests/s; --engines N per role leaves the router the
     # bottleneck on a machine with the cores for it, so requests/s shows the router's own cost.
+    core = reserve_router_core()
     planned, cluster_dir = start_cluster(work, "metricson", 39200, args.engines, args.engines)
     first = free_ports(2, planned.plan.router.port + 300)
     # --same: both with metrics on, an A/A run that shows the benchmark's own bias between the two processes.
     routers = {"metrics on": (first, True), "metrics off": (first + 1, args.same)}
-    processes = {name: start_router(work, planned, port, metrics) for name, (port, metrics) in routers.items()}
+    processes = {name: start_router(work, planned, port, metrics, core) for name, (port, metrics) in routers.items()}
     urls = {name: f"http://127.0.0.1:{port}" for name, (port, _) in routers.items()}
     try:
         for url in urls.values():
@@ -107,21 +122,26 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
         # The router process's own CPU per request: what collecting adds, without the noise that the engines
         # and the load generator sharing the cores put into requests/s.
         cpu_us: dict[str, list[float]] = {name: [] for name in urls}
+        # How busy the router's core was: near 100 % the router bounds requests/s, and the ratio is its cost.
+        busy: dict[str, list[float]] = {name: [] for name in urls}
         for round_index in range(args.rounds):
             order = list(urls.items()) if round_index % 2 == 0 else list(reversed(urls.items()))
             for name, url in order:
                 router = psutil.Process(processes[name].pid)
-                before = sum(router.cpu_times()[:2])
+                before, began = sum(router.cpu_times()[:2]), time.monotonic()
                 measured = asyncio.run(load(url, args.requests, args.concurrency))
                 assert measured.failures == 0, f"{name}: {measured.failures} failed requests"
+                used = sum(router.cpu_times()[:2]) - before
                 rps[name].append(measured.rps)
-                cpu_us[name].append((sum(router.cpu_times()[:2]) - before) / args.requests * 1e6)
+                cpu_us[name].append(used / args.requests * 1e6)
+                busy[name].append(used / (time.monotonic() - began))
         ratios = [on / off for on, off in zip(rps["metrics on"], rps["metrics off"], strict=True)]
         cpu_ratios = [on / off for on, off in zip(cpu_us["metrics on"], cpu_us["metrics off"], strict=True)]
         print(f"router requests/s, {args.rounds} interleaved rounds of {args.requests} requests, "
               f"{args.concurrency} concurrent, PD two hops on {args.engines}+{args.engines} sim engines with no "
               "model time, "
-              f"event loop {'uvloop' if use_fast_event_loop() else 'asyncio'}")  # fmt: skip
+              f"event loop {'uvloop' if use_fast_event_loop() else 'asyncio'}, "
+              f"{f'routers on core {core} alone' if core is not None else 'no core reserved (< 8 cores)'}")  # fmt: skip
         for name, values in rps.items():
             print(
                 f"  {name:<12} median {statistics.median(values):7.0f}  rounds {' '.join(f'{v:.0f}' for v in values)}"
@@ -130,40 +150,56 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
               "  (target >= 0.97)")  # fmt: skip
         for name, values in cpu_us.items():
             print(f"  {name:<12} router CPU per request, median {statistics.median(values):6.0f} us  "
-                  f"rounds {' '.join(f'{v:.0f}' for v in values)}")  # fmt: skip
+                  f"rounds {' '.join(f'{v:.0f}' for v in values)}; router core busy, median "
+                  f"{statistics.median(busy[name]):.0%}")  # fmt: skip
         print(f"  router CPU per request on/off: median {statistics.median(cpu_ratios):.3f}  "
               f"min {min(cpu_ratios):.3f}  max {max(cpu_ratios):.3f}")  # fmt: skip
+        if recording_us is not None:
+            # The low-noise estimate: the recorder's own CPU against all the router spends on a request.
+            share = recording_us / statistics.median(cpu_us["metrics off"])
+            print(f"  recording's share of the router's CPU per request (in-process figure above): {share:.1%}, "
+                  f"so requests/s on/off of a CPU-bound router = {1 / (1 + share):.3f}")  # fmt: skip
     finally:
         for process in processes.values():
             process.kill()
         lifecycle.down(cluster_dir, grace_s=2)
 
 
-def one_request(recorder: RouterMetrics) -> None:
-    """The recorder's calls for one PD request, streamed with 16 chunks, as the proxy makes them."""
+def one_request(recorder: RouterMetrics, chunks: int) -> None:
+    """The recorder's calls for one PD request as the proxy makes them: streamed with `chunks` chunks, or
+    not streamed (0), as the throughput part sends them."""
     recorder.decided(4e-5)
     recorder.prefilled("prefill-0", 0.02)
+    if not chunks:
+        recorder.finished("prefilling", "ok", "decode-0", e2e_s=0.2, input_tokens=200, output_tokens=4)
+        return
     gaps = []
-    for _ in range(16):
+    for _ in range(chunks):
         gaps.append(0.01)  # what the proxy does per chunk
     recorder.streamed("prefilling", gaps)
     recorder.finished("prefilling", "ok", "decode-0", e2e_s=0.2, ttft_s=0.03, tpot_s=0.01, input_tokens=200,
-                      output_tokens=16)  # fmt: skip
+                      output_tokens=chunks)  # fmt: skip
 
 
-def record_cost(args: argparse.Namespace) -> None:
-    """Recording alone, in-process: the CPU per request the throughput ratio above is made of."""
+def record_cost(args: argparse.Namespace) -> dict[int, float]:
+    """Recording alone, in-process: the CPU per request that the throughput ratio is made of, measured without
+    the noise of sockets and other processes. Returns the cost added per request, by chunks streamed."""
     recorders = {"metrics on": RouterMetrics(), "metrics off": DisabledRecorder()}
-    per_request: dict[str, list[float]] = {name: [] for name in recorders}
-    for _ in range(args.rounds):
-        for name, recorder in recorders.items():
-            started = time.process_time()
-            for _ in range(args.record_requests):
-                one_request(recorder)
-            per_request[name].append((time.process_time() - started) / args.record_requests * 1e6)
-    on, off = (statistics.median(per_request[name]) for name in recorders)
-    print(f"recording one streamed PD request (16 chunks), {args.rounds} rounds of {args.record_requests}: "
-          f"metrics on {on:.1f} us, off {off:.1f} us of CPU: {on - off:.1f} us a request")  # fmt: skip
+    added: dict[int, float] = {}
+    for chunks in (0, 16):
+        per_request: dict[str, list[float]] = {name: [] for name in recorders}
+        for _ in range(args.rounds):
+            for name, recorder in recorders.items():
+                started = time.process_time()
+                for _ in range(args.record_requests):
+                    one_request(recorder, chunks)
+                per_request[name].append((time.process_time() - started) / args.record_requests * 1e6)
+        on, off = (statistics.median(per_request[name]) for name in recorders)
+        added[chunks] = on - off
+        shape = f"streamed in {chunks} chunks" if chunks else "not streamed"
+        print(f"recording one PD request, {shape}, {args.rounds} rounds of {args.record_requests}: "
+              f"metrics on {on:.1f} us, off {off:.1f} us of CPU: {on - off:.1f} us a request")  # fmt: skip
+    return added
 
 
 def scrape_cost(args: argparse.Namespace, work: Path) -> None:
@@ -207,10 +243,9 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=1, help="sim engines per role behind the routers")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
-    if args.only in (None, "record"):
-        record_cost(args)
+    recording = record_cost(args) if args.only in (None, "record") else {}
     if args.only in (None, "throughput"):
-        throughput(args, work)
+        throughput(args, work, recording.get(0))
     if args.only in (None, "scrape"):
         scrape_cost(args, work)
 
