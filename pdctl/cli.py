@@ -299,6 +299,9 @@ def simulate(
     prefix_len: Annotated[int, typer.Option("--prefix-len", min=0, help="shared prefix tokens")] = 0,
     hardware: Annotated[str | None, typer.Option("--hardware", help="h100-sxm, cpu-local or a profile .json")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    hop_ms: Annotated[
+        float, typer.Option("--hop-ms", min=0, help="latency of each router-to-engine hop (HTTP, the router)")
+    ] = 0.0,
     design_table: Annotated[
         bool, typer.Option("--design-table", help="the design document's table, simulated")
     ] = False,
@@ -344,7 +347,7 @@ def simulate(
             out.print(render.sweep_view(points, chosen))
             out.print(f"chosen: {chosen.layout.label}" + (f", written to {out_profile}" if out_profile else ""))
         return
-    result = run.simulate_spec(loaded, spec, hardware=hardware)
+    result = run.simulate_spec(loaded, spec, hardware=hardware, hop_s=hop_ms / 1000)
     if as_json:
         _print_json(result.as_dict())
     else:

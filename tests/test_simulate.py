@@ -71,6 +71,14 @@ def test_pd_split_request_by_hand(tmp_path: Path) -> None:
     assert record.itls == pytest.approx([step(model, (1, 300)), step(model, (1, 301))])
 
 
+def test_each_hop_to_an_engine_adds_its_latency_before_the_first_token(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path, "enabled: true, routing_policy: always"))
+    (direct,) = simulate(profile, [SimRequest(0, 0.0, 300, 3)]).records
+    (hopped,) = simulate(profile, [SimRequest(0, 0.0, 300, 3)], hop_s=0.004).records
+    assert hopped.ttft == pytest.approx(direct.ttft + 2 * 0.004)  # router to prefill, router to decode
+    assert hopped.itls == pytest.approx(direct.itls)
+
+
 def test_threshold_policy_decides_as_the_daemon_does(tmp_path: Path) -> None:
     profile = load_profile(
         write_profile(

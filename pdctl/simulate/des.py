@@ -104,8 +104,14 @@ def _hashes(request: SimRequest, ends: Iterable[int]) -> list[int]:
 
 
 class ClusterSim:
-    def __init__(self, profile: ClusterProfile, arch: ModelArch, hardware: HardwareProfile, seed: int = 0):
+    def __init__(
+        self, profile: ClusterProfile, arch: ModelArch, hardware: HardwareProfile, seed: int = 0, hop_s: float = 0.0
+    ):
         self.profile = profile
+        # Latency of each hop from the router to an engine (HTTP and the router's own work): a request reaches an
+        # engine this long after the router sends it, its first engine after it arrives and, split, its decode
+        # instance after its prefill ends.
+        self.hop_s = hop_s
         self.nodes: dict[str, _Node] = {}
         for spec in profile.resolved_instances():
             model = StepModel(arch, hardware, spec.tensor_parallel_size or 1, spec.pipeline_parallel_size or 1)
@@ -224,7 +230,7 @@ class ClusterSim:
         self, node: _Node, flight: _Flight, prefill_only: bool, external: int = 0, ready_at: float = 0.0
     ) -> None:
         request = flight.request
-        ready_at = max(ready_at, self.now + node.model.hw.overhead.per_request_s)
+        ready_at = max(ready_at, self.now + self.hop_s + node.model.hw.overhead.per_request_s)
         node.record.in_flight += 1
         node.record.in_flight_prompt_tokens += request.input_tokens
         self.tables[node.record.id].record(flight.blocks)
@@ -287,7 +293,15 @@ class ClusterSim:
         )
         self._release(engine_request)
         assert flight.decode is not None
-        ready = self.now + flight.decode.model.kv_transfer_seconds(flight.request.input_tokens)
+        # The decode instance pulls the KV once the request has reached it and its API server has taken it in,
+        # as the sim engine (and vLLM's scheduler, which starts the pull) does.
+        model = flight.decode.model
+        ready = (
+            self.now
+            + self.hop_s
+            + model.hw.overhead.per_request_s
+            + model.kv_transfer_seconds(flight.request.input_tokens)
+        )
         self._submit(flight.decode, flight, prefill_only=False, external=flight.request.input_tokens, ready_at=ready)
 
     def _token(self, engine_request: EngineRequest) -> None:

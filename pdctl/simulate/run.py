@@ -73,10 +73,11 @@ def simulate(
     hardware: str | None = None,
     architecture: str | None = None,
     seed: int = 0,
+    hop_s: float = 0.0,
 ) -> SimulationResult:
     arch, hw = resolve(profile, hardware, architecture)
     started = time.perf_counter()
-    sim = ClusterSim(profile, arch, hw, seed)
+    sim = ClusterSim(profile, arch, hw, seed, hop_s)
     duration = sim.run(requests, max_concurrency)
     slo = SLO(profile.router.slo.ttft_ms, profile.slo_tpot_ms)
     metrics = summarize(sim.records, duration, slo)
