@@ -53,6 +53,8 @@ decode: {{max_parallel_requests: 1024}}
 
 
 def start_cluster(work: Path, name: str, port: int, prefill: int, decode: int):
+    # Ports below Linux's ephemeral range (32768+): the rounds' connections leave ports there in TIME_WAIT,
+    # and a later block of 500 free ones was not to be found.
     port = free_ports(prefill + decode + 501, port)
     profile = work / f"{name}.yaml"
     text = PROFILE.format(name=name, port=port, first=port + 1, side=port + 500, prefill=prefill, decode=decode)
@@ -109,7 +111,7 @@ def throughput(args: argparse.Namespace, work: Path, recording_us: float | None)
     # With one engine of each role the engines bound requests/s; --engines N per role leaves the router the
     # bottleneck on a machine with the cores for it, so requests/s shows the router's own cost.
     core = reserve_router_core()
-    planned, cluster_dir = start_cluster(work, "metricson", 39200, args.engines, args.engines)
+    planned, cluster_dir = start_cluster(work, "metricson", 14200, args.engines, args.engines)
     first = free_ports(2, planned.plan.router.port + 300)
     # --same: both with metrics on, an A/A run that shows the benchmark's own bias between the two processes.
     routers = {"metrics on": (first, True), "metrics off": (first + 1, args.same)}
@@ -204,7 +206,7 @@ def record_cost(args: argparse.Namespace) -> dict[int, float]:
 
 def scrape_cost(args: argparse.Namespace, work: Path) -> None:
     prefill = args.instances // 5
-    planned, cluster_dir = start_cluster(work, "scrape50", 39400, prefill, args.instances - prefill)
+    planned, cluster_dir = start_cluster(work, "scrape50", 15200, prefill, args.instances - prefill)
     pool = Pool([Instance(i.id, i.role, i.url, healthy=True)
                  for i in planned.plan.instances])  # fmt: skip
     telemetry = EngineTelemetry()

@@ -69,7 +69,11 @@ class _SecondRing:
         self.second, self.slot = -1, self._slots[0]
 
     def current(self) -> object:
-        second = int(self.clock())
+        return self.at(int(self.clock()))
+
+    def at(self, second: int) -> object:
+        """The slot of `second`, a reading of this ring's clock that the caller took: one reading serves every
+        metric an event updates (on some virtual machines a clock reading is a system call)."""
         if second != self.second:
             self._move_to(second)
         return self.slot
@@ -126,8 +130,12 @@ class WindowedCounter(Counter):
         self._ring = _SecondRing(clock, dict)
 
     def inc(self, *label_values: str, amount: float = 1.0) -> None:
+        self.inc_at(int(self._ring.clock()), *label_values, amount=amount)
+
+    def inc_at(self, second: int, *label_values: str, amount: float = 1.0) -> None:
+        """`inc` in the given second of the clock (see _SecondRing.at)."""
         self.values[label_values] = self.values.get(label_values, 0.0) + amount
-        slot: dict[tuple[str, ...], float] = self._ring.current()  # type: ignore[assignment]
+        slot: dict[tuple[str, ...], float] = self._ring.at(second)  # type: ignore[assignment]
         slot[label_values] = slot.get(label_values, 0.0) + amount
 
     def window(self, seconds: int) -> dict[tuple[str, ...], float]:
@@ -207,11 +215,15 @@ class WindowedHistogram(Histogram):
         self._ring = _SecondRing(clock, self._new_series)
 
     def observe(self, value: float, *label_values: str, count: int = 1) -> None:
+        self.observe_at(int(self._ring.clock()), value, *label_values, count=count)
+
+    def observe_at(self, second: int, value: float, *label_values: str, count: int = 1) -> None:
+        """`observe` in the given second of the clock (see _SecondRing.at)."""
         index = bisect.bisect_left(self.buckets, value)
         series = self.series.get(label_values)
         if series is None:
             series = self.series[label_values] = self._new_series()
-        slot: list[float] = self._ring.current()  # type: ignore[assignment]
+        slot: list[float] = self._ring.at(second)  # type: ignore[assignment]
         weighted = value * count
         # Written out rather than two _add calls: this runs several times for every request the router serves.
         series[index] += count

@@ -98,19 +98,20 @@ class RouterMetrics:
         input_tokens: int = 0,
         output_tokens: int = 0,
     ) -> None:
-        self.requests.inc(phase, outcome)
+        second = int(self.clock())  # one reading for the up to 7 windowed figures below
+        self.requests.inc_at(second, phase, outcome)
         if instance is not None:
             self.instance_requests.inc(instance, "decode")
         if outcome != "ok":
             return
-        self.e2e.observe(e2e_s, phase)
+        self.e2e.observe_at(second, e2e_s, phase)
         if ttft_s is not None:
-            self.ttft.observe(ttft_s, phase)
+            self.ttft.observe_at(second, ttft_s, phase)
         if tpot_s is not None:
-            self.tpot.observe(tpot_s, phase)
-        self.input_tokens.inc(phase, amount=input_tokens)
-        self.output_tokens.inc(phase, amount=output_tokens)
-        self.slo.inc("met" if self._met(e2e_s, ttft_s, tpot_s, output_tokens) else "missed")
+            self.tpot.observe_at(second, tpot_s, phase)
+        self.input_tokens.inc_at(second, phase, amount=input_tokens)
+        self.output_tokens.inc_at(second, phase, amount=output_tokens)
+        self.slo.inc_at(second, "met" if self._met(e2e_s, ttft_s, tpot_s, output_tokens) else "missed")
 
     def _met(self, e2e_s: float, ttft_s: float | None, tpot_s: float | None, output_tokens: int) -> bool:
         if ttft_s is None:
