@@ -97,14 +97,29 @@ def start_router(work: Path, planned, port: int, metrics: bool, core: int | None
 
 
 def reserve_router_core() -> int | None:
-    """With 8 cores or more, the routers get one core to themselves (they run one at a time) and everything
-    else (engines, load generator) the others: the scheduler moving a router between busy cores, or an engine
-    landing on its core, was most of the round-to-round spread in requests/s."""
+    """With 8 cores or more, the routers get one core to themselves (they run one at a time), its hyperthread
+    siblings left idle, and everything else (engines, load generator) the other cores: the scheduler moving a
+    router between busy cores, an engine landing on its core or on its sibling, was most of the round-to-round
+    spread in requests/s."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cores) < 8:
         return None
-    os.sched_setaffinity(0, cores[:-1])  # inherited by the engines started after this
-    return cores[-1]
+    router = cores[-1]
+    reserved = {router} | siblings(router)
+    os.sched_setaffinity(0, [core for core in cores if core not in reserved])  # inherited by the engines
+    return router
+
+
+def siblings(core: int) -> set[int]:
+    """The hyperthreads sharing `core`'s physical core (Linux's topology, e.g. "15,31" or "14-15")."""
+    path = Path(f"/sys/devices/system/cpu/cpu{core}/topology/thread_siblings_list")
+    if not path.is_file():
+        return set()
+    found: set[int] = set()
+    for part in path.read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return found
 
 
 def throughput(args: argparse.Namespace, work: Path, recording_us: float | None) -> None:
