@@ -1,9 +1,15 @@
 """What collecting metrics costs: (1) in-process, the CPU the router's recorder spends on one request, on
 against off; (2) the router's requests/s with its per-request metrics on against off, two router processes
-started alike over the same fast sim backends, in interleaved rounds; (3) the CPU one scraper spends reading
+started alike in front of the same instances, in interleaved rounds; (3) the CPU one scraper spends reading
 /metrics of 50 sim instances every second.
 
-    python benchmarks/metrics_overhead.py [--rounds N] [--requests N] [--concurrency C] [--instances N]
+    python benchmarks/metrics_overhead.py [--rounds N] [--requests N] [--concurrency C] [--engines N]
+        [--backend responder|sim] [--same] [--only record|throughput|scrape]
+
+Behind the routers in (2), by default, is benchmarks/responder.py: it answers each hop in a few tens of
+microseconds, so the router is the bottleneck and requests/s is its own. Sim engines (--backend sim) are heavy
+enough that the router waits on them at times, and requests/s then carries their jitter. --same runs metrics
+on in both routers: the spread of that A/A run is what the harness itself cannot resolve.
 
 Targets (issue "Observability"): requests/s with metrics on within 3 % of off; scraping 50 instances every
 second under 5 % of one core.
@@ -52,14 +58,35 @@ decode: {{max_parallel_requests: 1024}}
 """
 
 
-def start_cluster(work: Path, name: str, port: int, prefill: int, decode: int):
+def plan_cluster(work: Path, name: str, port: int, prefill: int, decode: int):
     # Ports below Linux's ephemeral range (32768+): the rounds' connections leave ports there in TIME_WAIT,
     # and a later block of 500 free ones was not to be found.
     port = free_ports(prefill + decode + 501, port)
     profile = work / f"{name}.yaml"
     text = PROFILE.format(name=name, port=port, first=port + 1, side=port + 500, prefill=prefill, decode=decode)
     profile.write_text(text)
-    planned = plan_profile(profile)
+    return plan_profile(profile)
+
+
+def start_responders(planned, processes: int) -> list[subprocess.Popen[bytes]]:
+    """benchmarks/responder.py on the plan's instance ports, spread over `processes` processes."""
+    ports = [instance.port for instance in planned.plan.instances]
+    started = [
+        subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "responder.py"), *map(str, ports[i::processes])])
+        for i in range(processes)
+    ]
+    try:
+        for process, first in zip(started, ports, strict=False):
+            wait_healthy(process, first, "a responder did not start")
+    except SystemExit:
+        for process in started:
+            process.kill()
+        raise
+    return started
+
+
+def start_cluster(work: Path, name: str, port: int, prefill: int, decode: int):
+    planned = plan_cluster(work, name, port, prefill, decode)
     cluster_dir = ClusterDir(work / "state", name)
     started = lifecycle.start(planned, cluster_dir)
     failures = lifecycle.wait_ready(started, lambda state: None)
@@ -123,16 +150,31 @@ def siblings(core: int) -> set[int]:
 
 
 def throughput(args: argparse.Namespace, work: Path, recording_us: float | None) -> None:
-    # With one engine of each role the engines bound requests/s; --engines N per role leaves the router the
-    # bottleneck on a machine with the cores for it, so requests/s shows the router's own cost.
+    # Requests/s shows the router's own cost only where the router is the bottleneck: behind sim engines
+    # (--backend sim) that takes --engines N per role and the cores for them; behind the responder (default)
+    # a few tens of microseconds a hop leave the router alone on the critical path.
     core = reserve_router_core()
-    planned, cluster_dir = start_cluster(work, "metricson", 14200, args.engines, args.engines)
+    if args.backend == "responder":
+        planned = plan_cluster(work, "metricson", 14200, args.engines, args.engines)
+        responders = start_responders(planned, args.responders)
+
+        def stop_backends() -> None:
+            for responder in responders:
+                responder.kill()
+    else:
+        planned, cluster_dir = start_cluster(work, "metricson", 14200, args.engines, args.engines)
+
+        def stop_backends() -> None:
+            lifecycle.down(cluster_dir, grace_s=2)
+
     first = free_ports(2, planned.plan.router.port + 300)
     # --same: both with metrics on, an A/A run that shows the benchmark's own bias between the two processes.
     routers = {"metrics on": (first, True), "metrics off": (first + 1, args.same)}
-    processes = {name: start_router(work, planned, port, metrics, core) for name, (port, metrics) in routers.items()}
     urls = {name: f"http://127.0.0.1:{port}" for name, (port, _) in routers.items()}
+    processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
+        for name, (port, metrics) in routers.items():
+            processes[name] = start_router(work, planned, port, metrics, core)
         for url in urls.values():
             asyncio.run(load(url, 300, args.concurrency))  # warm both
         rps: dict[str, list[float]] = {name: [] for name in urls}
@@ -155,8 +197,8 @@ def throughput(args: argparse.Namespace, work: Path, recording_us: float | None)
         ratios = [on / off for on, off in zip(rps["metrics on"], rps["metrics off"], strict=True)]
         cpu_ratios = [on / off for on, off in zip(cpu_us["metrics on"], cpu_us["metrics off"], strict=True)]
         print(f"router requests/s, {args.rounds} interleaved rounds of {args.requests} requests, "
-              f"{args.concurrency} concurrent, PD two hops on {args.engines}+{args.engines} sim engines with no "
-              "model time, "
+              f"{args.concurrency} concurrent, PD two hops on {args.engines}+{args.engines} "
+              f"{'responder instances' if args.backend == 'responder' else 'sim engines with no model time'}, "
               f"event loop {'uvloop' if use_fast_event_loop() else 'asyncio'}, "
               f"{f'routers on core {core} alone' if core is not None else 'no core reserved (< 8 cores)'}")  # fmt: skip
         for name, values in rps.items():
@@ -179,7 +221,7 @@ def throughput(args: argparse.Namespace, work: Path, recording_us: float | None)
     finally:
         for process in processes.values():
             process.kill()
-        lifecycle.down(cluster_dir, grace_s=2)
+        stop_backends()
 
 
 def one_request(recorder: RouterMetrics, chunks: int) -> None:
@@ -257,7 +299,14 @@ def main() -> None:
     parser.add_argument("--record-requests", type=int, default=20000)
     parser.add_argument("--only", choices=("record", "throughput", "scrape"))
     parser.add_argument("--same", action="store_true", help="A/A: metrics on in both routers")
-    parser.add_argument("--engines", type=int, default=1, help="sim engines per role behind the routers")
+    parser.add_argument("--engines", type=int, default=2, help="instances per role behind the routers")
+    parser.add_argument(
+        "--backend",
+        choices=("responder", "sim"),
+        default="responder",
+        help="behind the routers: benchmarks/responder.py, or sim engines with no model time",
+    )
+    parser.add_argument("--responders", type=int, default=2, help="responder processes")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     recording = record_cost(args) if args.only in (None, "record") else {}
