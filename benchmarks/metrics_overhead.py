@@ -41,7 +41,7 @@ from pdctl.daemon import DaemonInput  # noqa: E402
 from pdctl.router.pool import Instance, Pool  # noqa: E402
 from pdctl.router.recorder import DisabledRecorder, RouterMetrics  # noqa: E402
 from pdctl.router.scrape import EngineTelemetry, scrape_forever  # noqa: E402
-from pdctl.router.server import RouterService, build_router, use_fast_event_loop  # noqa: E402
+from pdctl.router.server import RouterService, build_router, freeze_startup_heap, use_fast_event_loop  # noqa: E402
 from pdctl.state import ClusterDir  # noqa: E402
 
 PROFILE = """\
@@ -107,6 +107,7 @@ def serve_router(given_file: Path, port: int, metrics: bool) -> None:
         for instance in service.router.pool.all():
             instance.healthy = True
         await service.start()
+        freeze_startup_heap()  # as the daemon does
         await asyncio.Event().wait()
 
     use_fast_event_loop()

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pdctl import procs
 from pdctl.plan import Plan
 from pdctl.profile import ClusterProfile
-from pdctl.router.server import RouterService, build_router, use_fast_event_loop
+from pdctl.router.server import RouterService, build_router, freeze_startup_heap, use_fast_event_loop
 from pdctl.scaling.service import scaling
 from pdctl.state import ClusterDir, ClusterPhase
 from pdctl.supervisor import Supervisor, SupervisorPolicy
@@ -55,6 +55,7 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
         log.error("%s", state.message)
         return 1
     state.router = f"http://{plan.router.host}:{router.server.port}"
+    freeze_startup_heap()
     restart = profile.engine.restart
     policy = SupervisorPolicy(
         start_timeout_s=profile.engine.start_timeout_s,
