@@ -1,10 +1,10 @@
-"""What collecting metrics costs: (1) in-process, the CPU the router's recorder spends on one request, on
-against off; (2) the router's requests/s with its per-request metrics on against off, two router processes
-started alike in front of the same instances, in interleaved rounds; (3) the CPU one scraper spends reading
-/metrics of 50 sim instances every second.
+"""What collecting metrics costs: (1) the CPU the router's recorder spends on one request, on against off, in
+a tight loop, and (live) timed around each call inside a router under load; (2) the router's requests/s with
+its per-request metrics on against off, two router processes started alike in front of the same instances, in
+interleaved rounds; (3) the CPU one scraper spends reading /metrics of 50 sim instances every second.
 
     python benchmarks/metrics_overhead.py [--rounds N] [--requests N] [--concurrency C] [--engines N]
-        [--backend responder|sim] [--same] [--only record|throughput|scrape]
+        [--backend responder|sim] [--same] [--only record|live|throughput|scrape]
 
 Behind the routers in (2), by default, is benchmarks/responder.py: it answers each hop in a few tens of
 microseconds, so the router is the bottleneck and requests/s is its own. Sim engines (--backend sim) are heavy
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -263,6 +264,62 @@ def record_cost(args: argparse.Namespace) -> dict[int, float]:
     return added
 
 
+_EVENTS = ("decided", "queued", "prefilled", "streamed", "finished")
+
+
+def live_record_cost(args: argparse.Namespace, work: Path) -> None:
+    """The recorder's calls timed where they run: in a router under load (this process, metrics on, in front
+    of responders), the load generator in a process of its own. Against the tight loop of record_cost, this is
+    what recording costs once the request's own work has pushed the recorder's objects out of the caches."""
+    planned = plan_cluster(work, "metricslive", 14600, args.engines, args.engines)
+    responders = start_responders(planned, args.responders)
+    port = free_ports(1, planned.plan.router.port + 300)
+    spent: dict[str, float] = dict.fromkeys(_EVENTS, 0.0)
+    originals = {name: getattr(RouterMetrics, name) for name in _EVENTS}
+
+    def timed(name: str) -> Any:
+        original = originals[name]
+
+        def call(self: RouterMetrics, *event: Any, **fields: Any) -> None:
+            started = time.perf_counter()
+            original(self, *event, **fields)
+            spent[name] += time.perf_counter() - started
+
+        return call
+
+    async def run() -> tuple[float, str]:
+        service = RouterService(build_router(planned.profile, planned.plan), "127.0.0.1", port)
+        for instance in service.router.pool.all():
+            instance.healthy = True
+        await service.start()
+        freeze_startup_heap()
+        code = (f"import asyncio, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from router_throughput "
+                f"import load; r = asyncio.run(load('http://127.0.0.1:{port}', {args.requests}, {args.concurrency}));"
+                " print(f'{r.rps:.0f} requests/s, {r.failures} failed')")  # fmt: skip
+        cpu = time.process_time()
+        loader = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=subprocess.PIPE)
+        out, _ = await loader.communicate()
+        used = time.process_time() - cpu
+        await service.stop()
+        return used, out.decode().strip()
+
+    for name in _EVENTS:
+        setattr(RouterMetrics, name, timed(name))
+    try:
+        use_fast_event_loop()
+        used, summary = asyncio.run(run())
+    finally:
+        for name, original in originals.items():
+            setattr(RouterMetrics, name, original)
+        for responder in responders:
+            responder.kill()
+    per_request = {name: seconds / args.requests * 1e6 for name, seconds in spent.items() if seconds}
+    recording, router = sum(per_request.values()), used / args.requests * 1e6
+    print(f"recording inside a loaded router ({summary}): {recording:.1f} us a request of the router's "
+          f"{router:.0f} us of CPU ({recording / router:.1%}); by call: "
+          + ", ".join(f"{name} {us:.1f} us" for name, us in per_request.items()))  # fmt: skip
+
+
 def scrape_cost(args: argparse.Namespace, work: Path) -> None:
     prefill = args.instances // 5
     planned, cluster_dir = start_cluster(work, "scrape50", 15200, prefill, args.instances - prefill)
@@ -299,7 +356,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=50)
     parser.add_argument("--scrape-seconds", type=float, default=20.0)
     parser.add_argument("--record-requests", type=int, default=20000)
-    parser.add_argument("--only", choices=("record", "throughput", "scrape"))
+    parser.add_argument("--only", choices=("record", "live", "throughput", "scrape"))
     parser.add_argument("--same", action="store_true", help="A/A: metrics on in both routers")
     parser.add_argument("--engines", type=int, default=2, help="instances per role behind the routers")
     parser.add_argument(
@@ -312,6 +369,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     recording = record_cost(args) if args.only in (None, "record") else {}
+    if args.only in (None, "live"):
+        live_record_cost(args, work)
     if args.only in (None, "throughput"):
         throughput(args, work, recording.get(0))
     if args.only in (None, "scrape"):
