@@ -97,6 +97,16 @@ def start_cluster(work: Path, name: str, port: int, prefill: int, decode: int):
     return planned, cluster_dir
 
 
+async def start_service(profile, plan, port: int) -> RouterService:
+    """A router over the plan's instances, all taken as healthy, started as the daemon starts it."""
+    service = RouterService(build_router(profile, plan), "127.0.0.1", port)
+    for instance in service.router.pool.all():
+        instance.healthy = True
+    await service.start()
+    freeze_startup_heap()
+    return service
+
+
 def serve_router(given_file: Path, port: int, metrics: bool) -> None:
     """One router over the cluster's instances, in a process of its own, on the daemon's event loop: the two
     routers compared differ only in the profile's `router.metrics`."""
@@ -104,11 +114,7 @@ def serve_router(given_file: Path, port: int, metrics: bool) -> None:
     given.profile.router.metrics = metrics
 
     async def run() -> None:
-        service = RouterService(build_router(given.profile, given.plan), "127.0.0.1", port)
-        for instance in service.router.pool.all():
-            instance.healthy = True
-        await service.start()
-        freeze_startup_heap()  # as the daemon does
+        await start_service(given.profile, given.plan, port)
         await asyncio.Event().wait()
 
     use_fast_event_loop()
@@ -289,11 +295,7 @@ def live_record_cost(args: argparse.Namespace, work: Path) -> None:
         return call
 
     async def run() -> tuple[float, str]:
-        service = RouterService(build_router(planned.profile, planned.plan), "127.0.0.1", port)
-        for instance in service.router.pool.all():
-            instance.healthy = True
-        await service.start()
-        freeze_startup_heap()
+        service = await start_service(planned.profile, planned.plan, port)
         code = (f"import asyncio, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from router_throughput "
                 f"import load; r = asyncio.run(load('http://127.0.0.1:{port}', {args.requests}, {args.concurrency}));"
                 " print(f'{r.rps:.0f} requests/s, {r.failures} failed')")  # fmt: skip

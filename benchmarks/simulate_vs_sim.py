@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from router_throughput import free_ports
 
 from pdctl.bench.report import percentile
-from pdctl.lifecycle import port_owner
 from pdctl.profile import load_profile
 from pdctl.simulate.run import simulate
 from pdctl.simulate.workload import SimRequest, WorkloadSpec, generate
@@ -92,14 +92,10 @@ def figures(records: list[dict[str, Any]], duration: float) -> dict[str, float]:
     }
 
 
-def free_base() -> int:
-    return next(b for b in range(24000, 60000, 97) if all(port_owner("127.0.0.1", b + i) is None for i in range(4)))
-
-
 def measure(text: str, tmp: Path, runs: list[tuple[list[SimRequest], int]]) -> list[tuple[list[dict[str, Any]], float]]:
     """Bring the profile up, warm it with other prompts (the measured ones would then sit in the prefix
     caches, where the simulation starts cold), drive each run, bring it down."""
-    base = free_base()
+    base = free_ports(4, 24000)
     path = tmp / "simvsim.yaml"
     path.write_text(text.format(port=base, instances=base + 1, nixl=base + 50))
     state = tmp / "state"

@@ -127,7 +127,7 @@ class PrefixAffinity:
 
     def scores(self, candidates: list[Instance], request: RoutingRequest) -> list[float]:
         blocks = request.prefix_blocks
-        if not blocks:
+        if not blocks or not request.prefix_length:
             return [0.0] * len(candidates)
         tables, matches, ends = self.tables, request.prefix_matches, request.prefix_ends
         per_unit = self.weight / request.prefix_length

@@ -14,7 +14,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pdctl import stats as cluster_stats
@@ -69,11 +69,14 @@ class Route:
 
     request_id: str
     decision: PhaseDecision
-    input_tokens: int
+    routing: RoutingRequest
     expected_output_tokens: float
     decode: Selection | None
     prefill: Selection | None = None
-    routing: RoutingRequest = field(default_factory=lambda: RoutingRequest(0))
+
+    @property
+    def input_tokens(self) -> int:
+        return self.routing.input_tokens
 
     def explain(self) -> dict[str, Any]:
         return {
@@ -210,7 +213,7 @@ class Router:
         features = RequestFeatures(input_tokens, expected_output, cached)
         available = [role for role, kept in candidates.items() if kept]
         decision = self.pd_routing.decide(features, self._load(decode, candidates[Phase.PREFILLING]), available)
-        route = Route(f"pdctl-{next(self._ids)}", decision, input_tokens, expected_output, decode, routing=routing)
+        route = Route(f"pdctl-{next(self._ids)}", decision, routing, expected_output, decode)
         if decision.phase is Phase.HYBRID:
             route.decode = self.strategy.pick_from(instances_for_phase(Phase.HYBRID, candidates), routing)
         elif decision.phase is Phase.PREFILLING:
