@@ -1,15 +1,16 @@
 """What collecting metrics costs: (1) the CPU the router's recorder spends on one request, on against off, in
 a tight loop, and (live) timed around each call inside a router under load; (2) the router's requests/s with
-its per-request metrics on against off, two router processes started alike in front of the same instances, in
-interleaved rounds; (3) the CPU one scraper spends reading /metrics of 50 sim instances every second.
+its per-request metrics on against off, router processes started alike in front of the same instances, in
+interleaved rounds, with an A/A control (a second router with metrics on) in the same rounds; (3) the CPU one
+scraper spends reading /metrics of 50 sim instances every second.
 
     python benchmarks/metrics_overhead.py [--rounds N] [--requests N] [--concurrency C] [--engines N]
-        [--backend responder|sim] [--same] [--only record|live|throughput|scrape]
+        [--backend responder|sim] [--only record|live|throughput|scrape]
 
 Behind the routers in (2), by default, is benchmarks/responder.py: it answers each hop in a few tens of
 microseconds, so the router is the bottleneck and requests/s is its own. Sim engines (--backend sim) are heavy
-enough that the router waits on them at times, and requests/s then carries their jitter. --same runs metrics
-on in both routers: the spread of that A/A run is what the harness itself cannot resolve.
+enough that the router waits on them at times, and requests/s then carries their jitter. The A/A control's
+ratio is what the harness itself cannot resolve on the machine at the time.
 
 Targets (issue "Observability"): requests/s with metrics on within 3 % of off; scraping 50 instances every
 second under 5 % of one core.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -125,7 +127,8 @@ def start_router(work: Path, planned, port: int, metrics: bool, core: int | None
     given = work / "given.json"
     given.write_text(DaemonInput(profile=planned.profile, plan=planned.plan).model_dump_json())
     argv = [sys.executable, __file__, "--serve-router", str(given), str(port), "on" if metrics else "off"]
-    process = subprocess.Popen(argv, start_new_session=True)
+    # One hash seed for every router: dicts laid out alike, one source of process-to-process bias fewer.
+    process = subprocess.Popen(argv, start_new_session=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     if core is not None:
         psutil.Process(process.pid).cpu_affinity([core])
     return wait_healthy(process, port, f"the router with metrics {'on' if metrics else 'off'} did not start")
@@ -175,52 +178,50 @@ def throughput(args: argparse.Namespace, work: Path, recording_us: float | None)
         def stop_backends() -> None:
             lifecycle.down(cluster_dir, grace_s=2)
 
-    first = free_ports(2, planned.plan.router.port + 300)
-    # --same: both with metrics on, an A/A run that shows the benchmark's own bias between the two processes.
-    routers = {"metrics on": (first, True), "metrics off": (first + 1, args.same)}
-    urls = {name: f"http://127.0.0.1:{port}" for name, (port, _) in routers.items()}
+    # Several routers per arm: one process can run a few per cent faster or slower than its twin (where its
+    # objects landed in memory), a bias no number of rounds removes. The hash seed is fixed for all of them.
+    routers = {f"{arm} #{n + 1}": metrics for n in range(args.routers_per_arm)
+               for arm, metrics in (("on", True), ("off", False))}  # fmt: skip
+    first = free_ports(len(routers), planned.plan.router.port + 300)
+    urls = {name: f"http://127.0.0.1:{first + index}" for index, name in enumerate(routers)}
     processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for name, (port, metrics) in routers.items():
-            processes[name] = start_router(work, planned, port, metrics, core)
+        for index, (name, metrics) in enumerate(routers.items()):
+            processes[name] = start_router(work, planned, first + index, metrics, core)
         for url in urls.values():
-            asyncio.run(load(url, 300, args.concurrency))  # warm both
+            asyncio.run(load(url, 300, args.concurrency))  # warm them
         rps: dict[str, list[float]] = {name: [] for name in urls}
         # The router process's own CPU per request: what collecting adds, without the noise that the engines
         # and the load generator sharing the cores put into requests/s.
         cpu_us: dict[str, list[float]] = {name: [] for name in urls}
         # How busy the router's core was: near 100 % the router bounds requests/s, and the ratio is its cost.
         busy: dict[str, list[float]] = {name: [] for name in urls}
+        names = list(urls)
         for round_index in range(args.rounds):
-            order = list(urls.items()) if round_index % 2 == 0 else list(reversed(urls.items()))
-            for name, url in order:
-                router = psutil.Process(processes[name].pid)
-                before, began = sum(router.cpu_times()[:2]), time.monotonic()
-                measured = asyncio.run(load(url, args.requests, args.concurrency))
+            # Each router takes each place in the order in turn: a machine slowing down within a round hits all
+            # alike over the rounds.
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                before, began = cpu_seconds(processes[name].pid), time.monotonic()
+                measured = asyncio.run(load(urls[name], args.requests, args.concurrency))
                 assert measured.failures == 0, f"{name}: {measured.failures} failed requests"
-                used = sum(router.cpu_times()[:2]) - before
+                used = cpu_seconds(processes[name].pid) - before
                 rps[name].append(measured.rps)
                 cpu_us[name].append(used / args.requests * 1e6)
                 busy[name].append(used / (time.monotonic() - began))
-        ratios = [on / off for on, off in zip(rps["metrics on"], rps["metrics off"], strict=True)]
-        cpu_ratios = [on / off for on, off in zip(cpu_us["metrics on"], cpu_us["metrics off"], strict=True)]
         print(f"router requests/s, {args.rounds} interleaved rounds of {args.requests} requests, "
               f"{args.concurrency} concurrent, PD two hops on {args.engines}+{args.engines} "
               f"{'responder instances' if args.backend == 'responder' else 'sim engines with no model time'}, "
-              f"event loop {'uvloop' if use_fast_event_loop() else 'asyncio'}, "
-              f"{f'routers on core {core} alone' if core is not None else 'no core reserved (< 8 cores)'}")  # fmt: skip
+              f"event loop {'uvloop' if use_fast_event_loop() else 'asyncio'}, {args.routers_per_arm} routers "
+              f"with metrics on and as many off, "
+              f"{f'all on core {core} alone' if core is not None else 'no core reserved (< 8 cores)'}")  # fmt: skip
         for name, values in rps.items():
-            print(
-                f"  {name:<12} median {statistics.median(values):7.0f}  rounds {' '.join(f'{v:.0f}' for v in values)}"
-            )
-        print(f"  on/off ratio: median {statistics.median(ratios):.3f}  min {min(ratios):.3f}  max {max(ratios):.3f}"
-              "  (target >= 0.97)")  # fmt: skip
-        for name, values in cpu_us.items():
-            print(f"  {name:<12} router CPU per request, median {statistics.median(values):6.0f} us  "
-                  f"rounds {' '.join(f'{v:.0f}' for v in values)}; router core busy, median "
+            print(f"  metrics {name:<6} median {statistics.median(values):7.0f}  core busy, median "
                   f"{statistics.median(busy[name]):.0%}")  # fmt: skip
-        print(f"  router CPU per request on/off: median {statistics.median(cpu_ratios):.3f}  "
-              f"min {min(cpu_ratios):.3f}  max {max(cpu_ratios):.3f}")  # fmt: skip
+        print_ratios("requests/s", rps, "(target >= 0.97)")
+        for name, values in cpu_us.items():
+            print(f"  metrics {name:<6} router CPU per request, median {statistics.median(values):6.0f} us")
+        print_ratios("router CPU per request", cpu_us, "")
         if recording_us is not None:
             # A lower bound: timed around each call inside a loaded router, the same calls cost about 4 times the
             # tight loop's figure (their objects are out of the CPU's caches between the request's own work).
@@ -233,20 +234,53 @@ def throughput(args: argparse.Namespace, work: Path, recording_us: float | None)
         stop_backends()
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time: from the scheduler's nanosecond count where Linux has one (user and system
+    times come in 10 ms ticks, 5 % of a round of 1000 requests), else psutil's."""
+    try:
+        return sum(int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+                   for task in os.listdir(f"/proc/{pid}/task")) / 1e9  # fmt: skip
+    except OSError:
+        return sum(psutil.Process(pid).cpu_times()[:2])
+
+
+def print_ratios(what: str, figures: dict[str, list[float]], target: str) -> None:
+    """Round by round, the routers with metrics on against those off (each arm's mean in the round); and, as
+    the A/A control that shows what the harness cannot resolve, the first router of each arm against the
+    others of the same arm. Medians of the rounds, with a bootstrap 95 % interval of the median."""
+
+    def arm(prefix: str, which: slice = slice(None)) -> list[float]:
+        columns = [values for name, values in figures.items() if name.startswith(prefix)][which]
+        return [statistics.fmean(round_values) for round_values in zip(*columns, strict=True)]
+
+    print(f"  {what} on/off: {summary(arm('on'), arm('off'))}  {target}".rstrip())
+    if len(figures) > 2:
+        for prefix in ("on", "off"):
+            print(f"  {what} A/A, {prefix} #1 against the other {prefix}: "
+                  f"{summary(arm(prefix, slice(0, 1)), arm(prefix, slice(1, None)))}")  # fmt: skip
+
+
+def summary(numerators: list[float], denominators: list[float]) -> str:
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    draws = random.Random(0)
+    medians = sorted(statistics.median(draws.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return (f"median {statistics.median(ratios):.3f} (95 % interval {medians[50]:.3f} to {medians[1949]:.3f}), "
+            f"rounds {min(ratios):.3f} to {max(ratios):.3f}")  # fmt: skip
+
+
 def one_request(recorder: RouterMetrics, chunks: int) -> None:
     """The recorder's calls for one PD request as the proxy makes them: streamed with `chunks` chunks, or
     not streamed (0), as the throughput part sends them."""
-    recorder.decided(4e-5)
-    recorder.prefilled("prefill-0", 0.02)
+    hops = {"decision_s": 4e-5, "queue_s": 0.0, "prefill_instance": "prefill-0", "prefill_s": 0.02}
     if not chunks:
-        recorder.finished("prefilling", "ok", "decode-0", e2e_s=0.2, input_tokens=200, output_tokens=4)
+        recorder.finished("prefilling", "ok", "decode-0", e2e_s=0.2, input_tokens=200, output_tokens=4, **hops)
         return
     gaps = []
     for _ in range(chunks):
         gaps.append(0.01)  # what the proxy does per chunk
     recorder.streamed("prefilling", gaps)
     recorder.finished("prefilling", "ok", "decode-0", e2e_s=0.2, ttft_s=0.03, tpot_s=0.01, input_tokens=200,
-                      output_tokens=chunks)  # fmt: skip
+                      output_tokens=chunks, **hops)  # fmt: skip
 
 
 def record_cost(args: argparse.Namespace) -> dict[int, float]:
@@ -270,7 +304,7 @@ def record_cost(args: argparse.Namespace) -> dict[int, float]:
     return added
 
 
-_EVENTS = ("decided", "queued", "prefilled", "streamed", "finished")
+_EVENTS = ("streamed", "finished")
 
 
 def live_record_cost(args: argparse.Namespace, work: Path) -> None:
@@ -324,6 +358,76 @@ def live_record_cost(args: argparse.Namespace, work: Path) -> None:
           + ", ".join(f"{name} {us:.1f} us" for name, us in per_request.items()))  # fmt: skip
 
 
+LOADER = """\
+import asyncio, sys
+sys.path.insert(0, {benchmarks!r})
+from router_throughput import load
+for line in sys.stdin:
+    measured = asyncio.run(load({url!r}, int(line), {concurrency}))
+    print(-1 if measured.failures else measured.rps, flush=True)
+"""
+
+
+def swapped_recorder(args: argparse.Namespace, work: Path) -> None:
+    """One router process whose recorder is swapped between metrics on and off from round to round. The two
+    arms share the process, its memory layout and its caches' history: the ratio holds the recorder alone,
+    where routers in processes of their own also differ by where their objects landed in memory."""
+    core = reserve_router_core()
+    planned = plan_cluster(work, "metricsswap", 14800, args.engines, args.engines)
+    responders = start_responders(planned, args.responders)
+    port = free_ports(1, planned.plan.router.port + 300)
+    code = LOADER.format(benchmarks=str(ROOT / "benchmarks"), url=f"http://127.0.0.1:{port}",
+                         concurrency=args.concurrency)  # fmt: skip
+    rps: dict[str, list[float]] = {"metrics on": [], "metrics off": []}
+    cpu_us: dict[str, list[float]] = {"metrics on": [], "metrics off": []}
+
+    async def run() -> None:
+        service = await start_service(planned.profile, planned.plan, port)
+        recorders = {"metrics on": RouterMetrics(), "metrics off": DisabledRecorder()}
+        loader = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert loader.stdin is not None and loader.stdout is not None
+        if core is not None:
+            os.sched_setaffinity(0, [core])  # this thread, the router's event loop; the loader keeps the others
+
+        async def load_round(requests: int) -> float:
+            loader.stdin.write(f"{requests}\n".encode())  # type: ignore[union-attr]
+            await loader.stdin.drain()  # type: ignore[union-attr]
+            return float(await loader.stdout.readline())  # type: ignore[union-attr]
+
+        for recorder in recorders.values():
+            service.router.metrics = recorder
+            await load_round(300)  # warm both
+        for round_index in range(args.rounds):
+            for name in list(recorders)[:: 1 if round_index % 2 == 0 else -1]:
+                service.router.metrics = recorders[name]
+                cpu = time.thread_time()
+                measured = await load_round(args.requests)
+                assert measured > 0, f"{name}: failed requests"
+                cpu_us[name].append((time.thread_time() - cpu) / args.requests * 1e6)
+                rps[name].append(measured)
+        loader.stdin.close()
+        await loader.wait()
+        await service.stop()
+
+    try:
+        use_fast_event_loop()
+        asyncio.run(run())
+    finally:
+        for responder in responders:
+            responder.kill()
+    where = f"router on core {core} alone" if core is not None else "no core reserved (< 8 cores)"
+    print(f"one router, its recorder swapped on and off between {args.rounds} interleaved rounds of "
+          f"{args.requests} requests, {args.concurrency} concurrent, PD two hops on {args.engines}+{args.engines} "
+          f"responder instances, {where}")  # fmt: skip
+    for name in rps:
+        print(f"  {name:<12} requests/s median {statistics.median(rps[name]):7.0f}, router CPU per request median "
+              f"{statistics.median(cpu_us[name]):6.1f} us")  # fmt: skip
+    print(f"  requests/s on/off: {summary(rps['metrics on'], rps['metrics off'])}  (target >= 0.97)")
+    print(f"  router CPU per request on/off: {summary(cpu_us['metrics on'], cpu_us['metrics off'])}")
+
+
 def scrape_cost(args: argparse.Namespace, work: Path) -> None:
     prefill = args.instances // 5
     planned, cluster_dir = start_cluster(work, "scrape50", 15200, prefill, args.instances - prefill)
@@ -354,14 +458,14 @@ def main() -> None:
         serve_router(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "on")
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=120, help="a few per cent is resolved in 100 or more")
+    parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--instances", type=int, default=50)
     parser.add_argument("--scrape-seconds", type=float, default=20.0)
     parser.add_argument("--record-requests", type=int, default=20000)
-    parser.add_argument("--only", choices=("record", "live", "throughput", "scrape"))
-    parser.add_argument("--same", action="store_true", help="A/A: metrics on in both routers")
+    parser.add_argument("--only", choices=("record", "live", "swap", "throughput", "scrape"))
+    parser.add_argument("--routers-per-arm", type=int, default=2, help="router processes with metrics on, and off")
     parser.add_argument("--engines", type=int, default=2, help="instances per role behind the routers")
     parser.add_argument(
         "--backend",
@@ -375,6 +479,8 @@ def main() -> None:
     recording = record_cost(args) if args.only in (None, "record") else {}
     if args.only in (None, "live"):
         live_record_cost(args, work)
+    if args.only in (None, "swap"):
+        swapped_recorder(args, work)
     if args.only in (None, "throughput"):
         throughput(args, work, recording.get(0))
     if args.only in (None, "scrape"):

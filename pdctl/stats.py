@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from pdctl.control_plane.types import ExecutionInstanceType, PDMetrics, PDSeparationConfig
 from pdctl.cost import CostComparison, load_comparison, usd_per_million_tokens
-from pdctl.metrics import WindowedHistogram, summarize, window_span
+from pdctl.metrics import Key, LedgerHistogram, Row, summarize, window_span
 from pdctl.router.pool import Instance, Pool
 from pdctl.router.recorder import RouterMetrics
 from pdctl.router.scrape import EngineHistory, EngineTelemetry
@@ -140,13 +140,13 @@ class StatsContext:
     gpus: dict[str, GpuFigures] = field(default_factory=dict)  # filled by the daemon's NVML sampler
 
 
-def _latency(histogram: WindowedHistogram, series: list[float]) -> Latency:
+def _latency(histogram: LedgerHistogram, series: list[float]) -> Latency:
     figures = summarize(histogram.buckets, series)
     ms = {k: None if v is None else v * 1000 for k, v in figures.items() if k != "count"}
     return Latency(count=figures["count"] or 0, **{f"{k}_ms": v for k, v in ms.items()})
 
 
-def _histograms(metrics: RouterMetrics, seconds: int | None) -> dict[str, Latency]:
+def _histograms(metrics: RouterMetrics, rows: dict[Key, Row]) -> dict[str, Latency]:
     pairs = {
         "ttft": metrics.ttft,
         "tpot": metrics.tpot,
@@ -156,19 +156,19 @@ def _histograms(metrics: RouterMetrics, seconds: int | None) -> dict[str, Latenc
         "prefill_hop": metrics.prefill,
         "decision": metrics.decision,
     }
-    return {name: _latency(h, h.merged() if seconds is None else h.window(seconds)) for name, h in pairs.items()}
+    return {name: _latency(h, h.merged_of(rows)) for name, h in pairs.items()}
 
 
 def window_stats(metrics: RouterMetrics, seconds: int | None) -> WindowStats:
     """One window's figures; seconds None is the whole time since the router started."""
     if seconds is None:
         span = max(1e-9, metrics.clock() - metrics.started)
-        requests, inputs = metrics.requests.values, metrics.input_tokens.values
-        outputs, slo = metrics.output_tokens.values, metrics.slo.values
+        rows = metrics.ledger.totals()
     else:
         span = window_span(metrics.clock, metrics.started, seconds)
-        requests, inputs = metrics.requests.window(seconds), metrics.input_tokens.window(seconds)
-        outputs, slo = metrics.output_tokens.window(seconds), metrics.slo.window(seconds)
+        rows = metrics.ledger.window(seconds)
+    requests, inputs = metrics.requests.values_of(rows), metrics.input_tokens.values_of(rows)
+    outputs, slo = metrics.output_tokens.values_of(rows), metrics.slo.values_of(rows)
     split: dict[str, int] = {phase.value: 0 for phase in ExecutionInstanceType}
     for (phase, _outcome), count in requests.items():
         split[phase] = split.get(phase, 0) + int(count)
@@ -183,7 +183,7 @@ def window_stats(metrics: RouterMetrics, seconds: int | None) -> WindowStats:
         split=split,
         slo_attainment=met / (met + missed) if met + missed else None,
         goodput_per_s=met / span,
-        **_histograms(metrics, seconds),
+        **_histograms(metrics, rows),
     )
 
 

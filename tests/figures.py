@@ -37,10 +37,10 @@ def fixed_cluster(clock: FakeClock, state_root=None) -> ClusterStats:
                                         nixl_transfers=second, nixl_bytes=1000.0 * second))  # fmt: skip
         if second % 2 == 0:  # 31 requests, one every other second
             phase = "PREFILLING" if second % 4 == 0 else "DECODING"
-            metrics.prefilled("prefill-0", 0.2)
+            # 20 ms decisions: the slow-routing hint.
             metrics.finished(phase, "ok", "decode-0", e2e_s=1.0, ttft_s=0.3, tpot_s=0.02, input_tokens=100,
-                             output_tokens=20)  # fmt: skip
-        metrics.decided(0.02)  # 20 ms decisions: the slow-routing hint
+                             output_tokens=20, decision_s=0.02, prefill_instance="prefill-0",
+                             prefill_s=0.2)  # fmt: skip
     clock.now = start + 60.5
     metrics.started = start
     context = StatsContext(cluster="c", engine="sim", devices={"prefill-0": 1, "decode-0": 1}, gpu_hour_usd=2.0,

@@ -3,6 +3,7 @@ attainment, cost, PDMetrics and the troubleshooting hints."""
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import re
 from datetime import UTC, datetime
@@ -10,8 +11,16 @@ from datetime import UTC, datetime
 import pytest
 
 from pdctl.cost import CostComparison, load_comparison, save_comparison, usd_per_million_tokens
-from pdctl.metrics import WindowedCounter, WindowedHistogram, histogram_quantile, log_buckets, window_span
-from pdctl.router.recorder import RouterMetrics
+from pdctl.metrics import (
+    LATENCY_BUCKETS_S,
+    Ledger,
+    LedgerCounter,
+    LedgerHistogram,
+    histogram_quantile,
+    log_buckets,
+    window_span,
+)
+from pdctl.router.recorder import FOLD_BATCH, RouterMetrics
 from pdctl.router.scrape import EngineHistory, parse_engine_metrics
 from pdctl.stats import exposition
 from tests.figures import FakeClock, fixed_cluster, sample
@@ -32,30 +41,40 @@ def test_log_buckets_step_by_the_ratio():
     assert all(1.2 < b / a < 1.3 for a, b in itertools.pairwise(bounds))
 
 
+def ledger_counter(ledger: Ledger) -> LedgerCounter:
+    column = ledger.reserve(1)
+    return LedgerCounter(ledger, "c", "help", ("phase",), lambda key: ((key, column),))
+
+
+def ledger_histogram(ledger: Ledger, buckets=LATENCY_BUCKETS_S) -> LedgerHistogram:
+    return LedgerHistogram(ledger, "h", "help", ("phase",), buckets, label_of=lambda key: key)
+
+
 def test_a_streams_gaps_recorded_together_count_as_each_observed_alone():
     clock = FakeClock(1000.2)
-    together = WindowedHistogram("t", "help", ("phase",), clock=clock)
-    alone = WindowedHistogram("a", "help", ("phase",), clock=clock)
+    together_ledger, alone_ledger = Ledger(clock), Ledger(clock)
+    together, alone = ledger_histogram(together_ledger), ledger_histogram(alone_ledger)
     gaps = [0.001, 0.004, 0.004, 0.2, 300.0]
-    together.observe_each(gaps, "DECODING")
+    together.observe_each(together_ledger.row(1000, ("DECODING",)), gaps)
     for gap in gaps:
-        alone.observe(gap, "DECODING")
-    clock.now = 1001.7  # a later second: a new slot, the first one still in the window
-    together.observe_each([0.01], "DECODING")
-    alone.observe(0.01, "DECODING")
-    assert together.series == alone.series
+        alone.observe(alone_ledger.row(1000, ("DECODING",)), gap)
+    clock.now = 1001.7  # a later second: a new row, the first one still in the window
+    together.observe_each(together_ledger.row(1001, ("DECODING",)), [0.01])
+    alone.observe(alone_ledger.row(1001, ("DECODING",)), 0.01)
+    assert together.series_of(together_ledger.totals()) == alone.series_of(alone_ledger.totals())
     assert together.window(10) == alone.window(10)
     assert together.window(10)[-1] == 6 and together.window(10)[-2] == pytest.approx(sum(gaps) + 0.01)
 
 
-def test_windowed_counter_keeps_each_second_for_a_minute():
+def test_ledger_keeps_each_second_for_a_minute_and_totals_since_start():
     clock = FakeClock(1000.2)
-    counter = WindowedCounter("c", "help", ("phase",), clock=clock)
-    counter.inc("a", amount=5)
+    ledger = Ledger(clock)
+    counter = ledger_counter(ledger)
+    ledger.row(1000, ("a",))[0] += 5
     clock.now = 1005.5
-    counter.inc("b", amount=3)
+    ledger.row(1005, ("b",))[0] += 3
     clock.now = 1030.4
-    counter.inc("a", amount=2)
+    ledger.row(1030, ("a",))[0] += 2
     assert counter.window(10) == {("a",): 2.0}
     assert counter.window(60) == {("a",): 7.0, ("b",): 3.0}
     assert counter.values == {("a",): 7.0, ("b",): 3.0}
@@ -66,24 +85,49 @@ def test_windowed_counter_keeps_each_second_for_a_minute():
     assert len(per_second) == 60 and per_second[1030 - 1006] == 2.0 and sum(per_second) == 2.0
 
 
+def test_a_late_second_counts_in_the_current_one_and_once_in_the_totals():
+    clock = FakeClock(1001.0)
+    ledger = Ledger(clock)
+    counter = ledger_counter(ledger)
+    ledger.row(1001, ("a",))[0] += 1
+    ledger.row(1000, ("a",))[0] += 1  # read the clock before an await: its second has been left already
+    clock.now = 1002.0
+    ledger.row(1002, ("a",))[0] += 1
+    assert counter.values == {("a",): 3.0}
+    assert counter.per_second(2) == [0.0, 2.0]
+
+
+def test_columns_are_reserved_before_anything_is_recorded():
+    ledger = Ledger(FakeClock())
+    assert (ledger.reserve(1), ledger.reserve(3), ledger.width) == (0, 1, 4)
+    assert len(ledger.row(1000, ("a",))) == 4
+    with pytest.raises(RuntimeError):
+        ledger.reserve(1)
+
+
 def test_window_span_is_whole_seconds_plus_the_current_part_and_no_more_than_uptime():
     clock = FakeClock(1030.5)
     assert window_span(clock, started=1000.0, seconds=10) == pytest.approx(9.5)
     assert window_span(clock, started=1027.0, seconds=10) == pytest.approx(3.5)
 
 
-def test_windowed_histogram_windows_and_since_start():
+def test_histogram_windows_and_since_start():
     clock = FakeClock(1000.0)
-    histogram = WindowedHistogram("h", "help", ("phase",), buckets=(1.0, 2.0, 4.0), clock=clock)
-    histogram.observe(0.5, "a")
-    histogram.observe(3.0, "b", count=3)
+    ledger = Ledger(clock)
+    histogram = ledger_histogram(ledger, buckets=(1.0, 2.0, 4.0))
+    histogram.observe(ledger.row(1000, ("a",)), 0.5)
+    for _ in range(3):
+        histogram.observe(ledger.row(1000, ("b",)), 3.0)
     clock.now = 1020.0
-    histogram.observe(1.5, "a")
+    histogram.observe(ledger.row(1020, ("a",)), 1.5)
     recent = histogram.window(10)
     assert recent[:-2] == [0, 1, 0, 0] and recent[-2] == 1.5 and recent[-1] == 1
     merged = histogram.merged()
     assert merged[:-2] == [1, 1, 3, 0] and merged[-2] == pytest.approx(11.0) and merged[-1] == 5
     assert histogram.quantile(0.5, "b") == pytest.approx(3.0)  # rank 1.5 of 3 in (2, 4]
+    by_second = histogram.per_second_quantile(0.5, 21)  # 999 to 1019
+    assert by_second[1] == pytest.approx(2 + 2 * (2 - 1) / 3)  # 1000: rank 2 of 4, the first of 3 in (2, 4]
+    assert by_second[0] is None and by_second[2:] == [None] * 19
 
 
 def test_slo_attainment_streamed_and_plain():
@@ -98,6 +142,40 @@ def test_slo_attainment_streamed_and_plain():
     assert metrics.slo.values == {("met",): 2.0, ("missed",): 3.0}
     assert metrics.requests.values[("PREFILLING", "failed")] == 1.0
     assert metrics.ttft.merged()[-1] == 3  # plain answers have no TTFT of their own
+
+
+def test_a_requests_figures_land_in_their_families_once_folded():
+    clock = FakeClock(1000.5)
+    metrics = RouterMetrics(clock=clock)
+    hops = {"decision_s": 4e-5, "prefill_instance": "prefill-0"}
+    metrics.finished("PREFILLING", "ok", "decode-0", e2e_s=0.5, input_tokens=100, output_tokens=10, queue_s=0.0,
+                     prefill_s=0.2, **hops)  # fmt: skip
+    clock.now = 1001.5
+    metrics.finished("PREFILLING", "ok", "decode-0", e2e_s=0.7, input_tokens=50, output_tokens=5, queue_s=0.003,
+                     prefill_s=0.1, **hops)  # fmt: skip
+    metrics.finished("DECODING", "http_400", "decode-1", e2e_s=0.01, decision_s=2e-5, queue_s=0.0)
+    assert len(metrics.ledger.pending) == 3  # deferred: fewer than a batch
+    assert metrics.requests.values == {("PREFILLING", "ok"): 2.0, ("DECODING", "http_400"): 1.0}
+    assert not metrics.ledger.pending  # reading folded them
+    assert metrics.input_tokens.values == {("PREFILLING",): 150.0, ("DECODING",): 0.0}
+    clock.now = 1002.0
+    assert metrics.requests.per_second(2) == [1.0, 2.0]  # each in its own second, though folded together
+    queue = metrics.queue.merged()
+    waited = bisect.bisect_left(LATENCY_BUCKETS_S, 0.003)
+    assert queue[0] == 2 and queue[waited] == 1 and queue[-2] == pytest.approx(0.003) and queue[-1] == 3
+    assert metrics.prefill.merged()[-2] == pytest.approx(0.3) and metrics.decision.merged()[-1] == 3
+    assert metrics.e2e.merged()[-1] == 2  # a failed request's latency is not the service's
+    text = metrics.render()
+    assert 'pdctl_router_instance_requests_total{instance="prefill-0",hop="prefill"} 2.0' in text
+    assert 'pdctl_router_instance_requests_total{instance="decode-1",hop="decode"} 1.0' in text
+
+
+def test_a_full_batch_is_folded_without_a_read():
+    metrics = RouterMetrics(clock=FakeClock())
+    for _ in range(FOLD_BATCH):
+        metrics.finished("DECODING", "ok", "decode-0", e2e_s=0.1)
+    assert not metrics.ledger.pending
+    assert metrics.requests.values_of(metrics.ledger.rows) == {("DECODING", "ok"): FOLD_BATCH}
 
 
 def test_rates_come_from_counter_deltas_over_the_window():

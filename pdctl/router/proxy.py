@@ -73,6 +73,8 @@ class Route:
     expected_output_tokens: float
     decode: Selection | None
     prefill: Selection | None = None
+    decision_s: float = 0.0  # the time plan() took
+    queue_s: float = 0.0  # the time waited for a free instance after it
 
     @property
     def input_tokens(self) -> int:
@@ -218,7 +220,7 @@ class Router:
             route.decode = self.strategy.pick_from(instances_for_phase(Phase.HYBRID, candidates), routing)
         elif decision.phase is Phase.PREFILLING:
             route.prefill = self.strategy.pick_from(candidates[Phase.PREFILLING], routing)
-        self.metrics.decided(time.perf_counter() - started)
+        route.decision_s = time.perf_counter() - started
         return route
 
     def _load(self, decode: Selection | None, prefills: list[Instance]) -> PoolLoad:
@@ -270,7 +272,7 @@ class Router:
             if route.decode is None:
                 raise NoInstance("decode or hybrid")
             if all(t.in_flight < t.max_num_seqs for t in targets):
-                self.metrics.queued(time.monotonic() - waited_since)
+                route.queue_s = time.monotonic() - waited_since
                 return route
             if deadline_at is not None and time.monotonic() >= deadline_at:
                 raise _too_late(0.0)
@@ -285,7 +287,6 @@ class Router:
             instance.prefill_tokens_per_s = (
                 speed if not instance.prefill_tokens_per_s else 0.8 * instance.prefill_tokens_per_s + 0.2 * speed
             )
-        self.metrics.prefilled(instance.id, seconds)
 
     def record_output(self, tokens: int) -> None:
         if tokens > 0:
@@ -319,6 +320,7 @@ class Exchange:
         self.phase = route.decision.phase
         self.tried: set[str] = set()
         self.prefill_instance: Instance | None = None
+        self.prefill_s: float | None = None
 
     def headers(self, decode: Instance) -> dict[str, str]:
         headers = {
@@ -366,7 +368,8 @@ class Exchange:
                 if status == 200:
                     params = json.loads(content).get("kv_transfer_params")
                     instance.record_success()
-                    router.record_prefill(instance, self.route.input_tokens, time.monotonic() - started)
+                    self.prefill_s = time.monotonic() - started
+                    router.record_prefill(instance, self.route.input_tokens, self.prefill_s)
                     router.tables[instance.id].record(self.route.routing.prefix_blocks)
                     self.prefill_instance = instance
                     return params if isinstance(params, dict) else None
@@ -417,7 +420,7 @@ class Exchange:
                     # The KV blocks may have been pulled or freed: the retry prefills itself.
                     body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
                     self.phase = Phase.DECODING
-        router.metrics.finished(self.phase.value, "failed", None, e2e_s=time.monotonic() - self.arrived)
+        self._record("failed", None, e2e_s=time.monotonic() - self.arrived)
         raise HttpError(502, f"every attempt failed: {last_error}", "BadGatewayError")
 
     async def _attempt(self, instance: Instance, body: dict[str, Any]) -> Response | StreamingResponse | str:
@@ -474,16 +477,23 @@ class Exchange:
                 output_tokens = int(completion.group(1))
                 router.record_output(output_tokens)
         # Not streamed, the whole answer is the first byte the client sees: no TTFT or TPOT of its own.
-        router.metrics.finished(
-            self.phase.value,
-            outcome,
-            instance.id,
-            e2e_s=elapsed,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-        )
+        self._record(outcome, instance, e2e_s=elapsed, input_tokens=input_tokens, output_tokens=output_tokens)
         if status == 200:
             router.on_complete(self, None, None, output_tokens)
+
+    def _record(self, outcome: str, decode: Instance | None, **figures: float | None) -> None:
+        """The request's every figure, to the recorder at once: see RouterMetrics.finished."""
+        prefill, route = self.prefill_instance, self.route
+        self.router.metrics.finished(
+            self.phase.value,
+            outcome,
+            decode.id if decode is not None else None,
+            decision_s=route.decision_s,
+            queue_s=route.queue_s,
+            prefill_instance=prefill.id if prefill is not None else None,
+            prefill_s=self.prefill_s,
+            **figures,
+        )
 
     async def _relay(self, upstream: UpstreamResponse, slot: _Slot, instance: Instance) -> AsyncIterator[bytes]:
         """Pass the engine's server-sent events through; end with an OpenAI-style error event if it breaks."""
@@ -536,10 +546,9 @@ class Exchange:
             ttft = first_at - self.arrived
             tpot = (end - first_at) / (tokens - 1) if tokens > 1 else None
             router.record_output(tokens)
-        router.metrics.finished(
-            self.phase.value,
+        self._record(
             outcome,
-            instance.id,
+            instance,
             e2e_s=end - self.arrived,
             ttft_s=ttft,
             tpot_s=tpot,
