@@ -481,18 +481,32 @@ class Exchange:
         if status == 200:
             router.on_complete(self, None, None, output_tokens)
 
-    def _record(self, outcome: str, decode: Instance | None, **figures: float | None) -> None:
-        """The request's every figure, to the recorder at once: see RouterMetrics.finished."""
+    def _record(
+        self,
+        outcome: str,
+        decode: Instance | None,
+        e2e_s: float,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+    ) -> None:
+        """The request's every figure, to the recorder at once: see RouterMetrics.finished. Named one by one, not
+        passed on as **kwargs: that would build a dict per request on the router's hot path."""
         prefill, route = self.prefill_instance, self.route
         self.router.metrics.finished(
             self.phase.value,
             outcome,
             decode.id if decode is not None else None,
+            e2e_s=e2e_s,
+            ttft_s=ttft_s,
+            tpot_s=tpot_s,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
             decision_s=route.decision_s,
             queue_s=route.queue_s,
             prefill_instance=prefill.id if prefill is not None else None,
             prefill_s=self.prefill_s,
-            **figures,
         )
 
     async def _relay(self, upstream: UpstreamResponse, slot: _Slot, instance: Instance) -> AsyncIterator[bytes]:
