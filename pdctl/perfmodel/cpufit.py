@@ -2,16 +2,23 @@
 the simulation against held-out real runs (benchmarks/fit_cpu_local.py measures; this module fits and
 compares, so a test can check the stored runs without running vLLM).
 
-On this CPU the tiny model's arithmetic (2 layers of 256) is far below vLLM's own per-step costs, so the fit is
-the engine's overheads: per step, per sequence in the step, per token computed, and per request (the API
-server's parsing and tokenising before the scheduler sees it)."""
+On this CPU the tiny model's arithmetic (2 layers of 256) is small beside vLLM's own per-step costs, so the fit
+is mostly the engine's overheads: per step, per sequence in the step and per token computed, attention over the
+context (decode) and over the prompt (prefill, quadratic in its length), the API server's intake of each request
+(per request and per prompt token: it runs on the engine's core, so it slows the engine while it steps), and
+the wake of an idle engine. Each comes from a calibration run that isolates it: lone prompts over lengths,
+decode batches of 1 to 16 over short and long contexts, bursts of arrivals on an idle engine, and requests
+joining a running one. The intake is fitted through the simulation itself (the same scheduler the check runs)."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,8 @@ from pdctl.perfmodel.hardware import (
     ParallelRate,
 )
 from pdctl.profile import BUILTIN_TINY_MODEL, ClusterProfile
+from pdctl.simulate.des import ClusterSim
+from pdctl.simulate.report import RequestRecord
 from pdctl.simulate.run import simulate
 from pdctl.simulate.workload import SimRequest
 
@@ -48,13 +57,31 @@ def _lengths(
     ]  # fmt: skip
 
 
+# Before the runs: a freshly started engine ran the first long prompts 10 to 20 % slower than the same lengths
+# later (the allocator growing its arenas, first-touch page faults), and the fit took that for their steady cost.
+WARM_UP: list[tuple[list[tuple[int, int]], int]] = [
+    ([(64, 8)] * 4 + [(n, 4) for n in (512, 1024, 1536)] * 2, 1),
+    ([(1024, 16)] * 16, 16),
+]
+WARMED_PROMPTS = {prompt for lengths, _ in WARM_UP for prompt, _ in lengths}
 # name: (prompt and output lengths, concurrency). Calibration: what the fit may use.
 CALIBRATION: dict[str, tuple[list[tuple[int, int]], int]] = {
-    "prefill-sweep": ([(n, 16) for n in (16, 128, 512, 1024, 1536) for _ in range(3)], 1),
+    "prefill-sweep": ([(n, 16) for n in (16, 64, 128, 256, 512, 768, 1024, 1280, 1536) for _ in range(3)], 1),
+    "decode-b1": ([(32, 64)] * 4, 1),
     "decode-b4": ([(32, 64)] * 8, 4),
     "decode-b8": ([(32, 64)] * 16, 8),
+    "decode-b12": ([(32, 64)] * 24, 12),
     "decode-b16": ([(32, 64)] * 32, 16),
     "decode-long-b8": ([(1024, 64)] * 16, 8),
+    # Twelve requests at once on an idle engine: the first runs alone while the API server takes in the other
+    # eleven on the same core, then those eleven prefill together (in two chunks for the longer prompts).
+    "burst-short": ([(16, 4)] * 12, 12),
+    "burst-long": ([(256, 4)] * 12, 12),
+    # One long decode, and short requests one after another joining it (the second client takes them in turn
+    # while the first waits on the long one): what a request costs an engine that is already stepping.
+    "join": ([(32, 320)] + [(n, 2) for _ in range(6) for n in (128, 256, 512)], 2),
+    # The same with eight decoding: a step that computes a prompt chunk costs more per decoding sequence in it.
+    "join-b8": ([(32, 256)] * 8 + [(n, 2) for _ in range(4) for n in (128, 256, 512)], 9),
 }
 # Presets in the spirit of pdctl's chat, qa and code scenarios (their length shapes: chat short in and out, qa
 # long in and short out, code medium in and long out), plus fixed lengths; three load levels each.
@@ -92,12 +119,40 @@ def first_token_ttft(record: dict[str, Any]) -> float:
     return record["ttft"] - held_back * statistics.median(gaps) if held_back and gaps else record["ttft"]
 
 
+def _least_squares(columns: list[list[float]], ys: list[float], weights: list[float] | None = None) -> list[float]:
+    """Coefficients of the columns that fit ys best, each point weighted (normal equations: a handful of points
+    and terms)."""
+    k = len(columns)
+    w = weights or [1.0] * len(ys)
+    rows = [[sum(a * b * c for a, b, c in zip(columns[i], columns[j], w, strict=True)) for j in range(k)]
+            + [sum(a * y * c for a, y, c in zip(columns[i], ys, w, strict=True))] for i in range(k)]  # fmt: skip
+    for pivot in range(k):
+        best = max(range(pivot, k), key=lambda r: abs(rows[r][pivot]))
+        rows[pivot], rows[best] = rows[best], rows[pivot]
+        for r in range(k):
+            if r != pivot:
+                factor = rows[r][pivot] / rows[pivot][pivot]
+                rows[r] = [a - factor * b for a, b in zip(rows[r], rows[pivot], strict=True)]
+    return [rows[i][k] / rows[i][i] for i in range(k)]
+
+
 def _linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     """(intercept, slope) by least squares."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
+    intercept, slope = _least_squares([[1.0] * len(points), [x for x, _ in points]], [y for _, y in points])
+    return intercept, slope
+
+
+def _prefill_fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(intercept, per token, per unit of attention work n^2 / 2) of a lone prompt's TTFT over its length n;
+    without the attention term when the points do not rise faster than linearly."""
+    ns = [n / 1000 for n, _ in points]  # in thousands: the normal equations stay well conditioned
+    ys = [t for _, t in points]
+    relative = [1 / (t * t) for t in ys]  # each length's error as a share of its TTFT: short prompts count as much
+    intercept, per_k, per_work = _least_squares([[1.0] * len(ns), ns, [n * n / 2 for n in ns]], ys, relative)
+    if per_work < 0 or per_k < 0:
+        intercept, per_k = _least_squares([[1.0] * len(ns), ns], ys, relative)
+        per_work = 0.0
+    return intercept, max(0.0, per_k) / 1000, per_work / 1e6
 
 
 @dataclass
@@ -105,6 +160,8 @@ class CpuFit:
     overhead: Overhead
     # Decode attention: seconds per token of context a decoding sequence attends to, in one step.
     decode_s_per_context_token: float
+    # Prefill attention: seconds per unit of c x (p + c / 2) work, for a chunk of c tokens after p computed.
+    prefill_s_per_attention_work: float = 0.0
 
 
 def _median_itl(run: dict[str, Any]) -> float:
@@ -116,39 +173,153 @@ def _decode_context(run: dict[str, Any], batch: int) -> float:
     return batch * statistics.fmean(r["input_tokens"] + r["output_tokens"] / 2 for r in run["requests"])
 
 
+BURSTS = ("burst-short", "burst-long")
+JOINS = ("join", "join-b8")
+DECODE_BATCHES = (1, 4, 8, 12, 16)
+
+
 def fit_cpu(calibration: dict[str, Any]) -> CpuFit:
-    sweep = calibration["prefill-sweep"]
-    # TTFT of a lone request of n tokens: per_request + per_step + per_seq + n x per_token. The median of each
-    # prompt length's requests: the first request of a length is often 10 to 20 ms slower here and would pull a
-    # least-squares line up.
-    by_length: dict[int, list[float]] = {}
-    for r in sweep["requests"]:
-        by_length.setdefault(r["input_tokens"], []).append(first_token_ttft(r))
-    ttft_intercept, per_token = _linear_fit([(n, statistics.median(ttfts)) for n, ttfts in by_length.items()])
     # Decode steps of 8 sequences over long and short prompts: what attending to more context costs.
     short, long = calibration["decode-b8"], calibration["decode-long-b8"]
     per_context = max(0.0, (_median_itl(long) - _median_itl(short))
                       / (_decode_context(long, 8) - _decode_context(short, 8)))  # fmt: skip
-    # Median gap between tokens with b sequences decoding, less their attention:
-    # per_step + b x (per_seq + per_token).
-    decode = [(1.0, _median_itl(sweep) - per_context * _decode_context(sweep, 1))]
-    for b in (4, 8, 16):
+    # Median gap between tokens with b sequences decoding, less their attention: per_step + b x (per_seq +
+    # per_token).
+    decode = []
+    for b in DECODE_BATCHES:
         run = calibration[f"decode-b{b}"]
         decode.append((float(b), _median_itl(run) - per_context * _decode_context(run, b)))
     per_step, per_decode_seq = _linear_fit(decode)
-    per_seq = max(0.0, per_decode_seq - per_token)
-    per_request = max(0.0, ttft_intercept - per_step - per_seq)
-    source = f"fitted to the calibration runs of {RUNS_PATH.name}"
-    # vLLM's API server and engine share the instance's one core here.
-    overhead = Overhead(per_step_s=max(0.0, per_step), per_seq_s=per_seq, per_token_s=max(0.0, per_token),
-                        per_request_s=per_request, shares_core=True, source=source)  # fmt: skip
-    return CpuFit(overhead, per_context)
+    per_step = max(0.0, per_step)
+    # TTFT of a lone request of n tokens: intake (per request and per token) + wake + per_step + per_seq + n x
+    # per_token + attention over n^2 / 2. The median of each prompt length's requests: single ones here run 10
+    # to 40 % slow at times.
+    by_length: dict[int, list[float]] = {}
+    for r in calibration["prefill-sweep"]["requests"]:
+        by_length.setdefault(r["input_tokens"], []).append(first_token_ttft(r))
+    intercept, slope, per_work = _prefill_fit([(n, statistics.median(t)) for n, t in sorted(by_length.items())])
+    new_shape = _new_shape_cost(calibration["prefill-sweep"]["requests"])
+
+    def candidate(per_request: float, per_request_token: float, per_mixed_decode: float) -> CpuFit:
+        """The lone prompt's line split between the API server's intake and the engine."""
+        per_token = max(0.0, slope - per_request_token)
+        per_seq = max(0.0, per_decode_seq - per_token)
+        overhead = Overhead(per_step_s=per_step, per_seq_s=per_seq, per_token_s=per_token,
+                            per_mixed_decode_s=per_mixed_decode, per_request_s=per_request,
+                            per_request_token_s=per_request_token, shares_core=True,
+                            idle_wake_s=max(0.0, intercept - per_request - per_step - per_seq),
+                            new_shape_s=new_shape,
+                            source=f"fitted to the calibration runs of {RUNS_PATH.name}")  # fmt: skip
+        return CpuFit(overhead, per_context, per_work)
+
+    # What only requests arriving among others tell apart (the intake's split of the lone line, the cost of
+    # decodes beside a prompt chunk): fitted through the simulation to the bursts (arrivals on an idle engine)
+    # and to requests joining one and eight decoding.
+    targets = _arrival_targets(calibration)
+
+    def misfit(values: list[float]) -> float:
+        fit = candidate(*values)
+        simulated = {name: _simulated(fit, name) for name in {name for name, _, _ in targets}}
+        return sum(math.log(figure(simulated[name]) / real) ** 2 for name, figure, real in targets)
+
+    values, bounds = [0.004, 0.0, 0.0], [0.02, slope, 0.01]
+    for _ in range(3):  # one at a time, in turns
+        for index, bound in enumerate(bounds):
+            values[index] = _golden(partial(_vary, misfit, values, index), 0.0, bound)
+    return candidate(*values)
+
+
+def _new_shape_cost(sweep: list[dict[str, Any]]) -> float:
+    """What a step of a token count the engine has not run before costs more: the first request of each prompt
+    length the warm-up did not cover, against the median of that length's later ones."""
+    by_length: dict[int, list[float]] = {}
+    for record in sweep:  # as stored: measurement after measurement, each in the order the requests ran
+        by_length.setdefault(record["input_tokens"], []).append(first_token_ttft(record))
+    measurements = len(sweep) // len(CALIBRATION["prefill-sweep"][0])
+    excess = []
+    for prompt, ttfts in by_length.items():
+        if prompt in WARMED_PROMPTS:
+            continue
+        repeats = len(ttfts) // max(1, measurements)
+        for start in range(0, len(ttfts) - repeats + 1, repeats):
+            first, later = ttfts[start], ttfts[start + 1 : start + repeats]
+            excess.append(first - statistics.median(later))
+    return max(0.0, statistics.median(excess)) if excess else 0.0
+
+
+def _vary(f: Callable[[list[float]], float], values: list[float], index: int, value: float) -> float:
+    return f([*values[:index], value, *values[index + 1 :]])
+
+
+Figure = Callable[[list[dict[str, Any]]], float]
+
+
+def _median_ttft(records: list[dict[str, Any]]) -> float:
+    return statistics.median(first_token_ttft(r) for r in records)
+
+
+def _first_ttft(size: int) -> Figure:
+    """The median of each burst's first request's TTFT: the lowest one of each `size` records."""
+
+    def firsts(records: list[dict[str, Any]]) -> float:
+        return statistics.median(sorted(first_token_ttft(r) for r in records)[: max(1, len(records) // size)])
+
+    return firsts
+
+
+def _ttft_of(prompt: int) -> Figure:
+    return lambda records: _median_ttft([r for r in records if r["input_tokens"] == prompt])
+
+
+def _arrival_targets(calibration: dict[str, Any]) -> list[tuple[str, Figure, float]]:
+    """(run, figure, its real value): each burst's first and median TTFT, the joining requests' TTFT by length."""
+    figures: list[tuple[str, Figure]] = []
+    for name in BURSTS:
+        figures += [(name, _first_ttft(CALIBRATION[name][1])), (name, _median_ttft)]
+    for name in JOINS:
+        prompts = sorted({n for n, out in CALIBRATION[name][0] if out == 2})
+        figures += [(name, _ttft_of(n)) for n in prompts]
+    return [(name, figure, figure(calibration[name]["requests"])) for name, figure in figures]
+
+
+def _simulated(fit: CpuFit, run: str) -> list[dict[str, Any]]:
+    """A calibration run's requests through the simulation on the fitted profile."""
+    lengths, concurrency = CALIBRATION[run]
+    sim = ClusterSim(local_profile(), get_model(tinymodel.TINY_MODEL_NAME), cpu_profile(fit, _UNMEASURED))
+    sim.run([SimRequest(i, 0.0, prompt, output) for i, (prompt, output) in enumerate(lengths)], concurrency)
+    return [_as_measured(r) for r in sim.records]
+
+
+def _as_measured(record: RequestRecord) -> dict[str, Any]:
+    """A simulated request in the shape of a measured one: one token per chunk."""
+    return {"input_tokens": record.input_tokens, "ttft": record.ttft, "itls": record.itls, "e2e": record.e2e,
+            "output_tokens": record.output_tokens, "tokens_at": list(range(1, len(record.itls) + 2))}  # fmt: skip
+
+
+_UNMEASURED = Measured(at="-", how="a candidate of the fit", device="-")
+
+
+def _golden(f: Callable[[float], float], lo: float, hi: float, iterations: int = 20) -> float:
+    """The x in [lo, hi] where f is least, for an f with one valley there."""
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fc, fd = f(c), f(d)
+    for _ in range(iterations):
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - ratio * (hi - lo)
+            fc = f(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + ratio * (hi - lo)
+            fd = f(d)
+    return (lo + hi) / 2
 
 
 def pooled(runs: dict[str, Any], part: str) -> dict[str, dict[str, Any]]:
     """Every measurement's records of each run of `part` ("calibration" or "validation") together: one real
-    vLLM CPU measurement differs from the next by more than 10 % on half its median figures here (see
-    `noise_floor`), so the fit and the check take several."""
+    vLLM CPU measurement differs from the next by more than 10 % on a third of its median figures here, so the
+    fit and the check take several."""
     together: dict[str, dict[str, Any]] = {}
     for measurement in runs["measurements"]:
         for name, run in measurement[part].items():
@@ -177,18 +348,23 @@ def cpu_profile(fit: CpuFit, measured: Measured) -> HardwareProfile:
     kv_bytes_per_token_per_layer = arch.kv_bytes_per_token() / arch.num_hidden_layers
     decode_rate = (arch.num_hidden_layers * kv_bytes_per_token_per_layer / fit.decode_s_per_context_token
                    if fit.decode_s_per_context_token > 0 else 1e13)  # fmt: skip
+    # Prefill attention likewise: its FLOPs per unit of c x (p + c / 2) work, over the layers, at the fitted cost.
+    flops_per_work = 4.0 * arch.num_attention_heads * arch.head_dim * arch.num_hidden_layers
+    prefill_rate = (flops_per_work / fit.prefill_s_per_attention_work
+                    if fit.prefill_s_per_attention_work > 0 else 1e15)  # fmt: skip
     kv_bytes = 2**30  # VLLM_CPU_KVCACHE_SPACE=1
     fast = Link(latency_s=0.0, bytes_per_s=1e12, source="one process: no transfer")
     return HardwareProfile(
         name="cpu-local",
         description="this machine kind's CPU (x86-64, AVX-512, 2 cores; one core per instance) serving the builtin "
-        "tiny model on vLLM's CPU build: the engine's overheads and decode attention by context; the model's own "
-        "arithmetic is negligible here",
+        "tiny model on vLLM's CPU build: the engine's overheads, attention over the context (decode) and the prompt "
+        "(prefill), and the API server's intake on the engine's core; the model's linear layers are folded into "
+        "the per-token cost",
         measured=measured,
         memory_bytes=(kv_bytes + arch.weight_bytes_per_gpu(1)) / 0.9,
         gemm=GemmCurve(launch_s=0.0, tokens=[1], flops_per_s=[1e15], bytes_per_s=[1e13]),
         attention=Attention(decode=ParallelRate(fixed_s=0.0, rate=decode_rate, rate_per_unit=decode_rate),
-                            prefill=ParallelRate(fixed_s=0.0, rate=1e15, rate_per_unit=1e15)),
+                            prefill=ParallelRate(fixed_s=0.0, rate=prefill_rate, rate_per_unit=prefill_rate)),
         elementwise=Elementwise(fixed_s=0.0, bytes_per_s=1e13),
         allreduce=fast,
         pipeline=fast,
@@ -242,22 +418,21 @@ def compare_runs(runs: dict[str, Any]) -> list[Comparison]:
         lengths = VALIDATION[name][0]
         requests = [SimRequest(i, 0.0, prompt, output) for i, (prompt, output) in enumerate(lengths)]
         result = simulate(profile, requests, run["max_concurrency"])
-        simulated = [{"ttft": s.ttft, "itls": s.itls, "e2e": s.e2e, "output_tokens": s.output_tokens,
-                      "tokens_at": list(range(1, len(s.itls) + 2))} for s in result.records]  # fmt: skip
+        simulated = [_as_measured(r) for r in result.records]
         comparisons.append(Comparison(name, _figures(run["requests"], run["duration"]),
                                       _figures(simulated, result.metrics["duration"])))  # fmt: skip
     return comparisons
 
 
 def noise_floor(runs: dict[str, Any]) -> list[Comparison]:
-    """Real against real: each measurement's validation runs against the next one's, the same requests minutes
-    apart. What no model can be closer than."""
+    """Real against real, pooled as the check pools them: the odd measurements' validation runs against the even
+    ones', the same requests at other times. What no model can be held closer than."""
     measurements = runs["measurements"]
+    halves = [pooled({"measurements": measurements[start::2]}, "validation") for start in (0, 1)]
     return [
-        Comparison(f"{name} ({index + 1} vs {index + 2})", _figures(run["requests"], run["duration"]),
-                   _figures(later["validation"][name]["requests"], later["validation"][name]["duration"]))
-        for index, (earlier, later) in enumerate(itertools.pairwise(measurements))
-        for name, run in earlier["validation"].items()
+        Comparison(name, _figures(run["requests"], run["duration"]),
+                   _figures(halves[1][name]["requests"], halves[1][name]["duration"]))
+        for name, run in halves[0].items()
     ]  # fmt: skip
 
 
@@ -282,6 +457,6 @@ def render_comparison(comparisons: list[Comparison], floor: list[Comparison]) ->
     lines.append("")
     lines.append("real / simulated (error); latencies in ms, throughput in output tokens/s.")
     for key in keys:
-        lines.append(f"- {key}: simulated against real {error_summary(comparisons, key)}; one real measurement "
-                     f"against the next {error_summary(floor, key)}")  # fmt: skip
+        lines.append(f"- {key}: simulated against real {error_summary(comparisons, key)}; real against real (odd "
+                     f"measurements against even ones) {error_summary(floor, key)}")  # fmt: skip
     return "\n".join(lines)

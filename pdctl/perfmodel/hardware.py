@@ -106,14 +106,32 @@ class Link(_Strict):
 class Overhead(_Strict):
     """Engine time outside the GPU kernels: scheduling, sampling, detokenising, Python."""
 
+    def intake_s(self, prompt_tokens: int) -> float:
+        return self.per_request_s + self.per_request_token_s * prompt_tokens
+
     per_step_s: float = Field(ge=0)
     per_seq_s: float = Field(0.0, ge=0)
     per_token_s: float = Field(0.0, ge=0)
-    # From a request's arrival to the scheduler seeing it (API server: parsing, tokenising, IPC).
+    # More per decoding sequence in a step that also computes a prompt chunk (cpu-local: 2 ms, where a step of
+    # decodes alone costs 0.3 ms per sequence).
+    per_mixed_decode_s: float = Field(0.0, ge=0)
+    # The API server's work on one arriving request before the scheduler sees it (parsing, tokenising, handing
+    # over); it takes requests in one at a time.
     per_request_s: float = Field(0.0, ge=0)
-    # The API server runs on the engine's own core (vLLM CPU on one core): the per-request work of a request that
-    # arrives while the engine is stepping takes that time from the engine, so the next step runs that much later.
+    per_request_token_s: float = Field(0.0, ge=0)  # and per prompt token (tokenising)
+    # The API server runs on the engine's own core (vLLM CPU on one core): its intake work while the engine steps
+    # takes that time from the engine, so the step ends that much later, and the two share the core, so that
+    # intake takes twice its time.
     shares_core: bool = False
+    # The first step after the engine had nothing running ends this much later: the engine and API server
+    # processes waking from idle (cpu-local: a lone request's first token comes 6 ms after what its prefill step
+    # and intake account for, where a request joining running ones sees no such cost).
+    idle_wake_s: float = Field(0.0, ge=0)
+    # A step of a token count the engine has not run before costs this much more (cpu-local: the first request
+    # of a prompt length new to the engine ran 3.5 ms slower than its repeats, likely the CPU GEMM library
+    # building kernels for the new shape). Token counts up to max_num_seqs are taken as run: every decode batch
+    # size, which an engine in service has run.
+    new_shape_s: float = Field(0.0, ge=0)
     source: str
 
 

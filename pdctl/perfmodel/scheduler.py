@@ -75,16 +75,39 @@ class Engine:
         self._order = itertools.count()
         self.preemptions = 0
         self._scheduled: list[tuple[EngineRequest, int]] = []
-        # API-server time taken from the engine's core since the last step began (Overhead.shares_core).
+        # The API server takes requests in one at a time (one process: parsing, tokenising, handing over), each
+        # for Overhead.intake_s; it is free again at _intake_free_at. Where it shares the engine's core
+        # (Overhead.shares_core), its time while the engine steps delays the engine: _stolen_s is that time not
+        # yet added to a step, and intake time up to _charged_until has been counted.
+        self._shapes_run = set(range(1, config.max_num_seqs + 1))  # token counts of steps run (Overhead.new_shape_s)
+        self._intake_free_at = 0.0
+        self._charged_until = 0.0
         self._stolen_s = 0.0
 
     # -- queue ----------------------------------------------------------------------------------------------
 
     def add(self, request: EngineRequest) -> None:
+        """Queue a request that reached the API server at request.arrival: the scheduler sees it once the API
+        server has taken it in (request.ready_at is raised to that time)."""
         overhead = self.model.hw.overhead
+        start = max(request.arrival, self._intake_free_at)
+        intake = overhead.intake_s(request.prompt_tokens)
         if overhead.shares_core and self.running:
-            self._stolen_s += overhead.per_request_s
+            # The engine steps on: the two share the core, the intake takes twice its time, and the engine loses
+            # it (the step under way has its end set, so the next one pays).
+            self._intake_free_at = start + 2 * intake
+            self._stolen_s += intake
+            self._charged_until = max(self._charged_until, self._intake_free_at)
+        else:
+            self._intake_free_at = start + intake
+        request.ready_at = max(request.ready_at, self._intake_free_at)
         self._push(request, next(self._order))
+
+    def _charge(self, start: float, end: float) -> None:
+        start = max(start, self._charged_until)
+        if end > start:
+            self._stolen_s += end - start
+            self._charged_until = end
 
     def _push(self, request: EngineRequest, order: int) -> None:
         priority = request.priority if self.config.policy == "priority" else 0
@@ -215,10 +238,17 @@ class Engine:
 
     def step(self, now: float) -> StepResult | None:
         """Schedule and run one step from `now`; None when nothing can run now."""
+        was_idle = not self.running
         shape = self.schedule(now)
         if shape.tokens == 0:
             return None
-        seconds = self.model.step_seconds(shape) + self._stolen_s
+        overhead = self.model.hw.overhead
+        if overhead.shares_core:
+            self._charge(now, self._intake_free_at)  # intake still under way as the step begins
+        seconds = self.model.step_seconds(shape) + self._stolen_s + (overhead.idle_wake_s if was_idle else 0.0)
+        if shape.tokens not in self._shapes_run:
+            self._shapes_run.add(shape.tokens)
+            seconds += overhead.new_shape_s
         self._stolen_s = 0.0
         tokens, finished = self.finish()
         return StepResult(seconds, shape, tokens, finished)

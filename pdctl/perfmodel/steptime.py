@@ -95,6 +95,8 @@ class StepModel:
             handoffs = (self.pp - 1) * (hw.pipeline.latency_s + nbytes / hw.pipeline.bytes_per_s)
         overhead = hw.overhead
         engine = overhead.per_step_s + overhead.per_seq_s * shape.seqs + overhead.per_token_s * shape.tokens
+        if shape.seqs > shape.decode_seqs:
+            engine += overhead.per_mixed_decode_s * shape.decode_seqs
         return arch.num_hidden_layers * per_layer + lm_head + handoffs + engine
 
     def kv_transfer_seconds(self, tokens: int) -> float:

@@ -230,7 +230,7 @@ class ClusterSim:
         self, node: _Node, flight: _Flight, prefill_only: bool, external: int = 0, ready_at: float = 0.0
     ) -> None:
         request = flight.request
-        ready_at = max(ready_at, self.now + self.hop_s + node.model.hw.overhead.per_request_s)
+        ready_at = max(ready_at, self.now + self.hop_s)
         node.record.in_flight += 1
         node.record.in_flight_prompt_tokens += request.input_tokens
         self.tables[node.record.id].record(flight.blocks)
@@ -245,9 +245,9 @@ class ClusterSim:
             ready_at=ready_at,
         )
         engine_request.tag = _Ticket(flight, node, self.now, self._prefilled if prefill_only else self._token)
-        node.engine.add(engine_request)
-        if ready_at > self.now:
-            self.at(ready_at, lambda: self._kick(node))
+        node.engine.add(engine_request)  # raises ready_at to when the instance's API server has taken it in
+        if engine_request.ready_at > self.now:
+            self.at(engine_request.ready_at, lambda: self._kick(node))
         self._kick(node)
 
     def _kick(self, node: _Node) -> None:
