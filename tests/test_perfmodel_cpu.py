@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pdctl.perfmodel import cpufit
-from pdctl.perfmodel.hardware import Measured, Overhead
-from pdctl.simulate.run import simulate
-from pdctl.simulate.workload import SimRequest
+from pdctl.perfmodel.hardware import Overhead
 
 KNOWN = Overhead(per_step_s=0.010, per_seq_s=0.0005, per_token_s=0.00005, per_mixed_decode_s=0.002,
                  per_request_s=0.004, per_request_token_s=0.000006, shares_core=True, idle_wake_s=0.005,
@@ -22,23 +19,15 @@ KNOWN_PER_CONTEXT_TOKEN_S = 5e-7
 KNOWN_PER_ATTENTION_WORK_S = 1e-7
 
 
-def synthetic_calibration(tmp_path: Path) -> dict[str, Any]:
+def synthetic_calibration() -> dict[str, Any]:
     """Calibration runs of the same shape as benchmarks/fit_cpu_local.py records, made by the model with KNOWN."""
-    hardware = tmp_path / "known.json"
     known = cpufit.CpuFit(KNOWN, KNOWN_PER_CONTEXT_TOKEN_S, KNOWN_PER_ATTENTION_WORK_S)
-    hardware.write_text(cpufit.cpu_profile(known, Measured(at="now", how="synthetic", device="none")).model_dump_json())
-    calibration = {}
-    for name, (lengths, concurrency) in cpufit.CALIBRATION.items():
-        requests = [SimRequest(i, 0.0, n, out) for i, (n, out) in enumerate(lengths)]
-        result = simulate(cpufit.local_profile(), requests, concurrency, hardware=str(hardware))
-        records = [{"input_tokens": r.input_tokens, "output_tokens": r.output_tokens, "ttft": r.ttft, "itls": r.itls,
-                    "tokens_at": list(range(1, len(r.itls) + 2))} for r in result.records]  # fmt: skip
-        calibration[name] = {"max_concurrency": concurrency, "requests": records}
-    return calibration
+    return {name: {"max_concurrency": concurrency, "requests": cpufit.simulated_run(known, name)}
+            for name, (_, concurrency) in cpufit.CALIBRATION.items()}  # fmt: skip
 
 
-def test_fit_recovers_a_known_engines_overheads(tmp_path: Path) -> None:
-    fit = cpufit.fit_cpu(synthetic_calibration(tmp_path))
+def test_fit_recovers_a_known_engines_overheads() -> None:
+    fit = cpufit.fit_cpu(synthetic_calibration())
     fitted = fit.overhead
     assert fit.decode_s_per_context_token == pytest.approx(KNOWN_PER_CONTEXT_TOKEN_S, rel=0.15)
     assert fit.prefill_s_per_attention_work == pytest.approx(KNOWN_PER_ATTENTION_WORK_S, rel=0.15)

@@ -219,7 +219,7 @@ def fit_cpu(calibration: dict[str, Any]) -> CpuFit:
 
     def misfit(values: list[float]) -> float:
         fit = candidate(*values)
-        simulated = {name: _simulated(fit, name) for name in {name for name, _, _ in targets}}
+        simulated = {name: simulated_run(fit, name) for name in {name for name, _, _ in targets}}
         return sum(math.log(figure(simulated[name]) / real) ** 2 for name, figure, real in targets)
 
     values, bounds = [0.004, 0.0, 0.0], [0.02, slope, 0.01]
@@ -282,12 +282,17 @@ def _arrival_targets(calibration: dict[str, Any]) -> list[tuple[str, Figure, flo
     return [(name, figure, figure(calibration[name]["requests"])) for name, figure in figures]
 
 
-def _simulated(fit: CpuFit, run: str) -> list[dict[str, Any]]:
+def simulated_run(fit: CpuFit, run: str) -> list[dict[str, Any]]:
     """A calibration run's requests through the simulation on the fitted profile."""
     lengths, concurrency = CALIBRATION[run]
     sim = ClusterSim(local_profile(), get_model(tinymodel.TINY_MODEL_NAME), cpu_profile(fit, _UNMEASURED))
-    sim.run([SimRequest(i, 0.0, prompt, output) for i, (prompt, output) in enumerate(lengths)], concurrency)
+    sim.run(_requests(lengths), concurrency)
     return [_as_measured(r) for r in sim.records]
+
+
+def _requests(lengths: list[tuple[int, int]]) -> list[SimRequest]:
+    """A run's requests, all there at once: the closed loop's concurrency paces them."""
+    return [SimRequest(i, 0.0, prompt, output) for i, (prompt, output) in enumerate(lengths)]
 
 
 def _as_measured(record: RequestRecord) -> dict[str, Any]:
@@ -415,9 +420,7 @@ def compare_runs(runs: dict[str, Any]) -> list[Comparison]:
     profile = local_profile()
     comparisons = []
     for name, run in pooled(runs, "validation").items():
-        lengths = VALIDATION[name][0]
-        requests = [SimRequest(i, 0.0, prompt, output) for i, (prompt, output) in enumerate(lengths)]
-        result = simulate(profile, requests, run["max_concurrency"])
+        result = simulate(profile, _requests(VALIDATION[name][0]), run["max_concurrency"])
         simulated = [_as_measured(r) for r in result.records]
         comparisons.append(Comparison(name, _figures(run["requests"], run["duration"]),
                                       _figures(simulated, result.metrics["duration"])))  # fmt: skip

@@ -106,14 +106,11 @@ class Link(_Strict):
 class Overhead(_Strict):
     """Engine time outside the GPU kernels: scheduling, sampling, detokenising, Python."""
 
-    def intake_s(self, prompt_tokens: int) -> float:
-        return self.per_request_s + self.per_request_token_s * prompt_tokens
-
     per_step_s: float = Field(ge=0)
     per_seq_s: float = Field(0.0, ge=0)
     per_token_s: float = Field(0.0, ge=0)
-    # More per decoding sequence in a step that also computes a prompt chunk (cpu-local: 2 ms, where a step of
-    # decodes alone costs 0.3 ms per sequence).
+    # More per decoding sequence in a step that also computes a prompt chunk (cpu-local: 1.1 ms, where a step
+    # of decodes alone costs 0.3 ms per sequence).
     per_mixed_decode_s: float = Field(0.0, ge=0)
     # The API server's work on one arriving request before the scheduler sees it (parsing, tokenising, handing
     # over); it takes requests in one at a time.
@@ -124,15 +121,18 @@ class Overhead(_Strict):
     # intake takes twice its time.
     shares_core: bool = False
     # The first step after the engine had nothing running ends this much later: the engine and API server
-    # processes waking from idle (cpu-local: a lone request's first token comes 6 ms after what its prefill step
+    # processes waking from idle (cpu-local: a lone request's first token comes 4 ms after what its prefill step
     # and intake account for, where a request joining running ones sees no such cost).
     idle_wake_s: float = Field(0.0, ge=0)
     # A step of a token count the engine has not run before costs this much more (cpu-local: the first request
-    # of a prompt length new to the engine ran 3.5 ms slower than its repeats, likely the CPU GEMM library
+    # of a prompt length new to the engine ran 4.3 ms slower than its repeats, likely the CPU GEMM library
     # building kernels for the new shape). Token counts up to max_num_seqs are taken as run: every decode batch
     # size, which an engine in service has run.
     new_shape_s: float = Field(0.0, ge=0)
     source: str
+
+    def intake_s(self, prompt_tokens: int) -> float:
+        return self.per_request_s + self.per_request_token_s * prompt_tokens
 
 
 class HardwareProfile(_Strict):

@@ -75,11 +75,11 @@ class Engine:
         self._order = itertools.count()
         self.preemptions = 0
         self._scheduled: list[tuple[EngineRequest, int]] = []
+        self._shapes_run = set(range(1, config.max_num_seqs + 1))  # token counts of steps run (Overhead.new_shape_s)
         # The API server takes requests in one at a time (one process: parsing, tokenising, handing over), each
         # for Overhead.intake_s; it is free again at _intake_free_at. Where it shares the engine's core
         # (Overhead.shares_core), its time while the engine steps delays the engine: _stolen_s is that time not
         # yet added to a step, and intake time up to _charged_until has been counted.
-        self._shapes_run = set(range(1, config.max_num_seqs + 1))  # token counts of steps run (Overhead.new_shape_s)
         self._intake_free_at = 0.0
         self._charged_until = 0.0
         self._stolen_s = 0.0

@@ -299,7 +299,7 @@ class ClusterSim:
         ready = (
             self.now
             + self.hop_s
-            + model.hw.overhead.per_request_s
+            + model.hw.overhead.intake_s(flight.request.input_tokens)
             + model.kv_transfer_seconds(flight.request.input_tokens)
         )
         self._submit(flight.decode, flight, prefill_only=False, external=flight.request.input_tokens, ready_at=ready)
