@@ -38,8 +38,10 @@ from pdctl.perfmodel.cpufit import (
     WARM_UP,
     compare_runs,
     fit_profile,
+    held_out,
     noise_floor,
     render_comparison,
+    render_held_out,
 )
 from pdctl.perfmodel.hardware import HARDWARE_DIR
 
@@ -186,6 +188,8 @@ def main() -> None:
     parser.add_argument("step", choices=["measure", "fit", "compare"])
     parser.add_argument("--runs", type=Path, default=RUNS_PATH)
     parser.add_argument("--fresh", action="store_true", help="measure: replace the stored measurements, not add one")
+    parser.add_argument("--fitted-on", type=int, help="compare: the held-out check fits the first N measurements "
+                        "(default half) and checks the rest")  # fmt: skip
     args = parser.parse_args()
     if args.step == "measure":
         measure(args.runs, args.fresh)
@@ -197,6 +201,9 @@ def main() -> None:
     else:
         runs = json.loads(args.runs.read_text())
         print(render_comparison(compare_runs(runs), noise_floor(runs)))
+        total = len(runs["measurements"])
+        fitted_on = args.fitted_on or total // 2
+        print(render_held_out(*held_out(runs, fitted_on), fitted_on, total))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ measurements it was fitted from (the GPU fidelity bar) and a published vLLM figu
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pdctl.perfmodel.hardware import (
     HardwareProfile,
     Link,
     Measured,
+    Noise,
     Overhead,
     ParallelRate,
     get_hardware,
@@ -315,6 +317,50 @@ def test_decodes_beside_a_prompt_chunk_cost_more() -> None:
     plain, costly = model(0.0), model(0.002)
     assert costly.step_seconds(decodes) == plain.step_seconds(decodes)
     assert costly.step_seconds(mixed) == pytest.approx(plain.step_seconds(mixed) + 4 * 0.002)
+
+
+def noisy_engine(per_step_s: float, noise: Noise, seed: int = 0, speed: float | None = None) -> Engine:
+    model = StepModel(get_model("llama-3.1-8b"), flat_hardware(overhead=Overhead(per_step_s=per_step_s, source="test"),
+                                                             noise=noise))  # fmt: skip
+    return Engine(model, EngineConfig(seed=seed, speed=speed))
+
+
+def decode_step_times(engine: Engine, steps: int) -> list[float]:
+    engine.add(EngineRequest("long", 10, steps + 1))
+    now, times = 0.0, []
+    while (result := engine.step(now)) is not None and len(times) <= steps:
+        times.append(result.seconds)
+        now += result.seconds
+    return times[1:]  # the decodes, after the prompt's step
+
+
+def test_step_noise_keeps_the_mean_and_spreads_short_steps_more() -> None:
+    """A step of d seconds takes a Gamma time of mean d and variance step_variance_s x d: the same absolute
+    noise on a longer step is a smaller share of it."""
+    noise = Noise(step_variance_s=0.001)
+    for per_step in (0.010, 0.100):
+        model_time = statistics.fmean(decode_step_times(noisy_engine(per_step, Noise()), 3000))
+        times = decode_step_times(noisy_engine(per_step, noise), 3000)
+        assert statistics.fmean(times) == pytest.approx(model_time, rel=0.02)
+        assert statistics.variance(times) == pytest.approx(0.001 * model_time, rel=0.1)
+
+
+def test_step_noise_repeats_with_its_seed() -> None:
+    noise = Noise(step_variance_s=0.001, speed_sigma=0.1)
+    assert decode_step_times(noisy_engine(0.01, noise, seed=1), 50) == decode_step_times(
+        noisy_engine(0.01, noise, seed=1), 50
+    )
+    assert decode_step_times(noisy_engine(0.01, noise, seed=1), 50) != decode_step_times(
+        noisy_engine(0.01, noise, seed=2), 50
+    )
+
+
+def test_an_engines_speed_scales_its_steps_and_is_drawn_lognormal() -> None:
+    plain, slow = noisy_engine(0.01, Noise()), noisy_engine(0.01, Noise(), speed=1.25)
+    assert decode_step_times(slow, 5) == pytest.approx([1.25 * t for t in decode_step_times(plain, 5)])
+    speeds = [noisy_engine(0.01, Noise(speed_sigma=0.1), seed=seed).speed for seed in range(400)]
+    assert statistics.median(speeds) == pytest.approx(1.0, abs=0.02)
+    assert statistics.stdev(math.log(s) for s in speeds) == pytest.approx(0.1, rel=0.15)
 
 
 # -- fidelity: the shipped profile against measurements ------------------------------------------------------

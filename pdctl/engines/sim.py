@@ -498,8 +498,10 @@ def _live_engine(config: SimConfig) -> LiveEngine:
     hardware = get_hardware(config.hardware)
     model = StepModel(get_model(config.architecture or config.model), hardware, tp=config.tensor_parallel_size)
     budget = config.max_num_batched_tokens or hardware.default_max_num_batched_tokens
+    # Seeded by the port: the instances' step noise differs, and a run repeats.
     engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
-                                 policy=config.scheduling_policy, block_size=BLOCK_SIZE)  # fmt: skip
+                                 policy=config.scheduling_policy, block_size=BLOCK_SIZE,
+                                 seed=config.port)  # fmt: skip
     return Live(Engine(model, engine_config))
 
 

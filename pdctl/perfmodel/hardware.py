@@ -135,6 +135,24 @@ class Overhead(_Strict):
         return self.per_request_s + self.per_request_token_s * prompt_tokens
 
 
+class Noise(_Strict):
+    """How a step's time varies about the model's on this machine, in two parts, both measured. Without them a
+    simulation puts all the steps of one batch shape at one time, and a median that falls among several such
+    clumps (a wave of arrivals, decodes beside long prefills) lands on one clump's edge where the real one lies
+    within a smooth spread.
+
+    - `step_variance_s`: other work delaying the engine by small amounts that add up over a step, so the longer
+      the step, the smaller its relative spread: a step the model puts at d seconds takes a Gamma-distributed
+      time of mean d and variance step_variance_s x d (cpu-local: 0.70 ms, a 12 ms decode step varies by 24 %,
+      a 250 ms prefill by 5 %).
+    - `speed_sigma`: the machine's speed between one measurement and the next, one draw per engine, lognormal
+      with median 1 (cpu-local: the same decode runs differ by 10 % from one measurement to the next)."""
+
+    step_variance_s: float = Field(0.0, ge=0)
+    speed_sigma: float = Field(0.0, ge=0)
+    source: str = "none: every step takes the model's time"
+
+
 class HardwareProfile(_Strict):
     name: str
     description: str
@@ -147,6 +165,7 @@ class HardwareProfile(_Strict):
     pipeline: Link
     kv_transfer: Link
     overhead: Overhead
+    noise: Noise = Noise()
     # Memory vLLM keeps for activations and CUDA graphs besides weights and KV cache, per GPU.
     activation_reserve_bytes: float = Field(0.0, ge=0)
     # vLLM's default --max-num-batched-tokens for the API server on this platform (GPU 8192, CPU 2048).

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +32,8 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None  # from the memory fraction when unset
     gpu_memory_utilization: float = 0.9
+    seed: int = 0  # the hardware's step noise (HardwareProfile.noise): the same seed, the same run
+    speed: float | None = None  # the engine's speed factor; None draws it from the noise's speed_sigma
 
 
 @dataclass(eq=False, slots=True)
@@ -75,6 +79,10 @@ class Engine:
         self._order = itertools.count()
         self.preemptions = 0
         self._scheduled: list[tuple[EngineRequest, int]] = []
+        noise = model.hw.noise
+        self._rng = random.Random(config.seed)
+        self._step_variance_s = noise.step_variance_s
+        self.speed = config.speed if config.speed is not None else math.exp(self._rng.gauss(0.0, noise.speed_sigma))
         self._shapes_run = set(range(1, config.max_num_seqs + 1))  # token counts of steps run (Overhead.new_shape_s)
         # The API server takes requests in one at a time (one process: parsing, tokenising, handing over), each
         # for Overhead.intake_s; it is free again at _intake_free_at. Where it shares the engine's core
@@ -251,7 +259,14 @@ class Engine:
             seconds += overhead.new_shape_s
         self._stolen_s = 0.0
         tokens, finished = self.finish()
-        return StepResult(seconds, shape, tokens, finished)
+        return StepResult(self._noisy(seconds), shape, tokens, finished)
+
+    def _noisy(self, seconds: float) -> float:
+        """The step's time on this machine: the model's, at this engine's speed, give or take the small delays
+        that add up over it (HardwareProfile.noise)."""
+        seconds *= self.speed
+        variance = self._step_variance_s
+        return self._rng.gammavariate(seconds / variance, variance) if variance else seconds
 
     def abort(self, request: EngineRequest) -> None:
         if request in self.running:

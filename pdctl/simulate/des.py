@@ -14,7 +14,7 @@ import itertools
 import random
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdctl.control_plane.types import ExecutionInstance
 from pdctl.control_plane.types import ExecutionInstanceType as Phase
@@ -105,17 +105,25 @@ def _hashes(request: SimRequest, ends: Iterable[int]) -> list[int]:
 
 class ClusterSim:
     def __init__(
-        self, profile: ClusterProfile, arch: ModelArch, hardware: HardwareProfile, seed: int = 0, hop_s: float = 0.0
+        self,
+        profile: ClusterProfile,
+        arch: ModelArch,
+        hardware: HardwareProfile,
+        seed: int = 0,
+        hop_s: float = 0.0,
+        speed: float | None = None,
     ):
+        """`seed` also seeds each engine's step noise (its own stream per instance); `speed` sets every engine's
+        speed factor where a caller sweeps it (None: each engine draws its own from the hardware's noise)."""
         self.profile = profile
         # Latency of each hop from the router to an engine (HTTP and the router's own work): a request reaches an
         # engine this long after the router sends it, its first engine after it arrives and, split, its decode
         # instance after its prefill ends.
         self.hop_s = hop_s
         self.nodes: dict[str, _Node] = {}
-        for spec in profile.resolved_instances():
+        for index, spec in enumerate(profile.resolved_instances()):
             model = StepModel(arch, hardware, spec.tensor_parallel_size or 1, spec.pipeline_parallel_size or 1)
-            config = engine_config(profile, spec, hardware)
+            config = replace(engine_config(profile, spec, hardware), seed=seed * 4096 + index, speed=speed)
             record = Instance(spec.instance_id, spec.instance_type, f"sim://{spec.instance_id}",
                               max_num_seqs=config.max_num_seqs, healthy=True)  # fmt: skip
             gpus = spec.gpu_count or 1
