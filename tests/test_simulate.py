@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from pdctl.bench.report import percentile
+from pdctl.engines.sim import parse_args
 from pdctl.perfmodel.arch import get_model
 from pdctl.perfmodel.hardware import get_hardware
 from pdctl.perfmodel.steptime import BatchShape, StepModel
@@ -214,4 +215,10 @@ def test_a_sim_profile_with_hardware_launches_modelled_sims(tmp_path: Path) -> N
     assert argv[argv.index("--hardware") + 1] == "h100-sxm"
     assert argv[argv.index("--architecture") + 1] == MODEL
     assert argv[argv.index("--max-num-batched-tokens") + 1] == "4096"  # the prefill instance's chunk size
+    assert "--speed" not in argv  # drawn from the hardware profile's noise
     assert any("emulator" in note for note in plan.notes)
+    path = write_profile(tmp_path, "enabled: false")
+    path.write_text(path.read_text().replace("sim: {hardware: h100-sxm}", "sim: {hardware: h100-sxm, speed: 1.25}"))
+    hybrid = plan_profile(path).plan.instances[0].argv
+    assert hybrid[hybrid.index("--speed") + 1] == "1.25"
+    assert parse_args(["--served-model-name", MODEL, "--hardware", "h100-sxm", "--speed", "1.25"]).speed == 1.25

@@ -186,6 +186,8 @@ def _sim_model_args(profile: ClusterProfile, instance: ExecutionInstance) -> lis
         return []
     argv = ["--hardware", sim.hardware, "--architecture", sim.architecture or profile.model.path]
     argv += ["--tensor-parallel-size", str(instance.tensor_parallel_size or 1)]
+    if sim.speed is not None:
+        argv += ["--speed", str(sim.speed)]
     if instance.instance_type is ExecutionInstanceType.PREFILLING:
         argv += ["--max-num-batched-tokens", str((instance.prefilling_config or profile.prefill).max_chunk_size_tokens)]
     if profile.router.scheduling_policy == "slo_aware":

@@ -88,6 +88,7 @@ class KVTransferParams(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage (tokens generated so far) in every chunk
 
 
 class _GenerationRequest(_Lenient):
@@ -460,6 +461,7 @@ class SimConfig:
     tensor_parallel_size: int = 1
     max_num_batched_tokens: int | None = None  # the hardware profile's vLLM default when unset
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    speed: float | None = None  # steps take this many times the model's time; drawn from its noise when unset
 
 
 @dataclass
@@ -501,7 +503,7 @@ def _live_engine(config: SimConfig) -> LiveEngine:
     # Seeded by the port: the instances' step noise differs, and a run repeats.
     engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                                  policy=config.scheduling_policy, block_size=BLOCK_SIZE,
-                                 seed=config.port)  # fmt: skip
+                                 seed=config.port, speed=config.speed)  # fmt: skip
     return Live(Engine(model, engine_config))
 
 
@@ -776,12 +778,14 @@ class SimEngine:
         include_usage = bool(params.stream_options and params.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
         created = int(time.time())
+        every_chunk = _chunk_usage(params)
         async with contextlib.aclosing(self._generate(job)) as words:
             index = 0
             async for word in words:
                 index += 1
                 choice = CompletionStreamChoice(text=word, finish_reason=_finish(index, job))
-                chunk = CompletionChunk(id=job.id, created=created, model=params.model, choices=[choice])
+                chunk = CompletionChunk(id=job.id, created=created, model=params.model, choices=[choice],
+                                        usage=_usage(job, index) if every_chunk else None)  # fmt: skip
                 yield chunk.model_dump_json(exclude=exclude)
         if include_usage:
             last = CompletionChunk(id=job.id, created=created, model=params.model, choices=[], usage=_usage(job))
@@ -796,12 +800,14 @@ class SimEngine:
             message = ChatCompletionChunk(id=job.id, created=created, model=params.model, choices=choices, usage=usage)
             return message.model_dump_json(exclude=None if usage else exclude)
 
+        every_chunk = _chunk_usage(params)
         async with contextlib.aclosing(self._generate(job)) as words:
             yield chunk([ChatStreamChoice(delta={"role": "assistant", "content": ""})])
             index = 0
             async for word in words:
                 index += 1
-                yield chunk([ChatStreamChoice(delta={"content": word}, finish_reason=_finish(index, job))])
+                yield chunk([ChatStreamChoice(delta={"content": word}, finish_reason=_finish(index, job))],
+                            _usage(job, index) if every_chunk else None)  # fmt: skip
         if include_usage:
             yield chunk([], _usage(job))
 
@@ -810,9 +816,15 @@ def _finish(index: int, job: _Job) -> str | None:
     return "length" if index == job.max_tokens else None
 
 
-def _usage(job: _Job) -> Usage:
+def _chunk_usage(params: _GenerationRequest) -> bool:
+    options = params.stream_options
+    return bool(options and options.include_usage and options.continuous_usage_stats)
+
+
+def _usage(job: _Job, generated: int | None = None) -> Usage:
     prompt = len(job.tokens)
-    return Usage(prompt_tokens=prompt, completion_tokens=job.max_tokens, total_tokens=prompt + job.max_tokens)
+    completion = job.max_tokens if generated is None else generated
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _sse(events: AsyncGenerator[str, None]) -> StreamingResponse:
@@ -877,6 +889,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--max-num-batched-tokens", type=int)
     parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    parser.add_argument("--speed", type=float, help="steps take this many times the model's time")
     # Unknown arguments are an error (exit 2), as they are to vLLM.
     args = parser.parse_args(argv)
     if args.hardware:
@@ -897,6 +910,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         tensor_parallel_size=args.tensor_parallel_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         scheduling_policy=args.scheduling_policy,
+        speed=args.speed,
     )
 
 
