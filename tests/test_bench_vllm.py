@@ -51,8 +51,10 @@ def test_pdctl_bench_runs_clean_against_the_real_cluster(local_cluster: LocalClu
         errors,
         lifecycle.log_path(local_cluster.dir, "daemon").read_text()[-3000:],
     )
-    # Token events need not be one per token (vLLM may merge tokens when behind), so ITL counts vary.
-    assert sum(len(itl) for itl in data["itls"]) > 0 and data["median_tpot_ms"] > 0
+    # Token events need not arrive apart: on a loaded machine several come in one read (the gaps after the first
+    # count 0 s), at times all 8 of a request's, whose TPOT is then 0 (seen: median TPOT 0 in one CI run). So the
+    # mean, not the median, shows TPOT is measured.
+    assert sum(len(itl) for itl in data["itls"]) > 0 and data["mean_tpot_ms"] > 0
     # The builtin model's tokenizer: one token a byte, plus the BOS vLLM adds.
     assert data["pdctl"]["tokenizer"] == "byte-level (one token per byte)" and set(data["input_lens"]) == {151}
     server = data["pdctl"]["server"]
