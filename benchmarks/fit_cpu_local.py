@@ -197,16 +197,12 @@ def sim_check(runs: dict[str, Any], replicas: int) -> list[Comparison]:
     """The sim engine itself (a real process over HTTP, timed by the shipped cpu-local) against the stored real
     runs: the validation runs sent the same way, `replicas` times, each a fresh instance at a speed spread over
     the profile's noise as `compare` spreads them."""
-    pooled_sim: dict[str, dict[str, Any]] = {}
+    instances = []
     for speed in replica_speeds(get_hardware("cpu-local").noise, replicas):
         with instance(SIM.format(speed=round(speed, 4))) as url:
-            measured = run_all(url, VALIDATION)
-        for name, run in measured.items():
-            into = pooled_sim.setdefault(name, {"duration": 0.0, "requests": []})
-            into["duration"] += run["duration"]
-            into["requests"] += run["requests"]
-    real = pooled(runs, "validation")
-    return [Comparison(name, figures(real[name]), figures(pooled_sim[name])) for name in VALIDATION]
+            instances.append({"validation": run_all(url, VALIDATION)})
+    real, simulated = pooled(runs, "validation"), pooled({"measurements": instances}, "validation")
+    return [Comparison(name, figures(real[name]), figures(simulated[name])) for name in VALIDATION]
 
 
 def write_measurements(out: Path, measurements: list[dict[str, Any]]) -> None:
@@ -236,16 +232,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.step == "measure":
         measure(args.runs, args.fresh)
-    elif args.step == "fit":
-        profile = fit_profile(json.loads(args.runs.read_text()))
+        return
+    runs = json.loads(args.runs.read_text())
+    if args.step == "fit":
+        profile = fit_profile(runs)
         path = HARDWARE_DIR / "cpu-local.json"
         path.write_text(profile.model_dump_json(indent=1) + "\n")
         print(f"wrote {path}: {profile.overhead}")
     elif args.step == "sim-check":
-        runs = json.loads(args.runs.read_text())
         print(render_comparison(sim_check(runs, args.replicas), noise_floor(runs)))
     else:
-        runs = json.loads(args.runs.read_text())
         print(render_comparison(compare_runs(runs), noise_floor(runs)))
         total = len(runs["measurements"])
         fitted_on = args.fitted_on or total // 2
