@@ -101,7 +101,7 @@ def plan(
     gpus_from: GpusFromOpt = None,
 ) -> None:
     """Dry run: each instance's role, devices, port and the exact command line and environment it gets."""
-    planned = cluster.plan_profile(profile, _gpu_source(gpus_from), force=force).plan.masked()
+    planned = cluster.plan_profile(profile, _gpu_source(gpus_from), force=force, dry_run=True).plan.masked()
     if as_json:
         _print_json(planned.model_dump(mode="json"))
     else:
@@ -173,8 +173,8 @@ def down(
     if not report.was_running:
         out.print(f"cluster {report.cluster} is not running")
         return
-    if report.remaining_pids:
-        raise ClusterError(f"processes still running after down: {report.remaining_pids}")
+    if report.remaining:
+        raise ClusterError(f"still running after down: {', '.join(report.remaining)}")
     killed = f", {len(report.killed_pids)} needed SIGKILL" if report.killed_pids else ""
     out.print(f"cluster {report.cluster} stopped: {len(report.stopped_pids)} processes{killed}")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from pdctl.engines import runtime, tinymodel
 from pdctl.engines.commands import LaunchPrefix
 from pdctl.gpus import GpuSource, discover
+from pdctl.launchers import make_launcher
 from pdctl.plan import Plan, make_plan
 from pdctl.profile import ClusterProfile, load_profile
 
@@ -37,18 +38,30 @@ def model_path(profile: ClusterProfile) -> str:
 
 
 def plan_profile(
-    path: Path, gpu_source: GpuSource | None = None, force: bool = False, cores: list[int] | None = None
+    path: Path,
+    gpu_source: GpuSource | None = None,
+    force: bool = False,
+    cores: list[int] | None = None,
+    dry_run: bool = False,
 ) -> PlannedCluster:
+    """The profile planned on this host, or on its launcher's nodes; a dry run (`pdctl plan`) also plans
+    for a Ray cluster that does not answer, with what each instance needs in place of its node."""
     profile = load_profile(path)
     python = engine_python(profile)
-    plan = make_plan(
-        profile,
-        discover(gpu_source),
-        model_path=model_path(profile),
-        launch_prefix=launch_prefix(profile, python),
-        engine_python=python,
-        profile_path=path.resolve(),
-        force=force,
-        cores=cores,
-    )
+    launcher = make_launcher(profile.launcher, profile.name)
+    launcher.dry_run = dry_run
+    try:
+        plan = make_plan(
+            profile,
+            discover(gpu_source),
+            placer=launcher,
+            model_path=model_path(profile),
+            launch_prefix=launch_prefix(profile, python),
+            engine_python=python,
+            profile_path=path.resolve(),
+            force=force,
+            cores=cores,
+        )
+    finally:
+        launcher.close()
     return PlannedCluster(profile, plan)

@@ -18,8 +18,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pdctl import procs
-from pdctl.plan import Plan
+from pdctl.launchers import make_launcher
+from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
+from pdctl.replan import InstancePlanner
 from pdctl.router.server import RouterService, build_router, freeze_startup_heap, use_fast_event_loop
 from pdctl.scaling.service import scaling
 from pdctl.state import ClusterDir, ClusterPhase
@@ -64,8 +66,29 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
         max_failures=restart.max_failures,
         failure_window_s=restart.window_s,
     )
-    supervisor = Supervisor(plan, cluster_dir, state, policy, on_health=router.set_health)
-    log.info("cluster %s: router on %s, starting %d instances", plan.cluster, state.router, len(plan.launched))
+    launcher = make_launcher(plan.launcher, plan.cluster, state.token)
+
+    def moved(planned: PlannedInstance) -> None:
+        router.move(planned.id, planned.url)
+        cluster_dir.write_plan(plan)
+
+    supervisor = Supervisor(
+        plan,
+        cluster_dir,
+        state,
+        policy,
+        launcher,
+        on_health=router.set_health,
+        relocate=InstancePlanner(profile, plan, launcher).moved,
+        on_moved=moved,
+    )
+    log.info(
+        "cluster %s: router on %s, starting %d instances (%s launcher)",
+        plan.cluster,
+        state.router,
+        len(plan.launched),
+        launcher.kind,
+    )
     try:
         if await supervisor.start_all(stopping):
             log.info("cluster %s is ready", plan.cluster)
@@ -78,6 +101,7 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
         log.info("stopping cluster %s", plan.cluster)
         await router.stop()
         await supervisor.stop()
+        launcher.close()
     log.info("cluster %s stopped", plan.cluster)
     return 0
 

@@ -26,7 +26,14 @@ from pdctl.stats import ClusterStats, InstanceStats, WindowStats
 BLOCKS = "▁▂▃▄▅▆▇█"
 ASCII_RAMP = "_.-=+*#@"
 ROLE_SHORT = {"PREFILLING": "prefill", "DECODING": "decode", "HYBRID": "hybrid"}
-PHASE_STYLE = {"healthy": "green", "attached": "green", "failed": "red", "dead": "red", "backoff": "yellow"}
+PHASE_STYLE = {
+    "healthy": "green",
+    "attached": "green",
+    "failed": "red",
+    "dead": "red",
+    "blocked": "red",
+    "backoff": "yellow",
+}
 
 
 class Snapshot(BaseModel):
@@ -157,13 +164,16 @@ def _summary(stats: ClusterStats) -> Text:
 
 
 def _instances(report: StatusReport, stats: ClusterStats | None) -> Table:
-    table = _table("instance", "role", "state", "run", "wait", "KV", "hit", "tok/s", "busy", "GPU", "rst")
+    on_nodes = any(instance.node for instance in report.instances)
+    columns = ("instance", *(("node",) if on_nodes else ()), "role", "state", "run", "wait", "KV", "hit", "tok/s")
+    table = _table(*columns, "busy", "GPU", "rst")
     figures: dict[str, InstanceStats] = {i.id: i for i in stats.instances} if stats else {}
     for instance in report.instances:
         one = figures.get(instance.id)
         state = Text(instance.phase, style=PHASE_STYLE.get(instance.phase, "cyan"))
         table.add_row(
             instance.id,
+            *((instance.node or "-",) if on_nodes else ()),
             ROLE_SHORT.get(instance.role, instance.role),
             state,
             *_load_cells(one),
@@ -171,6 +181,15 @@ def _instances(report: StatusReport, stats: ClusterStats | None) -> Table:
             str(instance.restarts),
         )
     return table
+
+
+def _instance_messages(report: StatusReport) -> list[Text]:
+    """Why an instance is not serving (blocked, backing off, failed), one line each."""
+    return [
+        Text(f"{i.id}: {i.message}", style=PHASE_STYLE.get(i.phase, "yellow"))
+        for i in report.instances
+        if i.message and i.phase not in ("healthy", "attached")
+    ]
 
 
 def _load_cells(one: InstanceStats | None) -> list[str]:
@@ -223,6 +242,7 @@ def render(snapshot: Snapshot, trend: bool = False, ascii_only: bool = False) ->
     else:
         parts += [_traffic(stats), _latency(stats.windows["60s"]), _summary(stats)]
     parts.append(_instances(snapshot.status, stats))
+    parts += _instance_messages(snapshot.status)
     if stats is not None and trend:
         parts.append(_trend(stats, ascii_only))
     if stats is not None and stats.hints:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,10 +19,12 @@ from pydantic import BaseModel
 
 from pdctl import procs
 from pdctl.cluster import PlannedCluster
-from pdctl.engines import runtime, tinymodel
 from pdctl.errors import ClusterError, UsageError
 from pdctl.gpus import GpuSource, GpuUse, attribute, discover
+from pdctl.launchers import make_launcher
 from pdctl.plan import Plan, PlannedInstance
+from pdctl.ports import port_owner
+from pdctl.profile import LauncherSpec
 from pdctl.scaling.report import ScalingReport, read_report
 from pdctl.state import (
     ClusterDir,
@@ -42,44 +42,10 @@ DAEMON_STOP_WAIT_S = 10.0
 # ---- pre-flight ----------------------------------------------------------------------------------------
 
 
-def port_owner(host: str, port: int) -> str | None:
-    """None when the port can be bound, else who holds it ("pid 123 (python)")."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-            return None
-        except OSError as error:
-            if error.errno not in (errno.EADDRINUSE, errno.EACCES):
-                raise
-    for connection in psutil.net_connections(kind="inet"):
-        listening = connection.laddr and connection.laddr.port == port and connection.status == psutil.CONN_LISTEN
-        if listening and connection.pid:
-            try:
-                return f"pid {connection.pid} ({psutil.Process(connection.pid).name()})"
-            except psutil.Error:
-                return f"pid {connection.pid}"
-    return "another process"
-
-
-def _ports_needed(plan: Plan) -> list[tuple[str, str, int]]:
-    needed = [("the router", plan.router.host, plan.router.port)]
-    for instance in plan.launched:
-        needed.append((instance.id, instance.host, instance.port))
-        if instance.nixl_side_channel_port:
-            needed.append((f"{instance.id} (NIXL side channel)", instance.host, instance.nixl_side_channel_port))
-    return needed
-
-
-def check_ports(plan: Plan) -> None:
-    taken = []
-    for who, host, port in _ports_needed(plan):
-        owner = port_owner(host, port)
-        if owner:
-            taken.append(f"port {port} ({who}) is taken by {owner}")
-    if taken:
-        raise ClusterError("cannot start: " + "; ".join(taken))
+def check_router_port(plan: Plan) -> None:
+    owner = port_owner(plan.router.host, plan.router.port)
+    if owner:
+        raise ClusterError(f"cannot start: port {plan.router.port} (the router) is taken by {owner}")
 
 
 def check_model(planned: PlannedCluster) -> None:
@@ -102,19 +68,6 @@ def check_not_running(cluster_dir: ClusterDir) -> None:
         )
 
 
-def prepare_engine(planned: PlannedCluster) -> None:
-    """The engine runtime and the builtin model, or an error saying what to run."""
-    profile, plan = planned.profile, planned.plan
-    if profile.engine.kind != "vllm" or profile.engine.command:
-        return
-    python = Path(plan.engine_python) if plan.engine_python else None
-    info = runtime.check_runtime(python)
-    if runtime.read_marker(info.dir) is not None:  # a runtime pdctl made; never edit another environment
-        runtime.install_hooks(info.dir)
-    if profile.model.is_builtin_tiny:
-        tinymodel.write_tiny_model(Path(plan.model_path), python=python)
-
-
 # ---- up ------------------------------------------------------------------------------------------------
 
 
@@ -131,12 +84,15 @@ def start(planned: PlannedCluster, cluster_dir: ClusterDir) -> StartedCluster:
     plan = planned.plan
     check_not_running(cluster_dir)
     check_model(planned)
-    check_ports(plan)
-    prepare_engine(planned)
+    check_router_port(plan)
+    launcher = make_launcher(plan.launcher, plan.cluster)
+    try:
+        launcher.preflight(planned.profile, plan)
+    finally:
+        launcher.close()
     cluster_dir.create()
     cluster_dir.write_json(cluster_dir.profile_file, planned.profile.model_dump(mode="json"))
-    masked = plan.masked()
-    cluster_dir.write_json(cluster_dir.plan_file, masked.model_dump(mode="json"))
+    cluster_dir.write_plan(plan)
     state = ClusterState(
         cluster=plan.cluster,
         token=secrets.token_hex(16),
@@ -222,7 +178,7 @@ class DownReport(BaseModel):
     was_running: bool
     stopped_pids: list[int] = []
     killed_pids: list[int] = []
-    remaining_pids: list[int] = []
+    remaining: list[str] = []
 
 
 def down(cluster_dir: ClusterDir, grace_s: float = 15.0) -> DownReport:
@@ -233,32 +189,34 @@ def down(cluster_dir: ClusterDir, grace_s: float = 15.0) -> DownReport:
     daemon = procs.live_process(state.daemon)
     if daemon:
         _freeze(daemon)  # a frozen daemon cannot restart what is being stopped
-    targets = _instance_processes(state)
-    stopped = [p.pid for p in targets]
-    killed = procs.terminate(targets, grace_s)
-    if daemon:
-        _stop_daemon(daemon)
-    remaining = procs.marked_processes(state.token)
-    killed += procs.terminate(remaining, 0.5)
-    left = [p.pid for p in procs.marked_processes(state.token)]
+    records = [status.process for status in state.instances.values() if status.process is not None]
+    launcher = make_launcher(_launcher_spec(cluster_dir), state.cluster, state.token)
+    try:
+        swept = launcher.sweep(records, grace_s)
+        if daemon:
+            _stop_daemon(daemon)
+        # Whatever the daemon started while it was being stopped, or left when it was killed mid-launch.
+        late = launcher.sweep(records, 0.5)
+        left = launcher.leftovers(records)
+    finally:
+        launcher.close()
     if not left:
         os.replace(cluster_dir.state_file, cluster_dir.path / "state.stopped.json")
     return DownReport(
         cluster=cluster_dir.name,
-        was_running=bool(daemon or stopped),
-        stopped_pids=stopped,
-        killed_pids=killed,
-        remaining_pids=left,
+        was_running=bool(daemon or swept.stopped),
+        stopped_pids=swept.stopped + late.stopped,
+        killed_pids=swept.killed + late.killed,
+        remaining=left,
     )
 
 
-def _instance_processes(state: ClusterState) -> list[psutil.Process]:
-    found = {p.pid: p for p in procs.marked_processes(state.token)}
-    for status in state.instances.values():
-        process = procs.live_process(status.process)
-        if process is not None:
-            found.setdefault(process.pid, process)
-    return list(found.values())
+def _launcher_spec(cluster_dir: ClusterDir) -> LauncherSpec:
+    """The launcher the cluster was started with (a plan written before launchers existed: local)."""
+    try:
+        return Plan.model_validate_json(cluster_dir.plan_file.read_bytes()).launcher
+    except (OSError, ValueError):
+        return LauncherSpec()
 
 
 def _freeze(daemon: psutil.Process) -> None:
@@ -285,6 +243,7 @@ class InstanceReport(BaseModel):
     role: str
     pid: int | None
     host: str
+    node: str | None = None
     port: int
     devices: str
     phase: str
@@ -332,9 +291,9 @@ def _gpu_use(plan: Plan, state: ClusterState, gpu_source: GpuSource | None) -> d
 
 def _instance_report(planned: PlannedInstance, status: InstanceStatus | None, gpus: list[GpuUse]) -> InstanceReport:
     status = status or InstanceStatus(id=planned.id)
-    process = procs.live_process(status.process)
+    pid = _running_pid(status)
     phase = status.phase.value
-    if status.process and process is None and status.phase is InstancePhase.HEALTHY:
+    if status.process and pid is None and status.phase is InstancePhase.HEALTHY:
         phase = "dead"
     devices = ",".join(f"GPU {g.index}" for g in planned.gpus) or (
         f"CPU {','.join(map(str, planned.cpu_cores))}" if planned.cpu_cores else "-"
@@ -342,16 +301,27 @@ def _instance_report(planned: PlannedInstance, status: InstanceStatus | None, gp
     return InstanceReport(
         id=planned.id,
         role=planned.role.value,
-        pid=process.pid if process else None,
+        pid=pid,
         host=planned.host,
+        node=planned.node,
         port=planned.port,
         devices=devices,
         phase=phase,
-        uptime_s=time.time() - status.started_at if process and status.started_at else None,
+        uptime_s=time.time() - status.started_at if pid and status.started_at else None,
         restarts=status.restarts,
         message=status.message,
         gpu_use=gpus,
     )
+
+
+def _running_pid(status: InstanceStatus) -> int | None:
+    """The engine's pid while it runs. One on another node cannot be looked at from here: the daemon's
+    last word on it stands."""
+    record = status.process
+    if record is not None and record.node is not None:
+        return record.pid if status.phase not in (InstancePhase.STOPPED, InstancePhase.FAILED) else None
+    process = procs.live_process(record)
+    return process.pid if process else None
 
 
 def router_of(cluster_dir: ClusterDir) -> tuple[str, str]:

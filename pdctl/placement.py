@@ -31,6 +31,11 @@ class Assignment(BaseModel):
     instance_id: str
     gpus: list[GpuSlot] = Field(default_factory=list)
     cpu_cores: list[int] = Field(default_factory=list)
+    # On a launcher with several nodes: the node chosen (its address, which the engine binds) and what the
+    # instance asks of whichever node runs it, in the launcher's words ("1 GPU", "1 CPU, decode_node").
+    node: str | None = None
+    node_id: str | None = None
+    needs: dict[str, float] = Field(default_factory=dict)
 
 
 class PlacementRequest(BaseModel):

@@ -8,26 +8,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
 from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
 from pdctl.engines import commands
 from pdctl.engines.commands import EngineCommand, InstanceContext, LaunchPrefix
-from pdctl.errors import PlacementError
 from pdctl.gpus import GpuInventory
-from pdctl.placement import (
-    Assignment,
-    DeviceMode,
-    GpuSlot,
-    PlacementRequest,
-    available_cores,
-    choose_device_mode,
-    place_on_cpus,
-    place_on_gpus,
-)
-from pdctl.profile import ClusterProfile, RouterSpec, is_secret_name
+from pdctl.placement import Assignment, DeviceMode, GpuSlot, PlacementRequest
+from pdctl.profile import ClusterProfile, LauncherSpec, RouterSpec, is_secret_name
 
 MASK = "***"
 _REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
@@ -44,6 +34,11 @@ class PlannedInstance(BaseModel):
     pipeline_parallel_size: int = 1
     gpus: list[GpuSlot] = Field(default_factory=list)
     cpu_cores: list[int] = Field(default_factory=list)
+    node: str | None = Field(None, description="the node it runs on (a launcher with several nodes)")
+    node_id: str | None = None
+    needs: dict[str, float] = Field(
+        default_factory=dict, description="what it asks of a node, for a launcher that places by resources"
+    )
     argv: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -53,9 +48,27 @@ class PlannedInstance(BaseModel):
         return f"http://{host}:{self.port}"
 
 
+class Placer(Protocol):
+    """Where instances go: a launcher (`pdctl.launchers`), seen from the plan."""
+
+    def device_mode(self, profile: ClusterProfile, inventory: GpuInventory) -> DeviceMode: ...
+
+    def place(
+        self,
+        profile: ClusterProfile,
+        requests: list[PlacementRequest],
+        device: DeviceMode,
+        inventory: GpuInventory,
+        *,
+        force: bool = False,
+        cores: list[int] | None = None,
+    ) -> dict[str, Assignment]: ...
+
+
 class Plan(BaseModel):
     cluster: str
     profile_path: str | None = None
+    launcher: LauncherSpec = Field(default_factory=LauncherSpec)
     device: DeviceMode
     engine: Literal["vllm", "sim"]
     engine_python: str | None = None
@@ -100,6 +113,7 @@ def make_plan(
     profile: ClusterProfile,
     inventory: GpuInventory,
     *,
+    placer: Placer,
     model_path: str,
     launch_prefix: LaunchPrefix,
     engine_python: Path | None = None,
@@ -108,24 +122,31 @@ def make_plan(
     cores: list[int] | None = None,
 ) -> Plan:
     instances = profile.resolved_instances()
-    device = choose_device_mode(profile.device, inventory)
-    assignments = _assign(profile, instances, device, inventory, force, cores)
+    device = placer.device_mode(profile, inventory)
+    requests = [
+        PlacementRequest(instance=instance, memory_fraction=commands.memory_fraction(profile, instance))
+        for instance in instances
+        if instance.launch
+    ]
+    assignments = placer.place(profile, requests, device, inventory, force=force, cores=cores)
     planned: list[PlannedInstance] = []
     notes = _profile_notes(profile, device)
     for index, instance in enumerate(instances):
+        assignment = assignments.get(instance.instance_id, Assignment(instance_id=instance.instance_id))
         ctx = InstanceContext(
-            instance=instance,
-            assignment=assignments.get(instance.instance_id, Assignment(instance_id=instance.instance_id)),
+            instance=_on_node(instance, assignment),
+            assignment=assignment,
             device=device,
             model_path=model_path,
             nixl_port=profile.ports.nixl_side_channel + index,
         )
         command = _engine_command(profile, ctx, launch_prefix) if instance.launch else EngineCommand(argv=[])
         notes += [note for note in command.notes if note not in notes]
-        planned.append(_planned(instance, ctx, command))
+        planned.append(_planned(ctx, command))
     return Plan(
         cluster=profile.name,
         profile_path=str(profile_path) if profile_path else None,
+        launcher=profile.launcher,
         device=device,
         engine=profile.engine.kind,
         engine_python=str(engine_python) if engine_python else None,
@@ -145,9 +166,15 @@ def plan_added_instance(
     nixl_port: int,
     launch_prefix: LaunchPrefix,
 ) -> PlannedInstance:
-    """One instance the scaler adds to a running cluster, built the way make_plan builds the first ones."""
-    ctx = InstanceContext(instance, assignment, plan.device, plan.model_path, nixl_port)
-    return _planned(instance, ctx, _engine_command(profile, ctx, launch_prefix))
+    """One instance the scaler adds to a running cluster (or one moved off a lost node), built the way
+    make_plan builds the first ones."""
+    ctx = InstanceContext(_on_node(instance, assignment), assignment, plan.device, plan.model_path, nixl_port)
+    return _planned(ctx, _engine_command(profile, ctx, launch_prefix))
+
+
+def _on_node(instance: ExecutionInstance, assignment: Assignment) -> ExecutionInstance:
+    """An instance placed on a node binds to that node's address, where the router and NIXL reach it."""
+    return instance.model_copy(update={"host": assignment.node}) if assignment.node else instance
 
 
 def _engine_command(profile: ClusterProfile, ctx: InstanceContext, prefix: LaunchPrefix) -> EngineCommand:
@@ -156,11 +183,15 @@ def _engine_command(profile: ClusterProfile, ctx: InstanceContext, prefix: Launc
     return commands.vllm_command(profile, ctx, prefix)
 
 
-def _planned(instance: ExecutionInstance, ctx: InstanceContext, command: EngineCommand) -> PlannedInstance:
+def _planned(ctx: InstanceContext, command: EngineCommand) -> PlannedInstance:
+    instance = ctx.instance
     return PlannedInstance(
         id=instance.instance_id,
         role=instance.instance_type,
         host=instance.host,
+        node=ctx.assignment.node,
+        node_id=ctx.assignment.node_id,
+        needs=ctx.assignment.needs,
         port=instance.port or 0,
         launch=instance.launch,
         nixl_side_channel_port=int(command.env["VLLM_NIXL_SIDE_CHANNEL_PORT"])
@@ -173,34 +204,6 @@ def _planned(instance: ExecutionInstance, ctx: InstanceContext, command: EngineC
         argv=command.argv,
         env=command.env,
     )
-
-
-def _assign(
-    profile: ClusterProfile,
-    instances: list[ExecutionInstance],
-    device: DeviceMode,
-    inventory: GpuInventory,
-    force: bool,
-    cores: list[int] | None,
-) -> dict[str, Assignment]:
-    requests = [
-        PlacementRequest(instance=instance, memory_fraction=commands.memory_fraction(profile, instance))
-        for instance in instances
-        if instance.launch
-    ]
-    if profile.engine.kind == "sim":
-        return {}  # the emulator needs no devices of its own
-    if device == "cuda":
-        return {a.instance_id: a for a in place_on_gpus(requests, inventory, force=force)}
-    cores = cores if cores is not None else available_cores()
-    for request in requests:
-        ranks = (request.instance.tensor_parallel_size or 1) * (request.instance.pipeline_parallel_size or 1)
-        if ranks > len(cores):
-            raise PlacementError(
-                f"instance {request.instance.instance_id} asks for tensor x pipeline parallel size {ranks} "
-                f"on the CPU, but only {len(cores)} cores are available: set tensor_parallel_size to 1"
-            )
-    return {a.instance_id: a for a in place_on_cpus(requests, cores)}
 
 
 def _profile_notes(profile: ClusterProfile, device: DeviceMode) -> list[str]:

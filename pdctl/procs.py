@@ -1,8 +1,9 @@
 """Process identity and termination: stop exactly the processes pdctl started, and all of them.
 
 vLLM's API server starts an EngineCore child in its process group; killed alone, the server leaves that
-child behind holding ports and memory. So pdctl signals whole process groups, and finds stragglers by a
-random token it put into every launched process's environment (children inherit it).
+child behind holding ports and memory, and that child does not carry the environment pdctl gave the server.
+So pdctl records the process group each engine leads and signals the whole group, also after its leader has
+died, and finds other stragglers by a random token it put into every launched process's environment.
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ TOKEN_ENV = "PDCTL_CLUSTER_TOKEN"
 INSTANCE_ENV = "PDCTL_INSTANCE"
 
 
-def record_of(pid: int, argv: list[str] | None = None) -> ProcessRecord:
+def record_of(pid: int, argv: list[str] | None = None, *, leads_group: bool = False) -> ProcessRecord:
     """The identity of a process; for one just spawned, pass the argv it was given: read back at once, its
     command line may still be its parent's (between fork and exec)."""
     process = psutil.Process(pid)
-    return ProcessRecord(pid=pid, create_time=process.create_time(), cmdline=argv or process.cmdline())
+    return ProcessRecord(
+        pid=pid,
+        create_time=process.create_time(),
+        cmdline=argv or process.cmdline(),
+        pgid=pid if leads_group else None,
+    )
 
 
 def live_process(record: ProcessRecord | None) -> psutil.Process | None:
@@ -62,6 +68,32 @@ def marked_processes(token: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
     return found
+
+
+def group_members(record: ProcessRecord | None) -> list[psutil.Process]:
+    """Every live process in the group the record's process leads, also after that leader has died.
+
+    A group id is the pid of its leader; Linux does not hand that pid to a new process while the group has
+    members, and members started before the leader are not of this group: both keep a recycled id out."""
+    if record is None or record.pgid is None:
+        return []
+    found: list[psutil.Process] = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            member = os.getpgid(process.pid) == record.pgid and process.create_time() >= record.create_time - 0.01
+            if member and process.status() != psutil.STATUS_ZOMBIE and process.pid != os.getpid():
+                found.append(process)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def tree_of(record: ProcessRecord | None, token: str, instance_id: str) -> list[psutil.Process]:
+    """What one launched instance runs here: its group (leader or not), and anything carrying its mark."""
+    found = {p.pid: p for p in group_members(record)}
+    for process in processes_by_instance(token).get(instance_id, []):
+        found.setdefault(process.pid, process)
+    return list(found.values())
 
 
 def processes_by_instance(token: str) -> dict[str, list[psutil.Process]]:

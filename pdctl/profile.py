@@ -65,7 +65,8 @@ SCENARIO_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIALS?)(_|$)")
-_NOT_SECRET = re.compile(r"(^|_)(TOKENS|KEYS)$")  # counts and lists of names, such as max_num_batched_tokens
+# Counts, rates and lists of names, such as max_num_batched_tokens and --prefill-ms-per-token.
+_NOT_SECRET = re.compile(r"(^|_)(TOKENS|KEYS)$|_PER_TOKEN$")
 
 
 def is_secret_name(name: str) -> bool:
@@ -156,6 +157,41 @@ class RouterSpec(_Section):
     metrics: bool = Field(True, description="record per-request metrics (off only to measure what they cost)")
 
 
+class NodeSelector(_Section):
+    """Where instances may run on a launcher with several nodes: node resources each one asks for (Ray's
+    custom resources, such as `ray start --resources '{"decode_node": 1}'`), so pools can use different
+    node types (the design document's heterogeneous prefill and decode)."""
+
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class LauncherSpec(_Section):
+    """Where and how instances run: `local` child processes of the daemon, or `ray` actors on a Ray
+    cluster's nodes (vLLM picks its executor backend by name the same way)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="ray: the head node's HOST:PORT (what `ray start --head` printed)")
+    cpus_per_instance: float = Field(1.0, gt=0, description="ray: Ray CPUs each instance on the CPU reserves")
+    prefill: NodeSelector = Field(default_factory=NodeSelector)
+    decode: NodeSelector = Field(default_factory=NodeSelector, description="decode and hybrid instances")
+    instances: dict[str, NodeSelector] = Field(
+        default_factory=dict, description="per instance id, in place of its role's selector"
+    )
+
+    @model_validator(mode="after")
+    def _address_for_ray(self) -> Self:
+        if self.kind == "ray" and not self.address:
+            raise ValueError("address is required for launcher kind ray (the head node's HOST:PORT)")
+        if self.address and not re.fullmatch(r"[^\s:]+:\d{1,5}", self.address):
+            raise ValueError(f"address {self.address!r} is not HOST:PORT")
+        return self
+
+    def selector(self, instance_id: str, role: ExecutionInstanceType) -> NodeSelector:
+        if instance_id in self.instances:
+            return self.instances[instance_id]
+        return self.prefill if role is ExecutionInstanceType.PREFILLING else self.decode
+
+
 class CostSpec(_Section):
     gpu_hour_usd: float = Field(2.0, ge=0, description="price of one GPU-hour, for cost figures")
 
@@ -165,6 +201,7 @@ class ClusterProfile(_Section):
     scenario: ScenarioName | None = None
     model: ModelSpec
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    launcher: LauncherSpec = Field(default_factory=LauncherSpec)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     cpu: CpuSpec = Field(default_factory=CpuSpec)
     ports: PortsSpec = Field(default_factory=PortsSpec)
@@ -198,7 +235,9 @@ class ClusterProfile(_Section):
         specs = self.instances if self.instances is not None else self._pool_instances()
         return [self._resolve(spec, index) for index, spec in enumerate(specs)]
 
-    def added_instance(self, instance_id: str, role: ExecutionInstanceType, port: int) -> ExecutionInstance:
+    def added_instance(
+        self, instance_id: str, role: ExecutionInstanceType, port: int | None = None
+    ) -> ExecutionInstance:
         """An instance the scaler adds to a running pool, with its role's settings like the pool's own."""
         return self._resolve(ExecutionInstance(id=instance_id, type=role, port=port), 0)
 

@@ -8,11 +8,14 @@ import tempfile
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pydantic import BaseModel, Field
 
 from pdctl.errors import UsageError
+
+if TYPE_CHECKING:
+    from pdctl.plan import Plan
 
 STATE_ENV = "PDCTL_STATE_DIR"
 
@@ -59,11 +62,15 @@ class NoCluster(UsageError):
 
 
 class ProcessRecord(BaseModel):
-    """Enough to be sure a pid is still the process pdctl started, not a recycled one."""
+    """Enough to be sure a pid is still the process pdctl started, not a recycled one, and to find what it
+    started: its process group outlives it (vLLM's EngineCore stays in the group of a dead API server)."""
 
     pid: int
     create_time: float
     cmdline: list[str]
+    pgid: int | None = Field(None, description="the process group it leads; None for the daemon")
+    node: str | None = Field(None, description="the node's address where a launcher ran it elsewhere (Ray)")
+    handle: str | None = Field(None, description="the launcher's own name for it (a Ray actor)")
 
 
 class InstancePhase(StrEnum):
@@ -77,6 +84,7 @@ class InstancePhase(StrEnum):
     STOPPED = "stopped"
     ATTACHED = "attached"
     UNREACHABLE = "unreachable"
+    BLOCKED = "blocked"  # no node has room to start it again (its node was lost); retried
 
 
 class InstanceStatus(BaseModel):
@@ -172,6 +180,10 @@ class ClusterDir:
     def write_state(self, state: ClusterState) -> None:
         state.updated_at = time.time()
         write_atomic(self.state_file, state.model_dump_json(indent=2))
+
+    def write_plan(self, plan: Plan) -> None:
+        """The plan as readers of the state directory see it: secrets masked."""
+        self.write_json(self.plan_file, plan.masked().model_dump(mode="json"))
 
     def write_json(self, path: Path, data: object) -> None:
         write_atomic(path, json.dumps(data, indent=2, default=str))

@@ -1,8 +1,9 @@
-"""The daemon's process supervisor: launch every instance in parallel, health-check, restart with backoff.
+"""The daemon's instance supervisor: launch every instance in parallel, health-check, restart with backoff.
 
 A small explicit state machine per instance (launching -> loading -> healthy; exited -> backoff ->
-launching; too many failures in a window -> failed), driven by one periodic tick, like supervisord's.
-The clock and the process constructor are injectable for tests.
+launching; too many failures in a window -> failed; its node lost and no other with room -> blocked),
+driven by one periodic tick, like supervisord's. Where and how a process runs is the launcher's business
+(`pdctl.launchers`): this module never starts or signals one itself. The clock is injectable for tests.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import contextlib
 import logging
 import os
 import re
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
 
 import httpx
 
 from pdctl import procs
+from pdctl.errors import PlacementError
+from pdctl.launchers import InstanceHandle, Launcher, LaunchError
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.state import ClusterDir, ClusterPhase, ClusterState, InstancePhase, InstanceStatus, open_log
 
@@ -49,7 +50,8 @@ class SupervisorPolicy:
 class _Managed:
     planned: PlannedInstance
     status: InstanceStatus
-    popen: subprocess.Popen[bytes] | None = None
+    handle: InstanceHandle | None = None
+    starting: bool = False  # a launch is in flight (a launcher may take a while: a Ray actor to place)
     launched_at: float = 0.0
     log_size_at_launch: int = 0
     restart_at: float | None = None
@@ -71,17 +73,21 @@ class Supervisor:
         cluster_dir: ClusterDir,
         state: ClusterState,
         policy: SupervisorPolicy,
+        launcher: Launcher,
         clock: Callable[[], float] = time.monotonic,
-        spawn: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
         on_health: Callable[[str, bool], None] = lambda instance_id, healthy: None,
+        relocate: Callable[[PlannedInstance], PlannedInstance] | None = None,
+        on_moved: Callable[[PlannedInstance], None] = lambda planned: None,
     ):
         self.plan = plan
         self.dir = cluster_dir
         self.state = state
         self.policy = policy
+        self.launcher = launcher
         self.clock = clock
-        self.spawn = spawn
         self.on_health = on_health
+        self.relocate = relocate
+        self.on_moved = on_moved
         self.managed = {i.id: _Managed(i, state.instances.get(i.id) or InstanceStatus(id=i.id)) for i in plan.instances}
         for managed in self.managed.values():
             state.instances[managed.planned.id] = managed.status
@@ -95,10 +101,10 @@ class Supervisor:
     async def start_all(self, stopping: asyncio.Event) -> bool:
         """Launch every instance at once; True when all are healthy, False as soon as one fails."""
         for managed in self.managed.values():
-            if managed.planned.launch:
-                self._launch(managed)
-            else:
+            if not managed.planned.launch:
                 managed.status.phase = InstancePhase.LOADING
+        launched = [m for m in self.managed.values() if m.planned.launch]
+        await asyncio.gather(*(self._launch(m, starting=True) for m in launched))
         while not stopping.is_set():
             await self._check_all(starting=True)
             self._save()
@@ -124,14 +130,15 @@ class Supervisor:
     async def stop(self) -> None:
         self.state.phase = ClusterPhase.STOPPING
         for managed in self.managed.values():
-            if managed.popen is not None:
+            if managed.handle is not None:
                 managed.status.phase = InstancePhase.STOPPING
         self._save(force=True)
-        await asyncio.to_thread(self._terminate_all)
+        records = [m.status.process for m in self.managed.values() if m.status.process is not None]
+        await asyncio.to_thread(self.launcher.sweep, records, self.policy.stop_grace_s)
         for managed in self.managed.values():
             if managed.planned.launch:
                 managed.status.phase = InstancePhase.STOPPED
-                managed.status.exit_code = managed.popen.poll() if managed.popen else managed.status.exit_code
+                managed.status.exit_code = managed.handle.poll() if managed.handle else managed.status.exit_code
         self._save(force=True)
         await self._http.aclose()
 
@@ -141,10 +148,11 @@ class Supervisor:
         """Launch one more instance; the router is told through on_health once it is healthy."""
         self.plan.instances.append(planned)
         managed = _Managed(planned, InstanceStatus(id=planned.id))
+        managed.starting = True  # from now: the tick must not take the launch in flight for an exit
         self.managed[planned.id] = managed
         self.state.instances[planned.id] = managed.status
         self.transient.add(planned.id)
-        self._launch(managed)
+        asyncio.get_running_loop().create_task(self._launch(managed))
         self._save(force=True)
 
     def settled(self, instance_id: str) -> None:
@@ -166,12 +174,6 @@ class Supervisor:
         self._dirty = True
         self._save()
 
-    def _terminate_all(self) -> None:
-        procs.terminate(procs.marked_processes(self.state.token), self.policy.stop_grace_s)
-        for managed in self.managed.values():
-            if managed.popen is not None:
-                managed.popen.poll()  # reap our direct children so none stays a zombie
-
     # ---- one tick --------------------------------------------------------------------------------------
 
     async def _check_all(self, starting: bool) -> None:
@@ -184,11 +186,16 @@ class Supervisor:
         if not managed.planned.launch:
             await self._check_attached(managed)
             return
-        if phase is InstancePhase.BACKOFF:
-            if self.clock() >= (managed.restart_at or 0):
-                self._launch(managed)
+        if managed.starting:
             return
-        exit_code = managed.popen.poll() if managed.popen else None
+        if phase in (InstancePhase.BACKOFF, InstancePhase.BLOCKED):
+            if self.clock() >= (managed.restart_at or 0):
+                await self._launch(managed)
+            return
+        if managed.handle is None:
+            return
+        managed.handle.sync_log()
+        exit_code = managed.handle.poll()
         if exit_code is not None:
             await self._exited(managed, exit_code, starting)
             return
@@ -242,10 +249,14 @@ class Supervisor:
 
     async def _exited(self, managed: _Managed, exit_code: int, starting: bool) -> None:
         managed.status.exit_code = exit_code
-        message = f"exited with code {exit_code}"
+        assert managed.handle is not None
+        message = managed.handle.exit_message(exit_code)
         log.error("%s %s", managed.planned.id, message)
         # Its EngineCore child may outlive it, holding ports: clear the instance's whole group first.
         await asyncio.to_thread(self._kill_instance, managed)
+        self._fail(managed, message, starting)
+
+    def _fail(self, managed: _Managed, message: str, starting: bool) -> None:
         if starting:
             self._set(managed, InstancePhase.FAILED, message=message)
         else:
@@ -275,44 +286,74 @@ class Supervisor:
 
     # ---- processes -------------------------------------------------------------------------------------
 
-    def _launch(self, managed: _Managed) -> None:
+    async def _launch(self, managed: _Managed, starting: bool = False) -> None:
+        managed.starting = True
+        try:
+            if not await self._placed(managed):
+                return
+            await self._start(managed, starting)
+        finally:
+            managed.starting = False
+
+    async def _placed(self, managed: _Managed) -> bool:
+        """Its place can still run it, or it has a new one (its node was lost); False: blocked, retried."""
+        lost = self.launcher.lost(managed.planned)
+        if lost is None:
+            return True
+        if self.relocate is None:
+            self._set_blocked(managed, lost)
+            return False
+        try:
+            moved = await asyncio.to_thread(self.relocate, managed.planned)
+        except PlacementError as error:
+            self._set_blocked(managed, f"{lost}; {error}")
+            return False
+        index = self.plan.instances.index(managed.planned)
+        self.plan.instances[index] = managed.planned = moved
+        log.warning("%s: %s; moving it to %s", moved.id, lost, moved.node or moved.host)
+        self.on_moved(moved)
+        return True
+
+    def _set_blocked(self, managed: _Managed, why: str) -> None:
+        managed.restart_at = self.clock() + self.policy.backoff_max_s
+        log.error("%s is blocked: %s; trying again in %g s", managed.planned.id, why, self.policy.backoff_max_s)
+        self._set(managed, InstancePhase.BLOCKED, message=f"blocked: {why}")
+
+    async def _start(self, managed: _Managed, starting: bool) -> None:
         planned = managed.planned
         log_path = self.dir.instance_log(planned.id)
         with open_log(log_path) as handle:
             handle.write(f"\n=== pdctl: starting {planned.id} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             managed.log_size_at_launch = handle.tell()
-            managed.popen = self._spawn(planned, handle)
-        record = procs.record_of(managed.popen.pid, planned.argv)
+        try:
+            managed.handle = await asyncio.to_thread(
+                self.launcher.start, planned, self._env(planned), log_path, self.dir.path
+            )
+        except LaunchError as error:
+            log.error("%s cannot start: %s", planned.id, error)
+            managed.handle = None
+            self._fail(managed, f"cannot start: {error}", starting)
+            return
         if managed.status.process is not None:
             managed.status.restarts += 1
-        managed.status.process = record
+        managed.status.process = managed.handle.record
         managed.status.started_at = time.time()
         managed.status.exit_code = None
         managed.launched_at = self.clock()
         managed.health_failures = 0
         self._set(managed, InstancePhase.LAUNCHING, message=None)
-        log.info("%s launched as pid %d", planned.id, record.pid)
+        where = f" on {planned.node}" if planned.node else ""
+        log.info("%s launched as pid %d%s", planned.id, managed.handle.record.pid, where)
 
-    def _spawn(self, planned: PlannedInstance, log_handle: IO[bytes]) -> subprocess.Popen[bytes]:
-        env: dict[str, Any] = dict(os.environ)
-        env.update(expand_env(planned.env, dict(os.environ)))
+    def _env(self, planned: PlannedInstance) -> dict[str, str]:
+        env = expand_env(planned.env, dict(os.environ))
         env[procs.TOKEN_ENV] = self.state.token
         env[procs.INSTANCE_ENV] = planned.id
-        return self.spawn(
-            planned.argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the whole engine is signalled as one
-            cwd=self.dir.path,
-        )
+        return env
 
     def _kill_instance(self, managed: _Managed) -> None:
-        mine = procs.processes_by_instance(self.state.token).get(managed.planned.id, [])
-        procs.terminate(mine, self.policy.stop_grace_s)
-        if managed.popen is not None:
-            managed.popen.poll()
+        if managed.handle is not None:
+            managed.handle.stop(self.policy.stop_grace_s)
 
     def _log_grew(self, managed: _Managed) -> bool:
         try:

@@ -58,11 +58,27 @@ def profile_summary(profile: ClusterProfile, source: str) -> Text:
 
 
 def _devices(instance: PlannedInstance) -> str:
+    if instance.needs:
+        where = f"node {instance.node}" if instance.node else "any node"
+        cores = f", cores {','.join(str(c) for c in instance.cpu_cores)}" if instance.cpu_cores else ""
+        return f"{where} with {describe_needs(instance.needs)}{cores}"
     if instance.gpus:
         return ", ".join(f"GPU {gpu.index}" for gpu in instance.gpus)
     if instance.cpu_cores:
         return f"CPU cores {','.join(str(c) for c in instance.cpu_cores)}"
     return "-" if instance.launch else "remote (attached)"
+
+
+def describe_needs(needs: dict[str, float]) -> str:
+    """{"GPU": 4} -> "4 GPUs"; {"CPU": 1, "decode_node": 1} -> "1 CPU, decode_node"."""
+    primary = ("GPU", "CPU")
+    parts = [f"{_count(needs[k])} {k}{'s' if needs[k] != 1 else ''}" for k in primary if needs.get(k)]
+    parts += [k if v == 1 else f"{_count(v)} {k}" for k, v in sorted(needs.items()) if k not in primary]
+    return ", ".join(parts) or "nothing"
+
+
+def _count(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def shell_lines(argv: list[str]) -> str:
@@ -80,8 +96,9 @@ def shell_lines(argv: list[str]) -> str:
 def plan_view(plan: Plan) -> Group:
     parts: list[Text] = [
         Text(
-            f"cluster {plan.cluster}: {len(plan.launched)} of {len(plan.instances)} instances launched here on "
-            f"{plan.device}; engine {plan.engine}; model {plan.model_path} served as {plan.served_model_name}; "
+            f"cluster {plan.cluster}: {len(plan.launched)} of {len(plan.instances)} instances launched "
+            f"{_where(plan)} on {plan.device}; engine {plan.engine}; "
+            f"model {plan.model_path} served as {plan.served_model_name}; "
             f"router http://{plan.router.host}:{plan.router.port}",
             style="bold",
         )
@@ -100,6 +117,13 @@ def plan_view(plan: Plan) -> Group:
         parts.append(Text(env + "  " + shell_lines(instance.argv)))
     parts.append(Text("\n" + "\n".join(f"note: {note}" for note in plan.notes), style="yellow"))
     return Group(*parts)
+
+
+def _where(plan: Plan) -> str:
+    if plan.launcher.kind != "ray":
+        return "here"
+    asked = "" if any(i.node for i in plan.launched) else " (it did not answer: each instance says what it needs)"
+    return f"on the Ray cluster at {plan.launcher.address}{asked}"
 
 
 def _elapsed(seconds: float | None) -> str:
@@ -121,6 +145,7 @@ _PHASE_STYLE = {
     "unreachable": "red",
     "backoff": "yellow",
     "unhealthy": "yellow",
+    "blocked": "red",
 }
 
 

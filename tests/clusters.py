@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pdctl import lifecycle
@@ -50,3 +51,14 @@ def up(profile: Path, state_root: Path) -> tuple[ClusterDir, lifecycle.StartedCl
     started = lifecycle.start(planned, cluster_dir)
     failures = lifecycle.wait_ready(started, lambda state: None)
     return cluster_dir, started, failures
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
+    """The condition's first true value, polled; an AssertionError naming what did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

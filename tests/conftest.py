@@ -40,15 +40,21 @@ def write_profile(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def local_cluster(tmp_path_factory):
+def engine_runtime():
+    """The real engine (vLLM's CPU build), installed on first use."""
+    from pdctl.engines import runtime
+
+    return runtime.install_runtime(runtime.default_runtime_dir(), on_step=lambda step: print(f"engine runtime: {step}"))
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory, engine_runtime):
     """`pdctl up profiles/local.yaml` once per session; `down` at the end must leave no process."""
     from pdctl import lifecycle, procs
     from pdctl.cluster import plan_profile
-    from pdctl.engines import runtime
     from pdctl.state import ClusterDir
     from tests.e2e import LOCAL_PROFILE, LocalCluster
 
-    runtime.install_runtime(runtime.default_runtime_dir(), on_step=lambda step: print(f"engine runtime: {step}"))
     planned = plan_profile(LOCAL_PROFILE)
     cluster_dir = ClusterDir(tmp_path_factory.mktemp("state"), planned.profile.name)
     started = lifecycle.start(planned, cluster_dir)
@@ -66,7 +72,7 @@ def local_cluster(tmp_path_factory):
     assert httpx.post(f"{cluster.router}/v1/completions", json=warm, timeout=300).status_code == 200
     yield cluster
     report = lifecycle.down(cluster_dir)
-    assert report.remaining_pids == [] and procs.marked_processes(token) == [], "down left processes behind"
+    assert report.remaining == [] and procs.marked_processes(token) == [], "down left processes behind"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,7 +3,9 @@
 
 Used by the supervisor tests (`engine.command`) and on the multi-GPU device host, where no vLLM exists.
 GET /standin reports what the process was given: its pid, CUDA_VISIBLE_DEVICES and the UUIDs it sees.
-Knobs (environment): STANDIN_STARTUP_DELAY_S, STANDIN_EXIT_AFTER_S, STANDIN_EXIT_CODE, STANDIN_GPU_MIB.
+Knobs (environment): STANDIN_STARTUP_DELAY_S, STANDIN_EXIT_AFTER_S, STANDIN_EXIT_CODE, STANDIN_GPU_MIB, and
+STANDIN_CORE_CHILD: start a child as vLLM's API server starts its EngineCore (same process group, without the
+environment pdctl gave the server) that holds the NIXL side-channel port until it is killed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -29,6 +32,24 @@ def _gpus(mib: int) -> tuple[list[str], list[object]]:
         uuids.append("GPU-" + str(torch.cuda.get_device_properties(index).uuid))
         held.append(torch.empty(mib * 1024 * 1024, dtype=torch.uint8, device=f"cuda:{index}"))
     return uuids, held
+
+
+_CORE = """
+import socket, sys, time
+holder = socket.socket()
+holder.bind((sys.argv[1], int(sys.argv[2])))
+holder.listen()
+print("core child holds", sys.argv[2], flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def _core_child(host: str) -> None:
+    port = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
+    if os.environ.get("STANDIN_CORE_CHILD") and port:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("PDCTL_")}
+        subprocess.Popen([sys.executable, "-c", _CORE, host, port], env=environ)
 
 
 def main() -> None:
@@ -71,6 +92,7 @@ def main() -> None:
             pass
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
+    _core_child(args.host)
     exit_after = os.environ.get("STANDIN_EXIT_AFTER_S")
     if exit_after:
         code = int(os.environ.get("STANDIN_EXIT_CODE", "3"))

@@ -75,7 +75,7 @@ def test_decode_scales_one_to_two_and_back_under_real_vllm(tmp_path):
     assert max(watch.sizes("decode")) == 2 and min(watch.sizes("decode")) == 1
     decisions = [(d.delta, d.outcome.split(":")[0]) for d in report.decisions if d.pool == "decode"]
     assert decisions == [(1, "done"), (-1, "done")], report.decisions
-    assert down.remaining_pids == [] and procs.marked_processes(token) == []
+    assert down.remaining == [] and procs.marked_processes(token) == []
 
 
 def _wait_for_launch(cluster_path, pool: str, timeout_s: float) -> None:

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ from pdctl import lifecycle, procs
 from pdctl.cluster import plan_profile
 from pdctl.errors import ClusterError
 from pdctl.state import ClusterDir, InstancePhase
-from tests.clusters import sim_profile, up
+from tests.clusters import sim_profile, up, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,16 +31,6 @@ def state_root(tmp_path):
     for cluster in root.glob("*"):
         if (cluster / "state.json").exists():
             lifecycle.down(ClusterDir(root, cluster.name), grace_s=2)
-
-
-def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_up_status_down_leaves_nothing(tmp_path, state_root):
@@ -56,7 +45,7 @@ def test_up_status_down_leaves_nothing(tmp_path, state_root):
     assert oct(cluster_dir.path.stat().st_mode & 0o777) == "0o700"
     assert oct(cluster_dir.state_file.stat().st_mode & 0o777) == "0o600"
     down = lifecycle.down(cluster_dir, grace_s=5)
-    assert down.was_running and down.remaining_pids == []
+    assert down.was_running and down.remaining == []
     assert procs.marked_processes(state.token) == []
     assert not psutil.pid_exists(started.daemon.pid) or started.daemon.poll() is not None
     assert lifecycle.down(cluster_dir).was_running is False  # idempotent
@@ -86,8 +75,57 @@ def test_down_after_the_daemon_was_sigkilled(tmp_path, state_root):
     started.daemon.wait()
     assert len(procs.marked_processes(token)) == 2  # the instances outlive their daemon...
     report = lifecycle.down(cluster_dir, grace_s=5)
-    assert report.remaining_pids == [] and len(report.stopped_pids) == 2
+    assert report.remaining == [] and len(report.stopped_pids) == 2
     assert procs.marked_processes(token) == []  # ...until down
+
+
+def standin_pd_profile(tmp_path: Path) -> Path:
+    """The stand-in engine as vLLM's launch prefix: each instance's child holds its NIXL port, as EngineCore does."""
+    profile = sim_profile(tmp_path, name="orphans")
+    text = profile.read_text().replace(
+        "engine:\n  kind: sim\n",
+        f"engine:\n  kind: vllm\n  command: [{sys.executable}, {ROOT / 'tests' / 'standin_engine.py'}]\n"
+        "  env: {STANDIN_CORE_CHILD: '1', STANDIN_GPU_MIB: '0'}\n",
+    )
+    profile.write_text(text.replace("model: {path: sim-model}", "model: {path: standin-model}"))
+    return profile
+
+
+def _children_in_group(pgid: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.pid != pgid and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def test_a_killed_engine_s_orphaned_child_is_stopped_before_the_restart_and_by_down(tmp_path, state_root):
+    cluster_dir, started, failures = up(standin_pd_profile(tmp_path), state_root)
+    assert failures == []
+    decode = cluster_dir.read_state().instances["decode-0"]
+    orphan = wait_for(lambda: _children_in_group(decode.process.pgid), what="decode-0's core child")[0]
+    assert procs.TOKEN_ENV not in orphan.environ()  # as vLLM's EngineCore: the token search cannot find it
+    os.kill(decode.process.pid, signal.SIGKILL)  # the API server alone, as a crash or an OOM kill takes it
+
+    def restarted():
+        status = cluster_dir.read_state().instances["decode-0"]
+        return status.phase is InstancePhase.HEALTHY and status.restarts == 1 and status
+
+    wait_for(restarted, timeout=30, what="decode-0 restarted on its own ports")
+    assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+
+    # The daemon and then an API server killed: down still ends the server's orphaned child, by its group.
+    prefill = cluster_dir.read_state().instances["prefill-0"]
+    prefill_orphan = wait_for(lambda: _children_in_group(prefill.process.pgid), what="prefill-0's core child")[0]
+    os.kill(started.daemon.pid, signal.SIGKILL)
+    started.daemon.wait()
+    os.kill(prefill.process.pid, signal.SIGKILL)
+    report = lifecycle.down(cluster_dir, grace_s=5)
+    assert report.remaining == []
+    assert not prefill_orphan.is_running() or prefill_orphan.status() == psutil.STATUS_ZOMBIE
 
 
 def test_two_ups_of_one_name(tmp_path, state_root):

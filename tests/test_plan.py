@@ -7,6 +7,7 @@ import pytest
 from pdctl.engines.commands import LaunchPrefix
 from pdctl.errors import PlacementError
 from pdctl.gpus import GpuInventory
+from pdctl.launchers.local import LocalLauncher
 from pdctl.plan import MASK, make_plan
 from pdctl.profile import load_profile
 from tests.conftest import PROFILES, fake_gpu
@@ -16,7 +17,9 @@ NO_GPU = GpuInventory(unavailable_reason="NVML: not found")
 
 
 def plan_of(path, inventory=NO_GPU, prefix=MODULE_FORM, cores=(0, 1)):
-    return make_plan(load_profile(path), inventory, model_path="/models/m", launch_prefix=prefix, cores=list(cores))
+    profile = load_profile(path)
+    placer = LocalLauncher(profile.launcher, profile.name)
+    return make_plan(profile, inventory, placer=placer, model_path="/models/m", launch_prefix=prefix, cores=list(cores))
 
 
 def flag(argv: list[str], name: str) -> str:

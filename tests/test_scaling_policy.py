@@ -11,6 +11,7 @@ from rich.console import Console
 from pdctl.engines.commands import LaunchPrefix
 from pdctl.errors import PlacementError, ProfileError
 from pdctl.gpus import GpuInventory
+from pdctl.launchers.local import LocalLauncher
 from pdctl.placement import PlacementRequest, cores_for_added, place_added_on_gpus
 from pdctl.plan import make_plan
 from pdctl.profile import ClusterProfile, load_profile
@@ -220,12 +221,14 @@ def test_an_added_cpu_instance_shares_the_least_shared_cores():
 def test_scale_out_without_a_free_gpu_is_blocked_with_its_reason_and_not_retried(tmp_path):
     profile = gpu_profile(tmp_path)
     inventory = GpuInventory(gpus=[fake_gpu(0), fake_gpu(1)])
-    plan = make_plan(profile, inventory, model_path="some/model", launch_prefix=LaunchPrefix(argv=("/bin/true",)))
+    launcher = LocalLauncher(profile.launcher, "gpu", "t", inventory=lambda: inventory)
+    prefix = LaunchPrefix(argv=("/bin/true",))
+    plan = make_plan(profile, inventory, placer=launcher, model_path="some/model", launch_prefix=prefix)
     cluster_dir = ClusterDir(tmp_path / "state", "gpu")
     cluster_dir.create()
     state = ClusterState(cluster="gpu", token="t")
-    supervisor = Supervisor(plan, cluster_dir, state, SupervisorPolicy())
-    scaler = Scaler(profile, plan, supervisor, build_router(profile, plan), cluster_dir, inventory=lambda: inventory)
+    supervisor = Supervisor(plan, cluster_dir, state, SupervisorPolicy(), launcher)
+    scaler = Scaler(profile, plan, supervisor, build_router(profile, plan), cluster_dir)
 
     async def ticks() -> ScalingReport:
         scaler.set_manual(Role.DECODE, 3)

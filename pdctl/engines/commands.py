@@ -137,6 +137,8 @@ def _add_device_env(profile: ClusterProfile, ctx: InstanceContext, command: Engi
         command.env["VLLM_CPU_KVCACHE_SPACE"] = _number(profile.cpu.kv_cache_space_gib)
         command.env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_spec(ctx.assignment.cpu_cores, ctx.instance)
         return
+    if not ctx.assignment.gpus:
+        return  # placed by a launcher that hands out the node's GPUs itself (Ray sets CUDA_VISIBLE_DEVICES)
     # UUIDs, not indices: CUDA's own device order can differ from NVML's, UUIDs cannot be misread.
     command.env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu.uuid for gpu in ctx.assignment.gpus)
     command.env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"

@@ -121,6 +121,12 @@ class RouterService:
         await self.server.stop()
         await self.router.aclose()
 
+    def move(self, instance_id: str, url: str) -> None:
+        """The instance runs elsewhere now (its node was lost): the next request and scrape go there."""
+        instance = self.router.pool.by_id.get(instance_id)
+        if instance is not None:
+            instance.url = url
+
     def set_health(self, instance_id: str, healthy: bool) -> None:
         instance = self.router.pool.by_id.get(instance_id)
         if instance is not None:

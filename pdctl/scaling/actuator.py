@@ -17,19 +17,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from pdctl import cluster
-from pdctl.engines import commands
 from pdctl.errors import PlacementError
-from pdctl.gpus import GpuInventory, discover
-from pdctl.lifecycle import port_owner
-from pdctl.placement import Assignment, PlacementRequest, available_cores, cores_for_added, place_added_on_gpus
-from pdctl.plan import Plan, PlannedInstance, plan_added_instance
+from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
+from pdctl.replan import InstancePlanner
 from pdctl.router.pool import Instance
 from pdctl.router.proxy import Exchange, Router
 from pdctl.router.server import max_num_seqs
@@ -98,12 +93,11 @@ class Scaler:
         router: Router,
         cluster_dir: ClusterDir,
         clock: Callable[[], float] = time.monotonic,
-        inventory: Callable[[], GpuInventory] = discover,
     ):
         self.profile, self.plan, self.supervisor, self.router, self.dir = profile, plan, supervisor, router, cluster_dir
+        self.planner = InstancePlanner(profile, plan, supervisor.launcher)
         self.spec = profile.scaling
         self.clock = clock
-        self.inventory = inventory
         enabled = profile.pd.enabled and profile.pd.enable_dynamic_scaling
         self.mode = self.spec.mode if enabled else "off"
         self.targets = Targets(
@@ -134,7 +128,6 @@ class Scaler:
         self.next_forecast = self.started + self.spec.forecast_interval_s
         self.startup_s = self._initial_startup_s()
         self._ids = {role: self._highest_index(role) + 1 for role in Role}
-        self._launch_prefix: commands.LaunchPrefix | None = None
         router.on_complete = self.record_completion
 
     # ---- inputs ------------------------------------------------------------------------------------------
@@ -500,37 +493,7 @@ class Scaler:
     def _plan_instance(self, role: Role) -> PlannedInstance:
         index = self._ids[role]
         self._ids[role] += 1
-        instance_id = f"{PREFIX[role]}-{index}"
-        instance = self.profile.added_instance(
-            instance_id, role.instance_type, self._free_port(self.profile.ports.instances)
-        )
-        request = PlacementRequest(instance=instance, memory_fraction=commands.memory_fraction(self.profile, instance))
-        assignment = self._assign(request)
-        nixl = self._free_port(self.profile.ports.nixl_side_channel) if self.profile.pd.enabled else 0
-        return plan_added_instance(self.profile, self.plan, instance, assignment, nixl, self._prefix())
-
-    def _assign(self, request: PlacementRequest) -> Assignment:
-        if self.profile.engine.kind == "sim":
-            return Assignment(instance_id=request.instance.instance_id)
-        if self.plan.device == "cuda":
-            taken = {gpu.index for i in self.plan.instances for gpu in i.gpus}
-            return place_added_on_gpus(request, self.inventory(), taken)
-        held = [i.cpu_cores for i in self.plan.instances if i.cpu_cores]
-        return Assignment(instance_id=request.instance.instance_id, cpu_cores=cores_for_added(available_cores(), held))
-
-    def _free_port(self, start: int) -> int:
-        used = {self.plan.router.port} | {i.port for i in self.plan.instances}
-        used |= {i.nixl_side_channel_port for i in self.plan.instances if i.nixl_side_channel_port}
-        for port in range(start, 65535):
-            if port not in used and port_owner("127.0.0.1", port) is None:
-                return port
-        raise PlacementError(f"no free port from {start}")
-
-    def _prefix(self) -> commands.LaunchPrefix:
-        if self._launch_prefix is None:
-            python = Path(self.plan.engine_python) if self.plan.engine_python else None
-            self._launch_prefix = cluster.launch_prefix(self.profile, python)
-        return self._launch_prefix
+        return self.planner.new(f"{PREFIX[role]}-{index}", role.instance_type)
 
     # ---- outputs -----------------------------------------------------------------------------------------
 
@@ -568,4 +531,4 @@ class Scaler:
         self.dir.write_json(self.dir.path / REPORT_FILE, report.model_dump(mode="json"))
 
     def _write_plan(self) -> None:
-        self.dir.write_json(self.dir.plan_file, self.plan.masked().model_dump(mode="json"))
+        self.dir.write_plan(self.plan)
