@@ -225,3 +225,29 @@ def test_an_instance_that_keeps_crashing_is_marked_failed_and_the_rest_keeps_ser
     )
     assert answer.status_code == 200 and answer.headers["x-pdctl-decode"] == "decode-0"
     assert "given up" in cluster_dir.daemon_log.read_text()
+
+
+def test_without_a_decode_instance_prefill_serves_whole_requests_then_503_with_retry_after(tmp_path, state_root):
+    # One failure marks an instance failed: what is killed stays down.
+    profile = sim_profile(tmp_path, name="degraded", extra="  restart: {max_failures: 1}\n")
+    cluster_dir, _, failures = up(profile, state_root)
+    assert failures == []
+    state = cluster_dir.read_state()
+    body = {"model": "sim-model", "prompt": "a prompt long enough to be split " * 40, "max_tokens": 4}
+
+    def down_for_good(instance_id: str) -> None:
+        os.killpg(state.instances[instance_id].process.pid, signal.SIGKILL)
+        phase = lambda: cluster_dir.read_state().instances[instance_id].phase  # noqa: E731
+        wait_for(lambda: phase() is InstancePhase.FAILED, what=f"{instance_id} marked failed")
+
+    down_for_good("decode-0")
+    answers = [httpx.post(f"{state.router}/v1/completions", json=body, timeout=10) for _ in range(10)]
+    assert [a.status_code for a in answers] == [200] * 10
+    assert {(a.headers["x-pdctl-phase"], a.headers["x-pdctl-decode"]) for a in answers} == {("HYBRID", "prefill-0")}
+    health = httpx.get(f"{state.router}/health")
+    assert health.status_code == 200 and health.json()["paths"] == ["prefill (whole requests: no decode instance)"]
+
+    down_for_good("prefill-0")
+    refused = httpx.post(f"{state.router}/v1/completions", json=body, timeout=10)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+    assert refused.json()["error"]["type"] == "ServiceUnavailableError"

@@ -167,13 +167,15 @@ def make_phase_policy(config: PDSeparationConfig) -> PhasePolicy:
 
 def with_availability(decision: PhaseDecision, enabled: bool, available: set[Phase]) -> PhaseDecision:
     """Apply what the cluster can do now, the same for every policy: PD off means HYBRID; a phase whose pool
-    has no healthy instance falls back to one that has (a split needs both a prefill and a decode instance)."""
+    has no healthy instance falls back to one that has (a split needs both a prefill and a decode instance).
+    With no healthy decode or hybrid instance, prefill instances serve whole requests (HYBRID goes to any
+    instance): an engine serves a request that carries no KV-transfer fields itself."""
     if not enabled:
         return PhaseDecision(Phase.HYBRID, "PD disabled: whole requests on any instance", decision.figures)
     phase, missing = decision.phase, None
     if phase is Phase.PREFILLING and Phase.PREFILLING not in available:
         phase, missing = Phase.DECODING, "prefill"
-    if phase in (Phase.PREFILLING, Phase.DECODING) and Phase.DECODING not in available and Phase.HYBRID in available:
+    if phase in (Phase.PREFILLING, Phase.DECODING) and Phase.DECODING not in available and available:
         phase, missing = Phase.HYBRID, "decode"
     if missing is None:
         return decision

@@ -103,11 +103,20 @@ def _explain_selection(selection: Selection | None) -> dict[str, Any] | None:
 # A long stream's gaps reach the windowed ITL figures every this many tokens, not only at its end.
 _GAPS_BATCH = 64
 _ROLES = tuple(Phase)  # iterating the enum class itself is slow on the hot path
+# Seconds a client is told to wait when no instance can serve: about one health-check round of the supervisor.
+NO_INSTANCE_RETRY_AFTER_S = 2
 
 
 class NoInstance(HttpError):
-    def __init__(self, what: str):
-        super().__init__(503, f"no healthy {what} instance can take the request", "ServiceUnavailableError")
+    def __init__(self, what: str, retry_after_s: int):
+        # Retry-After: a client that honours it comes back once the supervisor may have an instance up again,
+        # instead of turning the router's instant refusals into a tight loop.
+        super().__init__(
+            503,
+            f"no healthy {what} instance can take the request",
+            "ServiceUnavailableError",
+            headers={"retry-after": str(retry_after_s)},
+        )
 
 
 class Router:
@@ -197,6 +206,8 @@ class Router:
                 paths.append("prefill->decode")
         if Phase.HYBRID in healthy:
             paths.append("hybrid")
+        if not paths and Phase.PREFILLING in healthy:
+            paths.append("prefill (whole requests: no decode instance)")
         return paths
 
     # ---- deciding --------------------------------------------------------------------------------------------
@@ -270,7 +281,7 @@ class Router:
             route = self.plan(parsed)
             targets = [s.instance for s in (route.prefill, route.decode) if s is not None]
             if route.decode is None:
-                raise NoInstance("decode or hybrid")
+                raise NoInstance("decode, hybrid or prefill", NO_INSTANCE_RETRY_AFTER_S)
             if all(t.in_flight < t.max_num_seqs for t in targets):
                 route.queue_s = time.monotonic() - waited_since
                 return route
