@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pdctl import procs
-from pdctl.launchers import make_launcher
+from pdctl.launchers import Launcher, make_launcher
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
 from pdctl.replan import InstancePlanner
@@ -37,13 +37,15 @@ class DaemonInput(BaseModel):
     plan: Plan
 
 
-async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
-    plan, profile = given.plan, given.profile
+async def run(cluster_dir: ClusterDir, given: DaemonInput, adopt: bool = False) -> int:
+    profile = given.profile
     state = cluster_dir.read_state()
     if state is None:
         log.error("no state file in %s", cluster_dir.path)
         return 2
     state.daemon = procs.record_of(os.getpid())
+    launcher = make_launcher(given.plan.launcher, given.plan.cluster, state.token)
+    plan = taken_over(cluster_dir, given, launcher) if adopt else given.plan
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -66,7 +68,6 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
         max_failures=restart.max_failures,
         failure_window_s=restart.window_s,
     )
-    launcher = make_launcher(plan.launcher, plan.cluster, state.token)
 
     def moved(planned: PlannedInstance) -> None:
         router.move(planned.id, planned.url)
@@ -83,14 +84,15 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
         on_moved=moved,
     )
     log.info(
-        "cluster %s: router on %s, starting %d instances (%s launcher)",
+        "cluster %s: router on %s, %s %d instances (%s launcher)",
         plan.cluster,
         state.router,
+        "taking over" if adopt else "starting",
         len(plan.launched),
         launcher.kind,
     )
     try:
-        if await supervisor.start_all(stopping):
+        if await supervisor.start_all(stopping, adopt=adopt):
             log.info("cluster %s is ready", plan.cluster)
             async with scaling(profile, plan, supervisor, router.router, cluster_dir, stopping):
                 await supervisor.supervise(stopping)
@@ -106,16 +108,26 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput) -> int:
     return 0
 
 
+def taken_over(cluster_dir: ClusterDir, given: DaemonInput, launcher: Launcher) -> Plan:
+    """The plan as the daemon that died left it (instances the scaler added or removed, moved off lost nodes),
+    each launched instance's command built again from the profile: the state directory's copy is masked."""
+    left = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
+    planner = InstancePlanner(given.profile, given.plan, launcher)
+    instances = [planner.rebuilt(i) if i.launch else i for i in left.instances]
+    return given.plan.model_copy(update={"instances": instances})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdctl-daemon")
     parser.add_argument("--cluster-dir", type=Path, required=True)
+    parser.add_argument("--adopt", action="store_true", help="take over the engines of a daemon that died")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the log
     given = DaemonInput.model_validate(json.loads(sys.stdin.buffer.read()))
     cluster_dir = ClusterDir(args.cluster_dir.parent, args.cluster_dir.name)
     log.info("event loop: %s", "uvloop" if use_fast_event_loop() else "asyncio")
-    return asyncio.run(run(cluster_dir, given))
+    return asyncio.run(run(cluster_dir, given, adopt=args.adopt))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pdctl.state import (
 )
 
 DAEMON_STOP_WAIT_S = 10.0
+WATCHDOG = "pdctl.watchdog"
 
 
 # ---- pre-flight ----------------------------------------------------------------------------------------
@@ -60,7 +61,7 @@ def check_not_running(cluster_dir: ClusterDir) -> None:
     if state is None:
         return
     daemon = procs.live_process(state.daemon)
-    leftovers = procs.marked_processes(state.token)
+    leftovers = procs.marked_processes(state.token) + procs.running_module(WATCHDOG, str(cluster_dir.path))
     if daemon or leftovers:
         who = f"daemon pid {daemon.pid}" if daemon else f"{len(leftovers)} processes, no daemon"
         raise ClusterError(
@@ -75,7 +76,7 @@ def check_not_running(cluster_dir: ClusterDir) -> None:
 class StartedCluster:
     dir: ClusterDir
     plan: Plan
-    daemon: subprocess.Popen[bytes]
+    watchdog: subprocess.Popen[bytes]  # runs the daemon, and starts it again if it dies
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -99,12 +100,12 @@ def start(planned: PlannedCluster, cluster_dir: ClusterDir) -> StartedCluster:
         instances={i.id: InstanceStatus(id=i.id) for i in plan.instances},
     )
     cluster_dir.write_state(state)
-    daemon = _spawn_daemon(cluster_dir, planned)
-    return StartedCluster(cluster_dir, plan, daemon)
+    return StartedCluster(cluster_dir, plan, _spawn_daemon(cluster_dir, planned))
 
 
 def _spawn_daemon(cluster_dir: ClusterDir, planned: PlannedCluster) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "pdctl.daemon", "--cluster-dir", str(cluster_dir.path)]
+    """The daemon, under its watchdog (`pdctl.watchdog`), which starts it again if it dies."""
+    argv = [sys.executable, "-m", WATCHDOG, "--cluster-dir", str(cluster_dir.path)]
     with open_log(cluster_dir.daemon_log) as log_handle:
         daemon = subprocess.Popen(
             argv,
@@ -141,7 +142,7 @@ def wait_ready(
                 return []
             if state.phase is ClusterPhase.FAILED:
                 return failures_of(started.dir, state) or [_daemon_failure(started, state.message)]
-        if started.daemon.poll() is not None:
+        if started.watchdog.poll() is not None:
             return [_daemon_failure(started, "the control-plane daemon exited")]
         time.sleep(poll_s)
 
@@ -149,7 +150,7 @@ def wait_ready(
 def _daemon_failure(started: StartedCluster, message: str | None) -> InstanceFailure:
     return InstanceFailure(
         id="daemon",
-        exit_code=started.daemon.poll(),
+        exit_code=started.watchdog.poll(),
         message=message,
         log_path=str(started.dir.daemon_log),
         last_lines=tail(started.dir.daemon_log),
@@ -186,6 +187,7 @@ def down(cluster_dir: ClusterDir, grace_s: float = 15.0) -> DownReport:
     state = cluster_dir.read_state()
     if state is None:
         return DownReport(cluster=cluster_dir.name, was_running=False)
+    _stop_watchdogs(cluster_dir)  # first: nothing may start the daemon again while it is being stopped
     daemon = procs.live_process(state.daemon)
     if daemon:
         _freeze(daemon)  # a frozen daemon cannot restart what is being stopped
@@ -217,6 +219,17 @@ def _launcher_spec(cluster_dir: ClusterDir) -> LauncherSpec:
         return Plan.model_validate_json(cluster_dir.plan_file.read_bytes()).launcher
     except (OSError, ValueError):
         return LauncherSpec()
+
+
+def _stop_watchdogs(cluster_dir: ClusterDir) -> None:
+    watchdogs = procs.running_module(WATCHDOG, str(cluster_dir.path))
+    for watchdog in watchdogs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            watchdog.terminate()
+    _, alive = psutil.wait_procs(watchdogs, timeout=DAEMON_STOP_WAIT_S)
+    for watchdog in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            watchdog.kill()
 
 
 def _freeze(daemon: psutil.Process) -> None:

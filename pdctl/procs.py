@@ -49,6 +49,16 @@ def live_process(record: ProcessRecord | None) -> psutil.Process | None:
         return None
 
 
+def running_module(module: str, argument: str) -> list[psutil.Process]:
+    """Processes running `python -m module` with this argument (a cluster's state directory)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if module in cmdline and argument in cmdline and process.pid != os.getpid():
+            found.append(process)
+    return found
+
+
 def environ_of(process: psutil.Process) -> dict[str, str]:
     try:
         return process.environ()

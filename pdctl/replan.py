@@ -9,7 +9,7 @@ from pdctl import cluster
 from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
 from pdctl.engines import commands
 from pdctl.launchers import Launcher
-from pdctl.placement import PlacementRequest
+from pdctl.placement import Assignment, PlacementRequest
 from pdctl.plan import Plan, PlannedInstance, plan_added_instance
 from pdctl.profile import ClusterProfile
 
@@ -26,9 +26,27 @@ class InstancePlanner:
     def moved(self, planned: PlannedInstance) -> PlannedInstance:
         """The same instance (id, role, settings) placed anew, its old place left out."""
         others = [i for i in self.plan.instances if i.id != planned.id]
+        return self._planned(self._instance(planned), others, ports=(planned.port, planned.nixl_side_channel_port))
+
+    def rebuilt(self, planned: PlannedInstance) -> PlannedInstance:
+        """The same instance in the same place with its command built again from the profile: what a daemon
+        taking over needs, as the state directory holds plans with their secrets masked."""
+        assignment = Assignment(
+            instance_id=planned.id,
+            gpus=planned.gpus,
+            cpu_cores=planned.cpu_cores,
+            node=planned.node,
+            node_id=planned.node_id,
+            needs=planned.needs,
+        )
+        placed = self._instance(planned).model_copy(update={"port": planned.port})
+        nixl = planned.nixl_side_channel_port or 0
+        return plan_added_instance(self.profile, self.plan, placed, assignment, nixl, self._prefix())
+
+    def _instance(self, planned: PlannedInstance) -> ExecutionInstance:
+        """Its settings: the profile's own instance of that id, or its pool's (one the scaler added)."""
         resolved = {i.instance_id: i for i in self.profile.resolved_instances()}
-        instance = resolved.get(planned.id) or self.profile.added_instance(planned.id, planned.role)
-        return self._planned(instance, others, ports=(planned.port, planned.nixl_side_channel_port))
+        return resolved.get(planned.id) or self.profile.added_instance(planned.id, planned.role)
 
     def _planned(
         self,

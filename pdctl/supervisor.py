@@ -98,12 +98,19 @@ class Supervisor:
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
-    async def start_all(self, stopping: asyncio.Event) -> bool:
-        """Launch every instance at once; True when all are healthy, False as soon as one fails."""
+    async def start_all(self, stopping: asyncio.Event, adopt: bool = False) -> bool:
+        """Launch every instance at once (or, taking over from a daemon that died, adopt those still running);
+        True when all are healthy, False as soon as one fails."""
         for managed in self.managed.values():
             if not managed.planned.launch:
                 managed.status.phase = InstancePhase.LOADING
         launched = [m for m in self.managed.values() if m.planned.launch]
+        if adopt:
+            # The cluster was serving: go on supervising it as it is (an instance blocked or failed stays so).
+            await asyncio.gather(*(self._adopt(m) for m in launched))
+            self._update_cluster_phase()
+            self._save(force=True)
+            return True
         await asyncio.gather(*(self._launch(m, starting=True) for m in launched))
         while not stopping.is_set():
             await self._check_all(starting=True)
@@ -294,6 +301,29 @@ class Supervisor:
             await self._start(managed, starting)
         finally:
             managed.starting = False
+
+    async def _adopt(self, managed: _Managed) -> None:
+        """Take over an engine an earlier daemon started. One that is gone is started again through the usual
+        backoff; one that was failed stays failed, one that was waiting (backoff, blocked) is tried now."""
+        record, planned, phase = managed.status.process, managed.planned, managed.status.phase
+        if phase is InstancePhase.FAILED:
+            return
+        log_path = self.dir.instance_log(planned.id)
+        handle = await asyncio.to_thread(self.launcher.adopt, planned, record, log_path) if record else None
+        if handle is None:
+            managed.restart_at = self.clock()
+            if phase not in (InstancePhase.BACKOFF, InstancePhase.BLOCKED):
+                self._set(managed, InstancePhase.BACKOFF, message="gone when a new daemon took over; restarting")
+            return
+        managed.handle = handle
+        managed.launched_at = self.clock()
+        managed.log_size_at_launch = 0
+        if phase is InstancePhase.HEALTHY:
+            # Serving as it was, at once: supervise()'s health checks say otherwise within a round if it is not.
+            self.on_health(planned.id, True)
+        else:
+            self._set(managed, InstancePhase.LOADING, message=None)
+        log.info("%s adopted: pid %d still runs", planned.id, record.pid)
 
     async def _placed(self, managed: _Managed) -> bool:
         """Its place can still run it, or it has a new one (its node was lost); False: blocked, retried."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -206,3 +207,28 @@ def test_a_request_submitted_through_the_manager_goes_prefill_then_decode(local_
     assert result.ok, result.error
     assert (result.phase, result.prefill_instance, result.decode_instance) == ("PREFILLING", "prefill-0", "decode-0")
     assert nixl_transfers(httpx.get(f"{decode_url}/metrics", timeout=10).text) > before
+
+
+def test_a_killed_daemon_is_back_within_seconds_adopting_the_running_engines(local_cluster: LocalCluster):
+    """The daemon SIGKILLed: its watchdog starts another, which adopts the running vLLM engines (the same
+    processes, none restarted) and serves on the same address within 10 s. Runs last: it changes the daemon."""
+    before = local_cluster.state()
+    body = {"model": local_cluster.plan.served_model_name, "prompt": PROMPT, "max_tokens": 4}
+    os.kill(before.daemon.pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def served_by_a_new_daemon() -> bool:
+        if local_cluster.state().daemon.pid == before.daemon.pid:
+            return False
+        try:
+            return httpx.post(f"{local_cluster.router}/v1/completions", json=body, timeout=30).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    while not served_by_a_new_daemon():
+        assert time.monotonic() - killed < 10, "the router is not back within 10 s"
+        time.sleep(0.2)
+    after = local_cluster.state()
+    assert {i: (s.process.pid, s.restarts) for i, s in after.instances.items()} == {
+        i: (s.process.pid, s.restarts) for i, s in before.instances.items()
+    }

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -38,7 +39,7 @@ def test_up_status_down_leaves_nothing(tmp_path, state_root):
     assert failures == []
     report = lifecycle.status(cluster_dir)
     assert [i.phase for i in report.instances] == ["healthy"] * 3
-    assert all(i.pid for i in report.instances) and report.daemon_pid == started.daemon.pid
+    assert all(i.pid for i in report.instances) and report.daemon_pid == cluster_dir.read_state().daemon.pid
     state = cluster_dir.read_state()
     assert len(procs.marked_processes(state.token)) == 3
     # owner-only state, plan without secrets
@@ -47,7 +48,7 @@ def test_up_status_down_leaves_nothing(tmp_path, state_root):
     down = lifecycle.down(cluster_dir, grace_s=5)
     assert down.was_running and down.remaining == []
     assert procs.marked_processes(state.token) == []
-    assert not psutil.pid_exists(started.daemon.pid) or started.daemon.poll() is not None
+    assert started.watchdog.wait(timeout=10) == 0 and not psutil.pid_exists(report.daemon_pid)
     assert lifecycle.down(cluster_dir).was_running is False  # idempotent
 
 
@@ -67,12 +68,17 @@ def test_a_killed_instance_is_restarted(tmp_path, state_root):
     assert "exited with code" in cluster_dir.daemon_log.read_text()
 
 
-def test_down_after_the_daemon_was_sigkilled(tmp_path, state_root):
+def kill_daemon_and_watchdog(cluster_dir, started) -> None:
+    os.kill(started.watchdog.pid, signal.SIGKILL)
+    started.watchdog.wait()
+    os.kill(cluster_dir.read_state().daemon.pid, signal.SIGKILL)
+
+
+def test_down_after_the_daemon_and_its_watchdog_were_sigkilled(tmp_path, state_root):
     cluster_dir, started, failures = up(sim_profile(tmp_path), state_root)
     assert failures == []
     token = cluster_dir.read_state().token
-    os.kill(started.daemon.pid, signal.SIGKILL)
-    started.daemon.wait()
+    kill_daemon_and_watchdog(cluster_dir, started)
     assert len(procs.marked_processes(token)) == 2  # the instances outlive their daemon...
     report = lifecycle.down(cluster_dir, grace_s=5)
     assert report.remaining == [] and len(report.stopped_pids) == 2
@@ -120,19 +126,46 @@ def test_a_killed_engine_s_orphaned_child_is_stopped_before_the_restart_and_by_d
     # The daemon and then an API server killed: down still ends the server's orphaned child, by its group.
     prefill = cluster_dir.read_state().instances["prefill-0"]
     prefill_orphan = wait_for(lambda: _children_in_group(prefill.process.pgid), what="prefill-0's core child")[0]
-    os.kill(started.daemon.pid, signal.SIGKILL)
-    started.daemon.wait()
+    kill_daemon_and_watchdog(cluster_dir, started)
     os.kill(prefill.process.pid, signal.SIGKILL)
     report = lifecycle.down(cluster_dir, grace_s=5)
     assert report.remaining == []
     assert not prefill_orphan.is_running() or prefill_orphan.status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_killed_daemon_is_back_within_seconds_with_its_engines_adopted_not_restarted(tmp_path, state_root):
+    cluster_dir, started, failures = up(sim_profile(tmp_path, decode=2), state_root)
+    assert failures == []
+    before = cluster_dir.read_state()
+    router = before.router
+    os.kill(before.daemon.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def taken_over():
+        state = cluster_dir.read_state()
+        return state.daemon.pid != before.daemon.pid and state.phase.value == "ready" and state
+
+    after = wait_for(taken_over, timeout=10, what="a new daemon, ready")
+    answer = httpx.post(f"{router}/v1/completions", json={"model": "sim-model", "prompt": "hi", "max_tokens": 2})
+    assert answer.status_code == 200 and time.monotonic() - killed_at < 10
+    # The same engine processes, adopted: none restarted, none orphaned.
+    assert {i: s.process.pid for i, s in after.instances.items()} == {
+        i: s.process.pid for i, s in before.instances.items()
+    }
+    assert all(s.restarts == 0 for s in after.instances.values())
+    assert "adopted: pid" in cluster_dir.daemon_log.read_text()
+    assert started.watchdog.poll() is None  # still watching
+    report = lifecycle.down(cluster_dir, grace_s=5)
+    assert report.remaining == [] and procs.marked_processes(before.token) == []
+    assert started.watchdog.wait(timeout=10) == 0
+
+
 def test_two_ups_of_one_name(tmp_path, state_root):
     profile = sim_profile(tmp_path)
-    _, started, failures = up(profile, state_root)
+    cluster_dir, _, failures = up(profile, state_root)
     assert failures == []
-    with pytest.raises(ClusterError, match=f"cluster 'simc' is already running \\(daemon pid {started.daemon.pid}\\)"):
+    daemon = cluster_dir.read_state().daemon.pid
+    with pytest.raises(ClusterError, match=f"cluster 'simc' is already running \\(daemon pid {daemon}\\)"):
         lifecycle.start(plan_profile(profile), ClusterDir(state_root, "simc"))
 
 

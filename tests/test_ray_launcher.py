@@ -181,9 +181,17 @@ def test_scale_and_lose_nodes_then_down_after_the_daemon_was_killed(tmp_path, ra
             watch.close()
         assert load.ok > 10
 
-        # The daemon SIGKILLed: down still finds every actor and engine process on every node.
+        # The daemon SIGKILLed: its watchdog starts another, which adopts the engines through their actors.
+        first = cluster_dir.read_state()
+        os.kill(first.daemon.pid, signal.SIGKILL)
+        renewed = lambda: cluster_dir.read_state().daemon.pid != first.daemon.pid and _answers(router)  # noqa: E731
+        wait_for(renewed, 10, "the router back under a new daemon")
+        assert cluster_dir.read_state().instances[moved_id].process.pid == first.instances[moved_id].process.pid
+        assert "adopted: pid" in cluster_dir.daemon_log.read_text()
+        # Daemon and watchdog SIGKILLed: down still finds every actor and engine process on every node.
+        os.kill(started.watchdog.pid, signal.SIGKILL)
+        started.watchdog.wait(timeout=10)
         os.kill(cluster_dir.read_state().daemon.pid, signal.SIGKILL)
-        started.daemon.wait(timeout=10)
     finally:
         report = lifecycle.down(cluster_dir, grace_s=2)
     assert report.remaining == [] and procs.marked_processes(token) == []
@@ -202,6 +210,13 @@ def _port(cluster_dir, instance_id: str) -> int:
 def _blocked(cluster_dir, instance_id: str) -> str | None:
     found = next(i for i in lifecycle.status(cluster_dir).instances if i.id == instance_id)
     return found.message if found.phase == "blocked" else None
+
+
+def _answers(router: str) -> bool:
+    try:
+        return httpx.post(f"{router}/v1/completions", json=_body(), timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _generated(url: str) -> float:

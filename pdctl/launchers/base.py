@@ -116,6 +116,11 @@ class Launcher(ABC):
     def start(self, planned: PlannedInstance, env: dict[str, str], log_path: Path, cwd: Path) -> InstanceHandle:
         """Start one engine; `env` is the plan's, resolved, plus the cluster's marks. LaunchError if it cannot."""
 
+    @abstractmethod
+    def adopt(self, planned: PlannedInstance, record: ProcessRecord, log_path: Path) -> InstanceHandle | None:
+        """A handle to an engine that is already running (its daemon died and a new one took over), or None
+        where it is gone."""
+
     def lost(self, planned: PlannedInstance) -> str | None:
         """Why the instance's place can no longer run it (its node is gone), or None."""
         return None

@@ -27,20 +27,33 @@ from pdctl.ports import port_owner
 from pdctl.profile import ClusterProfile
 from pdctl.state import ProcessRecord, open_log
 
+# The exit code of an adopted engine: it is not this daemon's child, so its real code went to another process.
+UNKNOWN_EXIT = -1
+
 
 class LocalHandle(InstanceHandle):
-    def __init__(self, popen: subprocess.Popen[bytes], record: ProcessRecord, token: str, instance_id: str):
+    """An engine this daemon started (`popen`), or one it adopted from a daemon that died (no `popen`)."""
+
+    def __init__(self, record: ProcessRecord, token: str, instance_id: str, popen: subprocess.Popen[bytes] | None):
         self.popen = popen
         self.record = record
         self.token = token
         self.instance_id = instance_id
 
     def poll(self) -> int | None:
-        return self.popen.poll()
+        if self.popen is not None:
+            return self.popen.poll()
+        return None if procs.live_process(self.record) else UNKNOWN_EXIT
+
+    def exit_message(self, exit_code: int) -> str:
+        if self.popen is None:
+            return "exited (started by an earlier daemon: its exit code is not known here)"
+        return super().exit_message(exit_code)
 
     def stop(self, grace_s: float) -> None:
         procs.terminate(procs.tree_of(self.record, self.token, self.instance_id), grace_s)
-        self.popen.poll()  # reap it: no zombie stays behind
+        if self.popen is not None:
+            self.popen.poll()  # reap it: no zombie stays behind
 
 
 class LocalLauncher(Launcher, kind="local"):
@@ -108,7 +121,10 @@ class LocalLauncher(Launcher, kind="local"):
                 cwd=cwd,
             )
         record = procs.record_of(popen.pid, planned.argv, leads_group=True)
-        return LocalHandle(popen, record, self.token, planned.id)
+        return LocalHandle(record, self.token, planned.id, popen)
+
+    def adopt(self, planned: PlannedInstance, record: ProcessRecord, log_path: Path) -> InstanceHandle | None:
+        return LocalHandle(record, self.token, planned.id, None) if procs.live_process(record) else None
 
     # ---- cleaning ----------------------------------------------------------------------------------------
 

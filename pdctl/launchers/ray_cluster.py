@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -50,12 +51,12 @@ class RayNode:
 
 
 class RayHandle(InstanceHandle):
-    def __init__(self, ray: Any, actor: Any, record: ProcessRecord, log_path: Path):
+    def __init__(self, ray: Any, actor: Any, record: ProcessRecord, log_path: Path, log_offset: int = 0):
         self._ray, self._actor, self.record, self._log_path = ray, actor, record, log_path
         self._exit = actor.wait.remote()
         self._log_read: Any = None
         self._next_read_at = 0.0
-        self._offset = 0
+        self._offset = log_offset
         self._code: int | None = None
         self._lost: str | None = None
 
@@ -104,6 +105,7 @@ class RayLauncher(Launcher, kind="ray"):
         self._ray: Any = None
         self._started_ray = False
         self._cores_of: dict[str, list[int]] = {}
+        self._connecting = threading.Lock()
 
     @property
     def namespace(self) -> str:
@@ -113,6 +115,11 @@ class RayLauncher(Launcher, kind="ray"):
     # ---- the connection ----------------------------------------------------------------------------------
 
     def connect(self) -> Any:
+        # The supervisor starts and adopts instances from several threads at once: one connects.
+        with self._connecting:
+            return self._connect()
+
+    def _connect(self) -> Any:
         if self._ray is not None:
             return self._ray
         address = self.spec.address or ""
@@ -395,6 +402,16 @@ class RayLauncher(Launcher, kind="ray"):
             handle=name,
         )
         return RayHandle(ray, actor, record, log_path)
+
+    def adopt(self, planned: PlannedInstance, record: ProcessRecord, log_path: Path) -> InstanceHandle | None:
+        ray = self.connect()
+        try:
+            actor = ray.get_actor(record.handle, namespace=self.namespace)
+            # What the engine wrote while no daemon copied it stays on its node; copying goes on from here.
+            size = ray.get(actor.log_size.remote(), timeout=CALL_TIMEOUT_S)
+        except (ValueError, ray.exceptions.RayError, TimeoutError):
+            return None
+        return RayHandle(ray, actor, record, log_path, log_offset=size)
 
     # ---- cleaning ----------------------------------------------------------------------------------------
 

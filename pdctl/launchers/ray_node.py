@@ -206,6 +206,12 @@ class EngineHost:
             self.popen.poll()
         return stopped
 
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
     def read_log(self, offset: int, limit: int = 1 << 20) -> tuple[bytes, int]:
         try:
             with open(self.log_path, "rb") as handle:
