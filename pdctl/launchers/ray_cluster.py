@@ -154,7 +154,7 @@ class RayLauncher(Launcher, kind="ray"):
         return [RayNode(entry) for entry in self.connect().nodes() if entry.get("Alive")]
 
     def _on(self, node_id: str, function: Any, *args: Any) -> Any:
-        """Run a function of ray_node on one node; its result."""
+        """Run a function of ray_node on one node: a reference to its result."""
         ray = self.connect()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
