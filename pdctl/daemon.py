@@ -83,6 +83,7 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput, adopt: bool = False) 
         relocate=InstancePlanner(profile, plan, launcher).moved,
         on_moved=moved,
     )
+    router.router.on_stall = supervisor.stalled
     log.info(
         "cluster %s: router on %s, %s %d instances (%s launcher)",
         plan.cluster,

@@ -115,12 +115,15 @@ def processes_by_instance(token: str) -> dict[str, list[psutil.Process]]:
 
 
 def _signal_group_or_process(process: psutil.Process, sig: signal.Signals) -> None:
+    # A stopped process (SIGSTOP: a stalled engine, a frozen one) acts on SIGTERM only once continued.
+    signals = (sig, signal.SIGCONT) if sig == signal.SIGTERM else (sig,)
     try:
         pgid = os.getpgid(process.pid)
-        if pgid == process.pid:  # a group leader pdctl made with start_new_session: the group is ours
-            os.killpg(pgid, sig)
-        else:
-            process.send_signal(sig)
+        for one in signals:
+            if pgid == process.pid:  # a group leader pdctl made with start_new_session: the group is ours
+                os.killpg(pgid, one)
+            else:
+                process.send_signal(one)
     except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
         pass
 

@@ -155,6 +155,12 @@ class RouterSpec(_Section):
     routing_strategy: Literal["load_balanced", "round_robin", "cache_aware"] = "load_balanced"
     slo: SLOSpec = Field(default_factory=SLOSpec)
     metrics: bool = Field(True, description="record per-request metrics (off only to measure what they cost)")
+    stall_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="a stream with no token for this long is stalled: ended with an error, its instance "
+        "restarted; default 50 x the TPOT SLO, at least 10 s",
+    )
 
 
 class NodeSelector(_Section):

@@ -162,6 +162,20 @@ class Supervisor:
         asyncio.get_running_loop().create_task(self._launch(managed))
         self._save(force=True)
 
+    def stalled(self, instance_id: str, why: str) -> None:
+        """The router saw a stream stall on this instance (its process runs, its /health answers): restart it."""
+        managed = self.managed.get(instance_id)
+        running = (InstancePhase.HEALTHY, InstancePhase.UNHEALTHY)
+        if managed is None or managed.starting or not managed.planned.launch or managed.status.phase not in running:
+            return  # already being stopped or restarted, or attached (not ours to restart)
+        self._set(managed, InstancePhase.STOPPING, message=f"stalled: {why}")
+        asyncio.get_running_loop().create_task(self._restart_stalled(managed, why))
+
+    async def _restart_stalled(self, managed: _Managed, why: str) -> None:
+        log.error("%s stalled (%s): restarting it", managed.planned.id, why)
+        await asyncio.to_thread(self._kill_instance, managed)
+        self._record_failure(managed, f"stalled: {why}")
+
     def settled(self, instance_id: str) -> None:
         """An added instance is healthy: from now on it counts for the cluster's health like the others."""
         self.transient.discard(instance_id)

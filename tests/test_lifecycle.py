@@ -284,3 +284,34 @@ def test_without_a_decode_instance_prefill_serves_whole_requests_then_503_with_r
     refused = httpx.post(f"{state.router}/v1/completions", json=body, timeout=10)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
     assert refused.json()["error"]["type"] == "ServiceUnavailableError"
+
+
+def test_a_stalled_engine_s_streams_end_with_an_error_and_it_is_restarted(tmp_path, state_root):
+    """SIGSTOP: the engine's process lives and its /health would answer once continued, but no token comes.
+    The stream ends with an error instead of hanging, and the instance is restarted."""
+    profile = sim_profile(tmp_path, name="stall", extra="  sim: {decode_ms_per_token: 20}\n")
+    profile.write_text(profile.read_text().replace("router: {port:", "router: {stall_timeout_s: 1.5, port:"))
+    cluster_dir, _, failures = up(profile, state_root)
+    assert failures == []
+    state = cluster_dir.read_state()
+    body = {"model": "sim-model", "prompt": "short", "max_tokens": 400, "stream": True}
+    started = time.monotonic()
+    events: list[str] = []
+    with httpx.stream("POST", f"{state.router}/v1/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 5:
+                os.killpg(state.instances["decode-0"].process.pgid, signal.SIGSTOP)
+    took = time.monotonic() - started
+    assert events[-1] == "data: [DONE]" and "stalled mid-stream: no token for 1.5 s" in events[-2]
+    assert took < 6, f"the stalled stream took {took:.1f} s to end"
+
+    def restarted():
+        status = cluster_dir.read_state().instances["decode-0"]
+        return status.phase is InstancePhase.HEALTHY and status.restarts == 1 and status
+
+    wait_for(restarted, timeout=30, what="decode-0 restarted after its stall")
+    assert "stalled" in cluster_dir.daemon_log.read_text()
+    again = httpx.post(f"{state.router}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30)
+    assert again.status_code == 200

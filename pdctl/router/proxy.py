@@ -61,6 +61,9 @@ class RouterSettings:
     first_byte_timeout_s: float = 600.0
     max_queue_wait_s: float = 30.0
     record_metrics: bool = True
+    # A stream that had its first token and then none for this long is stalled (an engine stopped while its
+    # API server still answers /health): ended with an error, its instance reported (on_stall).
+    stall_timeout_s: float = 10.0
 
 
 @dataclass
@@ -141,6 +144,27 @@ class Router:
         self.upstream = UpstreamPool(settings.connect_timeout_s)
         # Told of each answered request (exchange, TTFT s, TPOT s, output tokens): the scaler's latency window.
         self.on_complete: Callable[[Exchange, float | None, float | None, int], None] = lambda *_: None
+        # Streams between their first token and their end, for the stall watch; told of a stalled instance.
+        self.streams: set[_Stream] = set()
+        self.on_stall: Callable[[str, str], None] = lambda instance_id, why: None
+
+    def stalled_streams(self, now: float) -> list[_Stream]:
+        limit = self.settings.stall_timeout_s
+        return [stream for stream in self.streams if not stream.stalled and now - stream.last_at > limit]
+
+    async def watch_stalls(self, interval_s: float = 1.0) -> None:
+        """End streams that get no token for stall_timeout_s, and report their instances: its process runs and
+        its /health answers, so nothing else would notice, and the client would wait for ever."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for stream in self.stalled_streams(time.monotonic()):
+                stream.stalled = True
+                instance = stream.instance
+                instance.record_failure(threshold=1)  # no new request there until it is restarted
+                why = f"a stream got no token for {self.settings.stall_timeout_s:g} s"
+                log.warning("%s: %s on %s; ending it", stream.request_id, why, instance.id)
+                self.on_stall(instance.id, why)
+                await stream.upstream.aclose()
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
@@ -530,12 +554,15 @@ class Exchange:
         outcome = "ok"
         # Inter-token gaps, recorded in batches: tokens arriving together in one chunk share its gap.
         gaps: list[float] = []
+        watched = _Stream(self.route.request_id, instance, upstream)
         try:
             async for chunk in upstream.iter_raw():
                 now = time.monotonic()
+                watched.last_at = now
                 count = chunk.count(b"data: ")
                 if first_at is None:
                     first_at = now
+                    router.streams.add(watched)
                 elif count == 1:
                     gaps.append(now - last_at)
                 elif count:
@@ -546,16 +573,22 @@ class Exchange:
                 last_at = now
                 events += count
                 yield chunk
+            if watched.stalled:
+                outcome = "broken"
+                yield _error_event(_stalled(instance, router))
         except UpstreamError as error:
             outcome = "broken"
-            message = f"the engine {instance.id} failed mid-stream: {type(error).__name__}"
-            log.warning("%s: %s", self.route.request_id, message)
-            payload = {"error": {"message": message, "type": "ServiceUnavailableError", "code": 503}}
-            yield b"data: " + json.dumps(payload).encode() + b"\n\ndata: [DONE]\n\n"
+            if watched.stalled:
+                message = _stalled(instance, router)
+            else:
+                message = f"the engine {instance.id} failed mid-stream: {type(error).__name__}"
+                log.warning("%s: %s", self.route.request_id, message)
+            yield _error_event(message)
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"  # the client went away: closing upstream makes vLLM abort the request
             raise
         finally:
+            router.streams.discard(watched)
             await upstream.aclose()
             slot.__exit__(None, None, None)
             router.admission.release()
@@ -582,6 +615,26 @@ class Exchange:
         )
         if ttft is not None:
             router.on_complete(self, ttft, tpot, tokens)
+
+
+def _stalled(instance: Instance, router: Router) -> str:
+    return f"the engine {instance.id} stalled mid-stream: no token for {router.settings.stall_timeout_s:g} s"
+
+
+def _error_event(message: str) -> bytes:
+    payload = {"error": {"message": message, "type": "ServiceUnavailableError", "code": 503}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+class _Stream:
+    """A stream the stall watch looks at: when its last chunk came, and how to end it."""
+
+    __slots__ = ("instance", "last_at", "request_id", "stalled", "upstream")
+
+    def __init__(self, request_id: str, instance: Instance, upstream: UpstreamResponse):
+        self.request_id, self.instance, self.upstream = request_id, instance, upstream
+        self.last_at = time.monotonic()
+        self.stalled = False
 
 
 class _Slot:

@@ -64,6 +64,7 @@ def build_router(profile: ClusterProfile, plan: Plan, state_root: Path | None = 
         # A prefill hop far beyond the TTFT SLO is hung, not slow: fall back to decode instead of waiting.
         prefill_timeout_s=max(10.0, 10 * profile.router.slo.ttft_ms / 1000),
         record_metrics=profile.router.metrics,
+        stall_timeout_s=profile.router.stall_timeout_s or max(10.0, 50 * profile.slo_tpot_ms / 1000),
     )
     router = Router(settings, pool, TokenCounter.for_model(plan.model_path))
     router.context = StatsContext(
@@ -110,6 +111,7 @@ class RouterService:
     async def start(self) -> None:
         await self.server.start()
         self._tasks.append(asyncio.create_task(scrape_forever(self.router.pool, self.router.telemetry)))
+        self._tasks.append(asyncio.create_task(self.router.watch_stalls()))
         if self.plan is not None and self.plan.device == "cuda":
             self._tasks.append(asyncio.create_task(sample_gpus(self.router, self.plan, NvmlGpuSource())))
 
