@@ -62,7 +62,8 @@ class Watchdog:
     def _worth_restarting(self, code: int) -> bool:
         state = self.dir.read_state()
         if state is None or state.phase in (ClusterPhase.FAILED, ClusterPhase.STOPPING):
-            log.error("the daemon exited with code %d; the cluster is %s: not starting it again", code, state)
+            phase = state.phase.value if state else "stopped"
+            log.error("the daemon exited with code %d; the cluster is %s: not starting it again", code, phase)
             return False
         now = time.monotonic()
         self.deaths.append(now)
