@@ -130,7 +130,7 @@ def make_plan(
     ]
     assignments = placer.place(profile, requests, device, inventory, force=force, cores=cores)
     planned: list[PlannedInstance] = []
-    notes = _profile_notes(profile, device)
+    notes = _profile_notes(profile, device, launches=bool(requests))
     for index, instance in enumerate(instances):
         assignment = assignments.get(instance.instance_id, Assignment(instance_id=instance.instance_id))
         ctx = InstanceContext(
@@ -206,11 +206,16 @@ def _planned(ctx: InstanceContext, command: EngineCommand) -> PlannedInstance:
     )
 
 
-def _profile_notes(profile: ClusterProfile, device: DeviceMode) -> list[str]:
+def _profile_notes(profile: ClusterProfile, device: DeviceMode, launches: bool) -> list[str]:
     notes = [
         "prefill.target_throughput_tokens_per_sec, decode.target_latency_ms and "
         "decode.target_tokens_per_sec_per_gpu are goals for the router and the dashboard, not engine flags",
     ]
+    if not launches:
+        notes.append(
+            "every instance is attached (launch: false): `up` starts the router and its monitoring only, and "
+            "needs no engine runtime here"
+        )
     if profile.pd.kv_cache_eviction_policy == "lfu":
         notes.append(
             "kv_cache_eviction_policy: lfu: vLLM's prefix cache evicts LRU only; LFU applies where pdctl owns "

@@ -20,7 +20,7 @@ from pdctl import lifecycle, procs
 from pdctl.cluster import plan_profile
 from pdctl.errors import ClusterError
 from pdctl.state import ClusterDir, InstancePhase
-from tests.clusters import sim_profile, up, wait_for
+from tests.clusters import free_port_block, sim_profile, up, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -315,3 +315,36 @@ def test_a_stalled_engine_s_streams_end_with_an_error_and_it_is_restarted(tmp_pa
     assert "stalled" in cluster_dir.daemon_log.read_text()
     again = httpx.post(f"{state.router}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30)
     assert again.status_code == 200
+
+
+def test_an_attach_only_profile_needs_no_engine_runtime(tmp_path, state_root):
+    """Engines someone else runs: pdctl starts the router and its monitoring only, on a host without vLLM."""
+    base = free_port_block(3, 22500)
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "pdctl.engines.sim", "--port", str(base + 1), "--served-model-name", "theirs"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        profile = tmp_path / "attached.yaml"
+        profile.write_text(
+            "name: attached\nmodel: {path: org/theirs, served_name: theirs}\ndevice: cpu\n"
+            "engine: {python: /opt/no-vllm/bin/python}\n"
+            f"router: {{port: {base}}}\npd: {{enabled: false}}\n"
+            f"instances:\n  - {{id: theirs-0, type: HYBRID, port: {base + 1}, launch: false}}\n"
+        )
+        planned = plan_profile(profile)
+        assert any("needs no engine runtime" in note for note in planned.plan.notes)
+        cluster_dir, _, failures = up(profile, state_root)
+        assert failures == []
+        answer = httpx.post(
+            f"{cluster_dir.read_state().router}/v1/completions",
+            json={"model": "theirs", "prompt": "hello", "max_tokens": 2},
+            timeout=10,
+        )
+        assert answer.status_code == 200 and answer.headers["x-pdctl-decode"] == "theirs-0"
+        assert lifecycle.down(cluster_dir, grace_s=2).remaining == []
+        assert engine.poll() is None  # not pdctl's to stop
+    finally:
+        engine.kill()
+        engine.wait()
