@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -374,9 +375,32 @@ def engine_install(
     out.print(f"engine runtime ready: vLLM {info.vllm_version}, NIXL {info.nixl_version}; python {info.python}")
 
 
+# Options that take several values after one flag, as `vllm bench serve` writes them
+# (`--goodput ttft:500 tpot:50`): each value after the first gets the flag again before the parser sees it.
+MULTI_VALUE = {"--goodput": re.compile(r"^(ttft|tpot|itl|e2el):")}
+
+
+def expand_multi_value(args: list[str]) -> list[str]:
+    expanded: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        expanded.append(arg)
+        index += 1
+        value = MULTI_VALUE.get(arg)
+        if value is None or index >= len(args):
+            continue
+        expanded.append(args[index])
+        index += 1
+        while index < len(args) and value.match(args[index]):
+            expanded += [arg, args[index]]
+            index += 1
+    return expanded
+
+
 def main() -> None:
     try:
-        app()
+        app(args=expand_multi_value(sys.argv[1:]), prog_name="pdctl")
     except PdctlError as error:
         err.print(f"[red]error:[/red] {escape(str(error))}")
         sys.exit(error.exit_code)
