@@ -64,8 +64,10 @@ def test_pd_across_two_ray_nodes_moves_kv_by_nixl_and_survives_a_lost_node(tmp_p
         assert answer.status_code == 200, answer.text
         # vLLM publishes the connector's figures with its engine stats, a moment after the request.
         wait_for(lambda: metric(decode_url, "vllm:nixl_xfer_time_seconds_count") >= 1, 15, "a NIXL transfer counted")
-        # The engine's log on its node is copied to the cluster's state directory: `pdctl logs` reads it.
-        assert "Application startup complete" in lifecycle.log_path(cluster_dir, "prefill-0").read_text()
+        # The engine's log on its node is copied to the cluster's state directory (once a second): `pdctl logs`
+        # reads it.
+        log = lifecycle.log_path(cluster_dir, "prefill-0")
+        wait_for(lambda: "Application startup complete" in log.read_text(), 10, "prefill-0's log copied here")
 
         # The worker node lost: its prefill instance has no node with room (blocked, with the reason);
         # the router keeps answering on the decode instance alone, and the engine died with its actor.
