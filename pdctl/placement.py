@@ -145,3 +145,22 @@ def cores_for_added(cores: list[int], held: list[list[int]]) -> list[int]:
         return list(cores)
     use = Counter(core for slice_ in held for core in slice_)
     return min(held, key=lambda slice_: (sum(use[core] for core in slice_) / max(1, len(slice_)), slice_))
+
+
+# Node resources a launcher that places by resources counts (GPUs first); any other is a node resource by name.
+DEVICE_RESOURCES = ("GPU", "CPU")
+
+
+def describe_needs(needs: dict[str, float], free: bool = False) -> str:
+    """{"GPU": 4} -> "4 GPUs"; {"CPU": 1, "decode_node": 1} -> "1 CPU, decode_node", or with free,
+    "1 free CPU and decode_node" (what no node has room for)."""
+    adjective = "free " if free else ""
+    parts = [
+        f"{_count(needs[k])} {adjective}{k}{'s' if needs[k] != 1 else ''}" for k in DEVICE_RESOURCES if needs.get(k)
+    ]
+    parts += [k if v == 1 else f"{_count(v)} {k}" for k, v in sorted(needs.items()) if k not in DEVICE_RESOURCES]
+    return (" and " if free else ", ").join(parts) or ("room" if free else "nothing")
+
+
+def _count(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

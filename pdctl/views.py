@@ -10,6 +10,7 @@ from rich.text import Text
 
 from pdctl.gpus import GpuInventory
 from pdctl.lifecycle import InstanceFailure
+from pdctl.placement import describe_needs
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
 from pdctl.router.client import RouteResult
@@ -67,18 +68,6 @@ def _devices(instance: PlannedInstance) -> str:
     if instance.cpu_cores:
         return f"CPU cores {','.join(str(c) for c in instance.cpu_cores)}"
     return "-" if instance.launch else "remote (attached)"
-
-
-def describe_needs(needs: dict[str, float]) -> str:
-    """{"GPU": 4} -> "4 GPUs"; {"CPU": 1, "decode_node": 1} -> "1 CPU, decode_node"."""
-    primary = ("GPU", "CPU")
-    parts = [f"{_count(needs[k])} {k}{'s' if needs[k] != 1 else ''}" for k in primary if needs.get(k)]
-    parts += [k if v == 1 else f"{_count(v)} {k}" for k, v in sorted(needs.items()) if k not in primary]
-    return ", ".join(parts) or "nothing"
-
-
-def _count(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def shell_lines(argv: list[str]) -> str:

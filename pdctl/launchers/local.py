@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import psutil
+
 from pdctl import procs
 from pdctl.engines import runtime, tinymodel
 from pdctl.errors import ClusterError, PlacementError
@@ -136,7 +138,7 @@ class LocalLauncher(Launcher, kind="local"):
     def leftovers(self, records: list[ProcessRecord]) -> list[str]:
         return [f"pid {p.pid}" for p in self._running(records)]
 
-    def _running(self, records: list[ProcessRecord]) -> list:
+    def _running(self, records: list[ProcessRecord]) -> list[psutil.Process]:
         found = {p.pid: p for p in procs.marked_processes(self.token)}
         for record in records:
             for process in [procs.live_process(record), *procs.group_members(record)]:

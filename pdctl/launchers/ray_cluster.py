@@ -28,17 +28,23 @@ from pdctl.gpus import GpuInventory
 from pdctl.launchers import ray_node
 from pdctl.launchers.base import InstanceHandle, Launcher, LaunchError, SweepReport
 from pdctl.launchers.local import LocalLauncher
-from pdctl.placement import Assignment, DeviceMode, PlacementRequest, cores_for_added, place_on_cpus
+from pdctl.placement import (
+    DEVICE_RESOURCES,
+    Assignment,
+    DeviceMode,
+    PlacementRequest,
+    cores_for_added,
+    describe_needs,
+    place_on_cpus,
+)
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
 from pdctl.state import ProcessRecord
 
-log = logging.getLogger("pdctl.launcher.ray")
 LOST_EXIT = -1  # the code an instance "exits" with when its actor or node is gone
 PLACE_TIMEOUT_S = 60.0  # an actor pinned to a node with room starts in about a second
 CALL_TIMEOUT_S = 30.0
 LOG_READ_INTERVAL_S = 1.0
-PRIMARY = ("GPU", "CPU")
 
 
 class RayNode:
@@ -245,11 +251,14 @@ class RayLauncher(Launcher, kind="ray"):
         gpus = needs.get("GPU", 0)
         largest = max((n.resources.get("GPU", 0.0) for n in nodes), default=0.0)
         if gpus > largest:
-            return f"instance {who} needs {_count(gpus)} GPUs on one node; the largest Ray node has {_count(largest)}"
-        custom = [k for k in needs if k not in PRIMARY and not any(k in n.resources for n in nodes)]
+            return (
+                f"instance {who} needs {describe_needs({'GPU': gpus})} on one node; "
+                f"the largest Ray node has {largest:g}"
+            )
+        custom = [k for k in needs if k not in DEVICE_RESOURCES and not any(k in n.resources for n in nodes)]
         if custom:
             return f"instance {who} asks for node resource {', '.join(custom)}, which no Ray node has"
-        return f"no Ray node with {_free_text(needs)} for {who} ({len(nodes)} nodes alive)"
+        return f"no Ray node with {describe_needs(needs, free=True)} for {who} ({len(nodes)} nodes alive)"
 
     def _cores(
         self,
@@ -291,7 +300,7 @@ class RayLauncher(Launcher, kind="ray"):
             node = self._pick(nodes, free, needs, request.instance.instance_id)
         except PlacementError:
             self._ask_autoscaler(needs)
-            raise PlacementError(f"no Ray node with {_free_text(needs)}") from None
+            raise PlacementError(f"no Ray node with {describe_needs(needs, free=True)}") from None
         cores: list[int] = []
         if plan.device == "cpu" and profile.engine.kind != "sim":
             node_cores = self._node_cores([node.id])[node.id]
@@ -465,22 +474,11 @@ class RayLauncher(Launcher, kind="ray"):
 
 
 def _demand(needs: dict[str, float]) -> tuple[float, int]:
-    return -needs.get("GPU", 0.0), -sum(1 for k in needs if k not in PRIMARY)
+    return -needs.get("GPU", 0.0), -sum(1 for k in needs if k not in DEVICE_RESOURCES)
 
 
 def _groups(records: list[ProcessRecord]) -> list[tuple[int, float]]:
     return [(r.pgid, r.create_time) for r in records if r.pgid is not None]
-
-
-def _count(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _free_text(needs: dict[str, float]) -> str:
-    """{"GPU": 1} -> "1 free GPU"; {"CPU": 1, "decode_node": 1} -> "1 free CPU and decode_node"."""
-    primary = [f"{_count(needs[k])} free {k}{'s' if needs[k] != 1 else ''}" for k in PRIMARY if needs.get(k)]
-    custom = [k for k in sorted(needs) if k not in PRIMARY]
-    return " and ".join([", ".join(primary), *custom] if primary else custom) or "room"
 
 
 def _node_problems(found: dict[str, Any], profile: ClusterProfile, model: str | None) -> list[str]:
