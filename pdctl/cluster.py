@@ -9,6 +9,7 @@ from pdctl.engines import runtime, tinymodel
 from pdctl.engines.commands import LaunchPrefix
 from pdctl.gpus import GpuSource, discover
 from pdctl.launchers import make_launcher
+from pdctl.placement import DeviceMode
 from pdctl.plan import Plan, make_plan
 from pdctl.profile import ClusterProfile, load_profile
 
@@ -19,10 +20,11 @@ class PlannedCluster:
     plan: Plan
 
 
-def engine_python(profile: ClusterProfile) -> Path | None:
+def engine_python(profile: ClusterProfile, device: DeviceMode) -> Path | None:
+    """The profile's engine.python, else the runtime `pdctl engine install` makes for the plan's device."""
     if profile.engine.kind == "sim" or profile.engine.command:
         return None
-    return profile.engine.python or runtime.default_runtime_dir() / "bin" / "python"
+    return profile.engine.python or runtime.runtime_python(runtime.default_runtime_dir(device))
 
 
 def launch_prefix(profile: ClusterProfile, python: Path | None) -> LaunchPrefix:
@@ -47,13 +49,16 @@ def plan_profile(
     """The profile planned on this host, or on its launcher's nodes; a dry run (`pdctl plan`) also plans
     for a Ray cluster that does not answer, with what each instance needs in place of its node."""
     profile = load_profile(path)
-    python = engine_python(profile)
     launcher = make_launcher(profile.launcher, profile.name)
     launcher.dry_run = dry_run
     try:
+        inventory = discover(gpu_source)
+        device = launcher.device_mode(profile, inventory)
+        python = engine_python(profile, device)
         plan = make_plan(
             profile,
-            discover(gpu_source),
+            inventory,
+            device=device,
             placer=launcher,
             model_path=model_path(profile),
             launch_prefix=launch_prefix(profile, python),

@@ -1,7 +1,8 @@
 """The control-plane daemon of one cluster: `pdctl up` starts it detached; it outlives the shell.
 
 It reads the profile and the unmasked plan on stdin, so secrets never touch the state directory, serves
-the router, launches and supervises the instances, and stops them all on SIGTERM.
+the router, launches and supervises the instances, and stops them all on SIGTERM. The router's clients' keys
+come from its environment; the engines' key from the state directory's engine.key.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pdctl import procs
+from pdctl.auth import ENGINE_KEY_ENV, bearer, router_entry
+from pdctl.errors import UsageError
 from pdctl.launchers import Launcher, make_launcher
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
 from pdctl.replan import InstancePlanner
 from pdctl.router.server import RouterService, build_router, freeze_startup_heap, use_fast_event_loop
 from pdctl.scaling.service import scaling
-from pdctl.state import ClusterDir, ClusterPhase
+from pdctl.state import ClusterDir, ClusterPhase, ClusterState
 from pdctl.supervisor import Supervisor, SupervisorPolicy
 
 log = logging.getLogger("pdctl.daemon")
@@ -50,15 +53,21 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput, adopt: bool = False) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stopping.set)
-    router = RouterService(build_router(profile, plan, cluster_dir.root), plan.router.host, plan.router.port, plan)
+    engine_key = cluster_dir.engine_key()
+    if engine_key:
+        os.environ[ENGINE_KEY_ENV] = engine_key  # each launched engine's VLLM_API_KEY refers to it
+    try:
+        entry = router_entry(plan.router, os.environ)
+    except UsageError as error:
+        return _failed(cluster_dir, state, str(error))
+    router = RouterService(
+        build_router(profile, plan, cluster_dir.root, engine_key), plan.router.host, plan.router.port, plan, entry
+    )
     try:
         await router.start()
     except OSError as error:
-        state.phase, state.message = ClusterPhase.FAILED, f"the router cannot listen on {plan.router.port}: {error}"
-        cluster_dir.write_state(state)
-        log.error("%s", state.message)
-        return 1
-    state.router = f"http://{plan.router.host}:{router.server.port}"
+        return _failed(cluster_dir, state, f"the router cannot listen on {plan.router.port}: {error}")
+    state.router = f"{plan.router.scheme}://{plan.router.host}:{router.server.port}"
     freeze_startup_heap()
     restart = profile.engine.restart
     policy = SupervisorPolicy(
@@ -82,6 +91,7 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput, adopt: bool = False) 
         on_health=router.set_health,
         relocate=InstancePlanner(profile, plan, launcher).moved,
         on_moved=moved,
+        engine_headers=bearer(engine_key),
     )
     router.router.on_stall = supervisor.stalled
     log.info(
@@ -107,6 +117,13 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput, adopt: bool = False) 
         launcher.close()
     log.info("cluster %s stopped", plan.cluster)
     return 0
+
+
+def _failed(cluster_dir: ClusterDir, state: ClusterState, message: str) -> int:
+    state.phase, state.message = ClusterPhase.FAILED, message
+    cluster_dir.write_state(state)
+    log.error("%s", message)
+    return 1
 
 
 def taken_over(cluster_dir: ClusterDir, given: DaemonInput, launcher: Launcher) -> Plan:

@@ -18,10 +18,13 @@ from rich.table import Table
 from rich.text import Text
 
 from pdctl import lifecycle
+from pdctl.auth import Access
+from pdctl.errors import ClusterError
 from pdctl.lifecycle import InstanceReport, StatusReport
+from pdctl.safetext import cell, printable
 from pdctl.scaling.report import render_scaling
 from pdctl.state import ClusterDir
-from pdctl.stats import ClusterStats, InstanceStats, WindowStats
+from pdctl.stats import ClusterStats, FaultStats, InstanceStats, WindowStats
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 ASCII_RAMP = "_.-=+*#@"
@@ -44,18 +47,24 @@ class Snapshot(BaseModel):
     stats_error: str | None = None
 
 
-def fetch_stats(router_url: str, timeout_s: float = 2.0) -> ClusterStats:
-    response = httpx.get(f"{router_url}/pdctl/stats", timeout=timeout_s, trust_env=False)
+def fetch_stats(router: Access, timeout_s: float = 2.0) -> ClusterStats:
+    response = httpx.get(
+        f"{router.url}/pdctl/stats", headers=router.headers, timeout=timeout_s, verify=router.verify, trust_env=False
+    )
+    if response.status_code == 401:  # router.metrics_need_key
+        raise ClusterError(router.refused())
     response.raise_for_status()
     return ClusterStats.model_validate_json(response.content)
 
 
-def collect(cluster_dir: ClusterDir) -> Snapshot:
+def collect(cluster_dir: ClusterDir, api_key: str | None = None) -> Snapshot:
     report = lifecycle.status(cluster_dir)
     if report.daemon_pid is None:
         return Snapshot(status=report, stats_error="the daemon is not running")
     try:
-        return Snapshot(status=report, stats=fetch_stats(report.router))
+        return Snapshot(status=report, stats=fetch_stats(lifecycle.router_access(cluster_dir, report.router, api_key)))
+    except ClusterError as error:
+        return Snapshot(status=report, stats_error=str(error))
     except (httpx.HTTPError, ValueError) as error:
         return Snapshot(status=report, stats_error=f"the router at {report.router} did not answer: {error}")
 
@@ -72,13 +81,13 @@ def _num(value: float | None, digits: int = 0) -> str:
 
 
 def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
+    if value is None:  # no request gave it (TPOT of one-token answers, say): not known, which is not 0
+        return "n/a"
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
 
 
 def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _bytes(value: float) -> str:
@@ -113,7 +122,7 @@ def _header(report: StatusReport, stats: ClusterStats | None) -> Text:
     text = Text(f"{report.cluster}", style="bold")
     text.append(f" {report.phase}", style="green" if report.phase == "ready" else "yellow")
     engine = "sim emulator, not vLLM" if report.engine == "sim" else report.engine
-    text.append(f"  {engine}  {report.router.removeprefix('http://')}")
+    text.append(printable(f"  {engine}  {report.router.removeprefix('http://')}"))
     if stats is not None:
         text.append(f"  up {_uptime(stats.uptime_s)}  {stats.routing_policy}/{stats.routing_strategy}")
     return text
@@ -154,6 +163,8 @@ def _summary(stats: ClusterStats) -> Text:
     text.append(f"KV-cache hit rate {_share(stats.kv_cache_hit_rate)}   ")
     nixl = stats.nixl
     text.append(f"NIXL {nixl['transfers']:.0f} transfers, {_bytes(nixl['bytes'])}, {nixl['seconds'] * 1000:.0f} ms\n")
+    if stats.faults.any:
+        text.append(_faults(stats.faults) + "\n", style="yellow")
     cost = stats.cost
     text.append(f"cost ${_num(cost.usd_per_million_output_tokens, 2)}/M out tokens at ${cost.gpu_hour_usd:g}/h")
     if cost.optimization_percent is None:
@@ -161,6 +172,21 @@ def _summary(stats: ClusterStats) -> Text:
     else:
         text.append(f"  vs colocated: {cost.optimization_percent:+.1f} % (measured)")
     return text
+
+
+def _faults(faults: FaultStats) -> str:
+    """One line: what the router did about failing instances (by reason), e.g. `moved 2 streams (failed 1,
+    stalled 1)`: streams moved mid-stream, attempts retried, requests served in another phase."""
+    parts = []
+    for what, counts in (
+        ("moved {} streams", faults.migrations),
+        ("retried {}", faults.retries),
+        ("fell back {}", faults.fallbacks),
+    ):
+        if counts:
+            reasons = ", ".join(f"{reason} {count:.0f}" for reason, count in sorted(counts.items()))
+            parts.append(f"{what.format(f'{sum(counts.values()):.0f}')} ({reasons})")
+    return "faults  " + "  ".join(parts)
 
 
 def _instances(report: StatusReport, stats: ClusterStats | None) -> Table:
@@ -173,7 +199,7 @@ def _instances(report: StatusReport, stats: ClusterStats | None) -> Table:
         state = Text(instance.phase, style=PHASE_STYLE.get(instance.phase, "cyan"))
         table.add_row(
             instance.id,
-            *((instance.node or "-",) if on_nodes else ()),
+            *((cell(instance.node or "-"),) if on_nodes else ()),
             ROLE_SHORT.get(instance.role, instance.role),
             state,
             *_load_cells(one),
@@ -186,7 +212,7 @@ def _instances(report: StatusReport, stats: ClusterStats | None) -> Table:
 def _instance_messages(report: StatusReport) -> list[Text]:
     """Why an instance is not serving (blocked, backing off, failed), one line each."""
     return [
-        Text(f"{i.id}: {i.message}", style=PHASE_STYLE.get(i.phase, "yellow"))
+        cell(f"{i.id}: {i.message}", style=PHASE_STYLE.get(i.phase, "yellow"))
         for i in report.instances
         if i.message and i.phase not in ("healthy", "attached")
     ]
@@ -224,7 +250,7 @@ def _trend(stats: ClusterStats, ascii_only: bool) -> Text:
 
 
 def _hints(stats: ClusterStats) -> Text:
-    return Text("\n".join(hint.brief for hint in stats.hints), style="bold yellow")
+    return Text("\n".join(printable(hint.brief) for hint in stats.hints), style="bold yellow")
 
 
 def _table(*columns: str) -> Table:
@@ -238,7 +264,7 @@ def render(snapshot: Snapshot, trend: bool = False, ascii_only: bool = False) ->
     stats = snapshot.stats
     parts: list[RenderableType] = [_header(snapshot.status, stats)]
     if stats is None:
-        parts.append(Text(f"no figures: {snapshot.stats_error}", style="yellow"))
+        parts.append(cell(f"no figures: {snapshot.stats_error}", style="yellow"))
     else:
         parts += [_traffic(stats), _latency(stats.windows["60s"]), _summary(stats)]
     parts.append(_instances(snapshot.status, stats))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -96,6 +97,8 @@ class StreamingResponse:
     headers: Mapping[str, str] | None = None
     content_type: str = "text/event-stream"
     chunks: AsyncIterator[bytes]
+    # Fields known only once the body is sent (HTTP/1.1 trailers, announced in a `trailer` header).
+    trailers: Callable[[], Mapping[str, str]] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
@@ -117,10 +120,12 @@ class HttpServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        tls: ssl.SSLContext | None = None,
     ):
         self.handler = handler
         self.host = host
         self.max_body_bytes = max_body_bytes
+        self.tls = tls
         self._port = port
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -134,7 +139,9 @@ class HttpServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), self.host, self._port, backlog=_BACKLOG)
+        self._server = await loop.create_server(
+            lambda: _Connection(self), self.host, self._port, backlog=_BACKLOG, ssl=self.tls
+        )
 
     async def stop(self) -> None:
         """Stop listening and drop every open connection, cancelling the requests in flight."""
@@ -285,7 +292,8 @@ class _Connection(asyncio.Protocol):
             if aclose is not None:
                 await aclose()
         if chunked:
-            transport.write(b"0\r\n\r\n")
+            fields = response.trailers() if response.trailers is not None else {}
+            transport.write(b"0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields.items()) + b"\r\n")
         return keep_alive
 
     def _refuse(self, error: HttpError) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel
 
-from pdctl import procs
+from pdctl import auth, procs
 from pdctl.cluster import PlannedCluster
 from pdctl.errors import ClusterError, UsageError
 from pdctl.gpus import GpuSource, GpuUse, attribute, discover
@@ -47,6 +47,11 @@ def check_router_port(plan: Plan) -> None:
     owner = port_owner(plan.router.host, plan.router.port)
     if owner:
         raise ClusterError(f"cannot start: port {plan.router.port} (the router) is taken by {owner}")
+
+
+def check_router_entry(plan: Plan) -> None:
+    """The keys the profile names are set here (the daemon inherits this environment), the TLS files load."""
+    auth.router_entry(plan.router, os.environ)
 
 
 def check_model(planned: PlannedCluster) -> None:
@@ -85,6 +90,7 @@ def start(planned: PlannedCluster, cluster_dir: ClusterDir) -> StartedCluster:
     plan = planned.plan
     check_not_running(cluster_dir)
     check_model(planned)
+    check_router_entry(plan)
     check_router_port(plan)
     launcher = make_launcher(plan.launcher, plan.cluster)
     try:
@@ -92,6 +98,7 @@ def start(planned: PlannedCluster, cluster_dir: ClusterDir) -> StartedCluster:
     finally:
         launcher.close()
     cluster_dir.create()
+    cluster_dir.new_engine_key()
     cluster_dir.write_json(cluster_dir.profile_file, planned.profile.model_dump(mode="json"))
     cluster_dir.write_plan(plan)
     state = ClusterState(
@@ -204,6 +211,7 @@ def down(cluster_dir: ClusterDir, grace_s: float = 15.0) -> DownReport:
         launcher.close()
     if not left:
         os.replace(cluster_dir.state_file, cluster_dir.path / "state.stopped.json")
+        cluster_dir.engine_key_file.unlink(missing_ok=True)  # no engine wants it any more
     return DownReport(
         cluster=cluster_dir.name,
         was_running=bool(daemon or swept.stopped),
@@ -288,7 +296,7 @@ def status(cluster_dir: ClusterDir, gpu_source: GpuSource | None = None) -> Stat
         cluster=state.cluster,
         phase=phase,
         daemon_pid=daemon.pid if daemon else None,
-        router=f"http://{plan.router.host}:{plan.router.port}",
+        router=f"{plan.router.scheme}://{plan.router.host}:{plan.router.port}",
         engine=plan.engine,
         instances=[_instance_report(p, state.instances.get(p.id), gpu_use.get(p.id, [])) for p in plan.instances],
         scaling=read_report(cluster_dir.path) if daemon else None,
@@ -337,13 +345,20 @@ def _running_pid(status: InstanceStatus) -> int | None:
     return process.pid if process else None
 
 
-def router_of(cluster_dir: ClusterDir) -> tuple[str, str]:
-    """The running router's URL and the model name it serves."""
+def router_of(cluster_dir: ClusterDir, api_key: str | None = None) -> tuple[auth.Access, str]:
+    """How to reach the running router and the model name it serves."""
     state = cluster_dir.read_state()
     if state is None or not procs.live_process(state.daemon) or not state.router:
         raise ClusterError(f"cluster {cluster_dir.name!r} is not running: `pdctl up PROFILE` starts it")
     plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
-    return state.router, plan.served_model_name
+    return auth.router_access(state.router, plan.router, api_key, os.environ), plan.served_model_name
+
+
+def router_access(cluster_dir: ClusterDir, url: str, api_key: str | None = None) -> auth.Access:
+    """The router at url as the cluster's profile has it: the key to send (api_key, else one from the
+    environment) and the certificate to trust."""
+    plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
+    return auth.router_access(url, plan.router, api_key, os.environ)
 
 
 def log_path(cluster_dir: ClusterDir, instance: str) -> Path:

@@ -6,7 +6,6 @@ what really runs.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -17,10 +16,9 @@ from pdctl.engines import commands
 from pdctl.engines.commands import EngineCommand, InstanceContext, LaunchPrefix
 from pdctl.gpus import GpuInventory
 from pdctl.placement import Assignment, DeviceMode, GpuSlot, PlacementRequest
-from pdctl.profile import ClusterProfile, LauncherSpec, RouterSpec, is_secret_name
+from pdctl.profile import ENV_REFERENCE, ClusterProfile, LauncherSpec, RouterSpec, is_secret_name
 
 MASK = "***"
-_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 
 
 class PlannedInstance(BaseModel):
@@ -93,7 +91,7 @@ class Plan(BaseModel):
 
 def mask_value(name: str, value: str) -> str:
     # A ${VAR} reference is resolved at launch from the environment: it is safe to show as written.
-    return MASK if is_secret_name(name) and not _REFERENCE.match(value) else value
+    return MASK if is_secret_name(name) and not ENV_REFERENCE.match(value) else value
 
 
 def mask_argv(argv: list[str]) -> list[str]:
@@ -116,13 +114,16 @@ def make_plan(
     placer: Placer,
     model_path: str,
     launch_prefix: LaunchPrefix,
+    device: DeviceMode | None = None,
     engine_python: Path | None = None,
     profile_path: Path | None = None,
     force: bool = False,
     cores: list[int] | None = None,
 ) -> Plan:
+    """The plan; `device`, where the caller has resolved it already, saves asking the placer (a Ray cluster)
+    again."""
     instances = profile.resolved_instances()
-    device = placer.device_mode(profile, inventory)
+    device = device or placer.device_mode(profile, inventory)
     requests = [
         PlacementRequest(instance=instance, memory_fraction=commands.memory_fraction(profile, instance))
         for instance in instances
@@ -215,6 +216,11 @@ def _profile_notes(profile: ClusterProfile, device: DeviceMode, launches: bool) 
         notes.append(
             "every instance is attached (launch: false): `up` starts the router and its monitoring only, and "
             "needs no engine runtime here"
+        )
+    else:
+        notes.append(
+            "launched engines get an API key of the cluster's own (VLLM_API_KEY, made by `up` into engine.key in "
+            "the state directory, mode 0600): only the router sends it, so an engine's port is no way around it"
         )
     if profile.pd.kv_cache_eviction_policy == "lfu":
         notes.append(

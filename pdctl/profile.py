@@ -7,12 +7,14 @@ those types leave open on a real host: the model, the engine, devices, ports, th
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pdctl.auth import VLLM_KEY_ENV
 from pdctl.control_plane.types import (
     DecodingConfig,
     ExecutionInstance,
@@ -63,6 +65,9 @@ SCENARIO_PRESETS: dict[str, dict[str, Any]] = {
         "router": {"slo": {"ttft_ms": 1000.0, "tpot_ms": 50.0}},
     },
 }
+
+# `${VAR}`: a value read from the environment where it is used, so the secret itself is never in a file.
+ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 _SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIALS?)(_|$)")
 # Counts, rates and lists of names, such as max_num_batched_tokens and --prefill-ms-per-token.
@@ -128,6 +133,16 @@ class EngineSpec(_Section):
     restart: RestartSpec = Field(default_factory=RestartSpec)
     sim: SimTiming = Field(default_factory=SimTiming)
 
+    @model_validator(mode="after")
+    def _no_key_of_its_own(self) -> Self:
+        # Either would replace the key pdctl gives each engine, and the router could no longer reach it.
+        why = "it would replace the key pdctl gives each launched engine; clients' keys go in router.api_keys"
+        if any(arg == "--api-key" or arg.startswith("--api-key=") for arg in self.extra_args):
+            raise ValueError(f"extra_args has --api-key: {why}")
+        if VLLM_KEY_ENV in self.env:
+            raise ValueError(f"env has {VLLM_KEY_ENV}: {why}")
+        return self
+
 
 class CpuSpec(_Section):
     kv_cache_space_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE per instance")
@@ -148,6 +163,27 @@ class SLOSpec(_Section):
     tpot_ms: float | None = Field(None, gt=0, description="decode.target_latency_ms when unset")
 
 
+def _variable(reference: str) -> str:
+    match = ENV_REFERENCE.match(reference)
+    assert match is not None, "checked when the profile was read"
+    return match.group(1)
+
+
+def _env_reference(value: str) -> str:
+    # The value is a secret: the message must not repeat it.
+    if not ENV_REFERENCE.match(value):
+        raise ValueError(
+            "write each key as ${VAR}, the name of an environment variable that holds it: a key written in the "
+            "profile would be copied into the state directory"
+        )
+    return value
+
+
+class TLSSpec(_Section):
+    cert: Path = Field(description="PEM certificate (chain) the router presents; relative to the profile file")
+    key: Path = Field(description="PEM private key of the certificate; relative to the profile file")
+
+
 class RouterSpec(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -158,9 +194,54 @@ class RouterSpec(_Section):
     stall_timeout_s: float | None = Field(
         None,
         gt=0,
-        description="a stream with no token for this long is stalled: ended with an error, its instance "
-        "restarted; default 50 x the TPOT SLO, at least 10 s",
+        description="a stream with no token for this long, or an instance with requests in flight and no "
+        "progress for this long, is stalled: its streams move to another instance, it is restarted; default 50 x "
+        "the TPOT SLO, at least 10 s",
     )
+    max_migrations: int = Field(
+        3,
+        ge=0,
+        description="how many times one stream may move to another instance when its engine fails or stalls "
+        "mid-stream (0: never; the stream then ends with an error event)",
+    )
+    api_keys: list[Annotated[str, AfterValidator(_env_reference)]] = Field(
+        default_factory=list,
+        description="${VAR} references to the keys clients send as `Authorization: Bearer KEY`; none: no check",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve without api_keys on an address other machines can reach"
+    )
+    metrics_need_key: bool = Field(False, description="/metrics and /pdctl/stats need a key too (/health never)")
+    tls: TLSSpec | None = Field(None, description="serve HTTPS with this certificate")
+
+    @model_validator(mode="after")
+    def _keys_beyond_loopback(self) -> Self:
+        if not self.api_keys and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host} is reachable from other machines and router.api_keys is empty: anyone who "
+                "reaches it could use the cluster. Set router.api_keys (${VAR} references), bind 127.0.0.1, or "
+                "say router.allow_unauthenticated: true"
+            )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def key_variables(self) -> list[str]:
+        """The environment variables api_keys name."""
+        return [_variable(reference) for reference in self.api_keys]
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach the address (a name other than localhost may resolve anywhere)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class NodeSelector(_Section):
@@ -354,7 +435,15 @@ def profile_from_data(data: dict[str, Any], source: YamlSource) -> ClusterProfil
     problems = instance_problems(profile)
     if problems:
         raise ProfileError([f"{source.where(loc)}: {dotted(loc)}: {message}" for loc, message in problems])
+    _anchor_tls(profile, source.path.parent)
     return profile
+
+
+def _anchor_tls(profile: ClusterProfile, base: Path) -> None:
+    # The daemon runs in the state directory: a path relative to the profile would not be found from there.
+    tls = profile.router.tls
+    if tls is not None:
+        tls.cert, tls.key = (base / path.expanduser() for path in (tls.cert, tls.key))
 
 
 def _describe(item: Any, source: YamlSource) -> str:

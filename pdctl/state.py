@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 import time
 from enum import StrEnum
@@ -162,6 +163,21 @@ class ClusterDir:
     @property
     def daemon_log(self) -> Path:
         return self.path / "daemon.log"
+
+    @property
+    def engine_key_file(self) -> Path:
+        return self.path / "engine.key"
+
+    def new_engine_key(self) -> None:
+        """A fresh random key for the cluster's engines, readable by the owner only; the router sends it."""
+        write_atomic(self.engine_key_file, secrets.token_urlsafe(32))
+
+    def engine_key(self) -> str | None:
+        """None for a cluster started before engines had keys: its engines want none."""
+        try:
+            return self.engine_key_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
     def instance_log(self, instance_id: str) -> Path:
         return self.logs / f"{instance_id}.log"

@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from pdctl.control_plane.types import ExecutionInstanceType, PDMetrics, PDSeparationConfig
 from pdctl.cost import CostComparison, load_comparison, usd_per_million_tokens
-from pdctl.metrics import Key, LedgerHistogram, Row, summarize, window_span
+from pdctl.metrics import Counter, Key, LedgerHistogram, Row, summarize, window_span
 from pdctl.router.pool import Instance, Pool
 from pdctl.router.recorder import RouterMetrics
 from pdctl.router.scrape import EngineHistory, EngineTelemetry
@@ -110,6 +110,18 @@ class Hint(BaseModel):
     brief: str  # one line of at most 80 characters, for the dashboard
 
 
+class FaultStats(BaseModel):
+    """What the router did about failing instances since it started, by reason or hop."""
+
+    migrations: dict[str, float] = Field(default_factory=dict)  # streams moved mid-stream
+    retries: dict[str, float] = Field(default_factory=dict)  # attempts sent again before any byte reached the client
+    fallbacks: dict[str, float] = Field(default_factory=dict)  # requests served in another phase than decided
+
+    @property
+    def any(self) -> bool:
+        return bool(self.migrations or self.retries or self.fallbacks)
+
+
 class ClusterStats(BaseModel):
     cluster: str
     engine: str
@@ -126,6 +138,7 @@ class ClusterStats(BaseModel):
     cost: CostStats
     trend: Trend
     hints: list[Hint]
+    faults: FaultStats = Field(default_factory=FaultStats)
 
 
 @dataclass
@@ -342,7 +355,16 @@ def build(metrics: RouterMetrics, pool: Pool, telemetry: EngineTelemetry, contex
             ttft_p50_ms=[None if v is None else v * 1000 for v in metrics.ttft.per_second_quantile(0.5)],
         ),
         hints=hints(last_minute, instances, hit_rate, queries),
+        faults=FaultStats(
+            migrations=_by_label(metrics.migrations),
+            retries=_by_label(metrics.retries),
+            fallbacks=_by_label(metrics.fallbacks),
+        ),
     )
+
+
+def _by_label(counter: Counter) -> dict[str, float]:
+    return {",".join(labels): value for labels, value in counter.values.items()}
 
 
 # ---- Prometheus exposition of the figures above (the router's /metrics appends it) ----------------------------

@@ -21,12 +21,19 @@ from dataclasses import dataclass, field
 import httpx
 
 from pdctl import procs
+from pdctl.engines import failures
 from pdctl.errors import PlacementError
 from pdctl.launchers import InstanceHandle, Launcher, LaunchError
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.state import ClusterDir, ClusterPhase, ClusterState, InstancePhase, InstanceStatus, open_log
 
 log = logging.getLogger("pdctl.supervisor")
+# An instance's log is read for engine failures a tick's new lines at a time, with this much of the last
+# look again (a line cut there), and at most this much a tick (a flood of log lines must not stall the tick).
+_LOG_OVERLAP = 512
+# Seconds what a crashed engine left (an orphaned EngineCore) gets to exit on SIGTERM before SIGKILL.
+CRASHED_GRACE_S = 3.0
+_LOG_READ_MAX = 1 << 20
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -54,6 +61,7 @@ class _Managed:
     starting: bool = False  # a launch is in flight (a launcher may take a while: a Ray actor to place)
     launched_at: float = 0.0
     log_size_at_launch: int = 0
+    log_read_to: int = 0  # how far the log was read for an engine failure (failures.fatal_line)
     restart_at: float | None = None
     failures: collections.deque[float] = field(default_factory=collections.deque)
     health_failures: int = 0
@@ -78,7 +86,9 @@ class Supervisor:
         on_health: Callable[[str, bool], None] = lambda instance_id, healthy: None,
         relocate: Callable[[PlannedInstance], PlannedInstance] | None = None,
         on_moved: Callable[[PlannedInstance], None] = lambda planned: None,
+        engine_headers: dict[str, str] | None = None,
     ):
+        """engine_headers: sent with every health check (the engines' API key: /v1/models is behind it)."""
         self.plan = plan
         self.dir = cluster_dir
         self.state = state
@@ -91,7 +101,7 @@ class Supervisor:
         self.managed = {i.id: _Managed(i, state.instances.get(i.id) or InstanceStatus(id=i.id)) for i in plan.instances}
         for managed in self.managed.values():
             state.instances[managed.planned.id] = managed.status
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(3.0), trust_env=False)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(3.0), trust_env=False, headers=engine_headers)
         self._dirty = True
         # Instances the scaler is adding or removing: not yet (or no longer) part of the cluster's health.
         self.transient: set[str] = set()
@@ -220,6 +230,13 @@ class Supervisor:
         if exit_code is not None:
             await self._exited(managed, exit_code, starting)
             return
+        fatal = self._engine_failure_logged(managed)
+        if fatal is not None:
+            message = f"its engine failed inside while its API server runs: {fatal}"
+            log.error("%s: %s", managed.planned.id, message)
+            await self._clear_crashed(managed, message)
+            self._fail(managed, message, starting)
+            return
         if phase in (InstancePhase.LAUNCHING, InstancePhase.LOADING):
             await self._check_starting(managed, starting)
         else:
@@ -274,8 +291,16 @@ class Supervisor:
         message = managed.handle.exit_message(exit_code)
         log.error("%s %s", managed.planned.id, message)
         # Its EngineCore child may outlive it, holding ports: clear the instance's whole group first.
-        await asyncio.to_thread(self._kill_instance, managed)
+        await self._clear_crashed(managed, message)
         self._fail(managed, message, starting)
+
+    async def _clear_crashed(self, managed: _Managed, message: str) -> None:
+        """Stop what a failed engine left (its group), shown as stopping meanwhile: the router and `status`
+        must not take it for healthy for the seconds that takes. A short grace: nothing of it serves any more,
+        and its restart waits for its ports."""
+        self._set(managed, InstancePhase.STOPPING, message=f"{message}; stopping what it left")
+        self._save()
+        await asyncio.to_thread(self._kill_instance, managed, CRASHED_GRACE_S)
 
     def _fail(self, managed: _Managed, message: str, starting: bool) -> None:
         if starting:
@@ -331,7 +356,8 @@ class Supervisor:
             return
         managed.handle = handle
         managed.launched_at = self.clock()
-        managed.log_size_at_launch = 0
+        # Its log from here on: earlier runs' lines (a failure among them) are not this engine's.
+        managed.log_size_at_launch = self._log_size(planned.id)
         if phase is InstancePhase.HEALTHY:
             # Serving as it was, at once: supervise()'s health checks say otherwise within a round if it is not.
             self.on_health(planned.id, True)
@@ -395,15 +421,30 @@ class Supervisor:
         env[procs.INSTANCE_ENV] = planned.id
         return env
 
-    def _kill_instance(self, managed: _Managed) -> None:
+    def _kill_instance(self, managed: _Managed, grace_s: float | None = None) -> None:
         if managed.handle is not None:
-            managed.handle.stop(self.policy.stop_grace_s)
+            managed.handle.stop(self.policy.stop_grace_s if grace_s is None else grace_s)
+
+    def _engine_failure_logged(self, managed: _Managed) -> str | None:
+        """A line the engine logged since the last look that says its engine core died."""
+        start = max(managed.log_size_at_launch, managed.log_read_to - _LOG_OVERLAP)  # a line cut at the last look
+        try:
+            with self.dir.instance_log(managed.planned.id).open("rb") as log_file:
+                log_file.seek(start)
+                new = log_file.read(_LOG_READ_MAX)
+        except FileNotFoundError:
+            return None
+        managed.log_read_to = start + len(new)
+        return failures.fatal_line(new.decode(errors="replace"))
 
     def _log_grew(self, managed: _Managed) -> bool:
+        return self._log_size(managed.planned.id) > managed.log_size_at_launch
+
+    def _log_size(self, instance_id: str) -> int:
         try:
-            return self.dir.instance_log(managed.planned.id).stat().st_size > managed.log_size_at_launch
+            return self.dir.instance_log(instance_id).stat().st_size
         except FileNotFoundError:
-            return False
+            return 0
 
     async def _healthy(self, planned: PlannedInstance) -> bool:
         try:

@@ -41,6 +41,8 @@ device: auto                # auto (GPUs when NVML sees any), cuda, cpu
 router:
   host: 127.0.0.1           # the only entry point; 127.0.0.1 keeps it off the network
   port: 8000
+  # api_keys: ['${{PD_API_KEY}}']   # clients send `Authorization: Bearer KEY`; needed beyond 127.0.0.1
+  # tls: {{cert: cert.pem, key: key.pem}}
   scheduling_policy: {router.scheduling_policy}   # slo_aware (priorities, deadlines) or fifo
   routing_strategy: {router.routing_strategy}  # load_balanced, round_robin, cache_aware
   slo:

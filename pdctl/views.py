@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import shlex
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from pdctl.engines.runtime import InstallPlan
 from pdctl.gpus import GpuInventory
 from pdctl.lifecycle import InstanceFailure
 from pdctl.placement import describe_needs
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.profile import ClusterProfile
 from pdctl.router.client import RouteResult
+from pdctl.safetext import cell, printable
 from pdctl.state import ClusterState
 
 
@@ -23,21 +26,21 @@ def _figure(value: float | None, unit: str = "", digits: int = 0) -> str:
 
 def gpu_table(inventory: GpuInventory) -> Table | Text:
     if not inventory.gpus:
-        return Text(f"No GPU: {inventory.unavailable_reason}. Instances run on the CPU.", style="yellow")
-    table = Table(title=f"GPUs (driver {inventory.driver_version})", title_justify="left")
-    for column in ("#", "name", "uuid", "memory used / total", "util", "temp", "power", "processes"):
+        return cell(f"No GPU: {inventory.unavailable_reason}. Instances run on the CPU.", style="yellow")
+    # 80 columns wide: no vertical rules, and the UUIDs (40 characters) only in --json.
+    table = Table(title=cell(f"GPUs (driver {inventory.driver_version})"), title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("#", "name", "memory GiB used/total", "util", "temp", "power", "processes"):
         table.add_column(column, overflow="fold")
     for gpu in inventory.gpus:
         processes = ", ".join(f"{p.pid} {p.name or '?'} {_figure(p.used_memory_mib, ' MiB')}" for p in gpu.processes)
         table.add_row(
             str(gpu.index),
-            gpu.name,
-            gpu.uuid,
-            f"{gpu.memory_used_mib / 1024:.1f} / {gpu.memory_total_mib / 1024:.1f} GiB",
+            cell(gpu.name),
+            f"{gpu.memory_used_mib / 1024:.1f} / {gpu.memory_total_mib / 1024:.1f}",
             _figure(gpu.utilization_percent, "%"),
             _figure(gpu.temperature_c, "°C"),
             _figure(gpu.power_w, " W"),
-            processes or "-",
+            cell(processes or "-"),
         )
     return table
 
@@ -50,7 +53,7 @@ def profile_summary(profile: ClusterProfile, source: str) -> Text:
     }
     parts = [f"{n} {role.lower()}" for role, n in counts.items() if n]
     scenario = f", scenario {profile.scenario}" if profile.scenario else ""
-    return Text(
+    return cell(
         f"{source}: profile {profile.name!r} is valid{scenario}: {', '.join(parts)}; "
         f"routing {profile.pd.routing_policy if profile.pd.enabled else 'off (PD disabled)'}; "
         f"router {profile.router.host}:{profile.router.port}",
@@ -82,9 +85,26 @@ def shell_lines(argv: list[str]) -> str:
     return " \\\n    ".join(" ".join(line) for line in lines)
 
 
+def install_plan_view(plan: InstallPlan) -> Text:
+    """`pdctl engine install --dry-run`: the build and why, where, the pinned packages and each command."""
+    text = Text(f"{plan.build} build ({plan.reason})\n", style="bold")
+    text.append(f"into {plan.target} (python {plan.python})\n")
+    text.append(f"pinned: {' '.join(plan.packages)}\n")
+    if plan.installed is not None:
+        text.append(f"already installed (vLLM {plan.installed.vllm_version}): nothing to do\n", style="green")
+    else:
+        for number, step in enumerate(plan.steps, 1):
+            text.append(f"{number}. {step.title}\n   {shell_lines(step.argv)}\n")
+        text.append("then it checks:\n" + "".join(f"   - {check}\n" for check in plan.checks))
+    for note in plan.notes:
+        text.append(f"note: {note}\n", style="yellow")
+    text.append("dry run: nothing was installed")
+    return text
+
+
 def plan_view(plan: Plan) -> Group:
     parts: list[Text] = [
-        Text(
+        cell(
             f"cluster {plan.cluster}: {len(plan.launched)} of {len(plan.instances)} instances launched "
             f"{_where(plan)} on {plan.device}; engine {plan.engine}; "
             f"model {plan.model_path} served as {plan.served_model_name}; "
@@ -93,18 +113,15 @@ def plan_view(plan: Plan) -> Group:
         )
     ]
     for instance in plan.instances:
-        parts.append(
-            Text(
-                f"\n{instance.id}  {instance.role.value}  {_devices(instance)}  {instance.host}:{instance.port}",
-                style="bold cyan",
-            )
-        )
+        line = f"{instance.id}  {instance.role.value}  {_devices(instance)}  {instance.host}:{instance.port}"
+        parts.append(Text("\n" + printable(line), style="bold cyan"))
         if not instance.launch:
             parts.append(Text("  not launched: attached to the engine at this address"))
             continue
         env = "".join(f"  {key}={shlex.quote(value)}\n" for key, value in sorted(instance.env.items()))
-        parts.append(Text(env + "  " + shell_lines(instance.argv)))
-    parts.append(Text("\n" + "\n".join(f"note: {note}" for note in plan.notes), style="yellow"))
+        parts.append(Text(printable(env + "  " + shell_lines(instance.argv), multiline=True)))
+    notes = "\n".join(f"note: {note}" for note in plan.notes)
+    parts.append(Text("\n" + printable(notes, multiline=True), style="yellow"))
     return Group(*parts)
 
 
@@ -151,7 +168,7 @@ def progress_table(state: ClusterState, plan: Plan, now: float) -> Table:
         table.add_row(
             planned.id,
             planned.role.value,
-            f"{planned.host}:{planned.port}",
+            cell(f"{planned.host}:{planned.port}"),
             Text(phase, style=_PHASE_STYLE.get(phase, "cyan")),
             _elapsed(elapsed),
         )
@@ -163,12 +180,13 @@ def failure_report(failures: list[InstanceFailure]) -> Group:
     for failure in failures:
         code = "-" if failure.exit_code is None else str(failure.exit_code)
         parts.append(
-            Text(
+            cell(
                 f"{failure.id} failed: {failure.message or 'unknown'} (exit code {code}); log {failure.log_path}",
                 style="bold red",
             )
         )
-        parts.append(Text("\n".join(f"  | {line}" for line in failure.last_lines) or "  (empty log)", style="dim"))
+        lines = "\n".join(f"  | {printable(line)}" for line in failure.last_lines)
+        parts.append(Text(lines or "  (empty log)", style="dim"))
     return Group(*parts)
 
 
@@ -176,26 +194,38 @@ def decision_view(decision: dict) -> Group:
     """What the router decided for one request, and the figures it compared."""
     figures = ", ".join(f"{key} {value}" for key, value in decision["figures"].items())
     lines = [
-        Text(f"phase {decision['phase']}: {decision['reason']}", style="bold"),
-        Text(f"  input tokens {decision['input_tokens']}, expected output {decision['expected_output_tokens']}"),
-        Text(f"  figures: {figures}", style="dim"),
+        cell(f"phase {decision['phase']}: {decision['reason']}", style="bold"),
+        cell(f"  input tokens {decision['input_tokens']}, expected output {decision['expected_output_tokens']}"),
+        cell(f"  figures: {figures}", style="dim"),
     ]
     for hop in ("prefill", "decode"):
         chosen = decision.get(hop)
         if chosen:
             scores = ", ".join(f"{i} {s}" for i, s in chosen["scores"].items()) or "only candidate"
-            lines.append(Text(f"  {hop}: {chosen['instance']} ({chosen['url']}); scores {scores}"))
+            lines.append(cell(f"  {hop}: {chosen['instance']} ({chosen['url']}); scores {scores}"))
     return Group(*lines)
 
 
+def answer_text(text: str) -> Text:
+    """A piece of the model's answer as it streams: its lines kept, anything a terminal would obey escaped."""
+    return Text(printable(text, multiline=True))
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def route_result_view(result: RouteResult) -> Text:
+    """The answer's timing; n/a where the stream cannot tell (TPOT of one token, or of all tokens in one event)."""
+
     def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1000:.0f} ms"
+        return "n/a" if value is None else f"{value * 1000:.0f} ms"
 
     via = " -> ".join(x for x in (result.prefill, result.decode) if x)
-    tokens = result.usage.get("completion_tokens", result.chunks)
-    return Text(
-        f"{result.request_id}: {result.phase} via {via}; {tokens} tokens; "
+    served = f"{result.phase} via {via}" if result.phase else "answered"
+    counts = f"{_count(result.output_tokens, 'token')} in {_count(result.token_events, 'event')}"
+    return cell(
+        f"{result.request_id or 'request'}: {served}; {counts}; "
         f"TTFT {ms(result.ttft_s)}, TPOT {ms(result.tpot_s)}, total {ms(result.total_s)}",
         style="green",
     )

@@ -6,6 +6,8 @@ GET /standin reports what the process was given: its pid, CUDA_VISIBLE_DEVICES a
 Knobs (environment): STANDIN_STARTUP_DELAY_S, STANDIN_EXIT_AFTER_S, STANDIN_EXIT_CODE, STANDIN_GPU_MIB, and
 STANDIN_CORE_CHILD: start a child as vLLM's API server starts its EngineCore (same process group, without the
 environment pdctl gave the server) that holds the NIXL side-channel port until it is killed.
+STANDIN_FATAL_PORT: the instance on this port logs vLLM's "EngineCore failed to start." and then answers /health
+with 503 for ever, as vLLM's API server does when its engine core died while it loads.
 """
 
 from __future__ import annotations
@@ -69,9 +71,15 @@ def main() -> None:
         "argv": sys.argv[1:],
     }
 
+    dead_inside = os.environ.get("STANDIN_FATAL_PORT") == str(args.port)
+    if dead_inside:
+        print(f"(EngineCore_DP0 pid={os.getpid()}) ERROR EngineCore failed to start.", flush=True)
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path == "/health":
+            if self.path == "/health" and dead_inside:
+                self.send_error(503)
+            elif self.path == "/health":
                 self._send({})
             elif self.path == "/v1/models":
                 self._send({"object": "list", "data": [{"id": args.served_model_name, "object": "model"}]})

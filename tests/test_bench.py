@@ -16,6 +16,7 @@ from pdctl import lifecycle
 from pdctl.cost import load_comparison
 from tests.clusters import free_port_block, sim_profile, up
 from tests.conftest import ROOT
+from tests.test_sim_engine import kill, launch, wait_healthy
 
 SECTIONS = (
     "pd: {prefilling_min_instances: 1, decoding_min_instances: 1, enable_dynamic_scaling: false,\n"
@@ -210,9 +211,8 @@ def test_a_url_that_does_not_answer_and_no_cluster(tmp_path):
 # ---- failures during a run -------------------------------------------------------------------------------
 
 
-class FaultyServer:
-    """Serves /v1/models (404 for other GETs), then answers request i with 503 (i % 3 == 0), drops the
-    connection mid-stream (i % 3 == 1), or streams two tokens (i % 3 == 2)."""
+class StubServer:
+    """Serves /v1/models (404 for other GETs) and answers the i-th POST with `answer`, over a real socket."""
 
     def __init__(self, port: int):
         self.port, self.count = port, 0
@@ -247,25 +247,30 @@ class FaultyServer:
                     self._send(writer, 404, b"{}")
                     continue
                 index, self.count = self.count, self.count + 1
-                if index % 3 == 0:
-                    self._send(writer, 503, b'{"error": {"message": "overloaded"}}')
-                    continue
-                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                event = b'data: {"choices": [{"text": "x"}]}\n\n'
-                writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
-                if index % 3 == 1:
+                if not await self.answer(index, writer):
                     writer.close()
                     return
-                writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n0\r\n\r\n")
-                await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
+
+    async def answer(self, index: int, writer: asyncio.StreamWriter) -> bool:
+        """Writes the answer; False closes the connection."""
+        raise NotImplementedError
 
     @staticmethod
     def _send(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
         writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
 
-    def __enter__(self) -> FaultyServer:
+    @staticmethod
+    def _stream(writer: asyncio.StreamWriter, events: list[bytes], end: bool = True) -> None:
+        """A 200 answer of server-sent events, each its own chunk; without `end` the body is left open."""
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for event in events:
+            writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        if end:
+            writer.write(b"0\r\n\r\n")
+
+    def __enter__(self) -> StubServer:
         self.thread.start()
         self.ready.wait(5)
         return self
@@ -273,6 +278,37 @@ class FaultyServer:
     def __exit__(self, *exc) -> None:
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(5)
+
+
+class FaultyServer(StubServer):
+    """Answers request i with 503 (i % 3 == 0), drops the connection mid-stream (i % 3 == 1), or streams two
+    tokens (i % 3 == 2)."""
+
+    async def answer(self, index: int, writer: asyncio.StreamWriter) -> bool:
+        event = b'data: {"choices": [{"text": "x"}]}\n\n'
+        if index % 3 == 0:
+            self._send(writer, 503, b'{"error": {"message": "overloaded"}}')
+        elif index % 3 == 1:
+            self._stream(writer, [event], end=False)
+            return False
+        else:
+            self._stream(writer, [event, event])
+        await writer.drain()
+        return True
+
+
+class OneEventServer(StubServer):
+    """Streams every answer in one event of six tokens with vLLM's running usage count, as a PD decode
+    instance was seen to, in what a random-weights model writes (an ANSI escape, bytes that were not UTF-8)."""
+
+    TEXT = "j\x1b[2J^\ufffdZ_'"
+
+    async def answer(self, index: int, writer: asyncio.StreamWriter) -> bool:
+        usage = {"prompt_tokens": 8, "completion_tokens": 6, "total_tokens": 14}
+        events = [{"choices": [{"index": 0, "text": self.TEXT}], "usage": usage}, {"choices": [], "usage": usage}]
+        self._stream(writer, [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"])
+        await writer.drain()
+        return True
 
 
 def test_failures_are_counted_by_kind_and_the_results_still_written(tmp_path):
@@ -421,3 +457,42 @@ def test_compare_needs_a_profile_and_known_policies(cluster, tmp_path):
     profile = sim_profile(tmp_path, name="unknownpolicy", port_start=13900)
     result = pdctl("bench", str(profile), "--state-dir", str(tmp_path / "state"), "--policies", "random")
     assert result.returncode == 2 and "--policies 'random': choose among threshold, adaptive" in result.stderr
+
+
+# ---- tokens, not events ------------------------------------------------------------------------------------
+
+
+def bench_json(url: str, out, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    result = pdctl(
+        "bench", "--url", url, "-n", "4", "--input-len", "8", "--concurrency", "1", "--json", str(out), *args
+    )
+    assert result.returncode == 0, result.stderr
+    return result, json.loads(out.read_text())
+
+
+def test_tpot_and_itl_count_tokens_when_events_carry_several(tmp_path):
+    sim = launch(tmp_path, "--stream-interval", "4", "--decode-ms-per-token", "2", "--prefill-ms-per-token", "0")
+    try:
+        wait_healthy(sim)
+        _, data = bench_json(sim.url, tmp_path / "grouped.json", "--output-len", "10")
+    finally:
+        kill(sim)
+    assert data["output_lens"] == [10] * 4 and data["total_output_tokens"] == 40
+    tpots = []
+    for itl, ttft, latency in zip(data["itls"], data["ttfts"], data["latencies"], strict=True):
+        # 1 token, then events of 4, 4 and 1: a gap per token after the first, an event's shared by its tokens.
+        assert len(itl) == 9 and itl[:4] == [itl[0]] * 4 and itl[4:8] == [itl[4]] * 4
+        assert sum(itl) == pytest.approx(latency - ttft)
+        tpots.append((latency - ttft) / 9 * 1000)
+    assert data["mean_tpot_ms"] == pytest.approx(sum(tpots) / 4) and data["mean_tpot_ms"] > 0
+    assert data["mean_itl_ms"] == pytest.approx(sum(sum(itl) for itl in data["itls"]) / 36 * 1000)
+
+
+def test_an_answer_in_one_event_counts_its_tokens_and_has_no_tpot(tmp_path):
+    port = free_port_block(1, 13650)
+    with OneEventServer(port):
+        result, data = bench_json(f"http://127.0.0.1:{port}", tmp_path / "one.json", "--output-len", "6")
+    assert data["completed"] == 4 and data["output_lens"] == [6] * 4 and data["total_output_tokens"] == 24
+    assert data["itls"] == [[]] * 4 and data["mean_tpot_ms"] is None and data["p99_itl_ms"] is None
+    tpot_row = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["TPOT"])
+    assert tpot_row.split()[1:] == ["n/a"] * 4

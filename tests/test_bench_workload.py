@@ -186,9 +186,28 @@ def test_percentiles_interpolate_like_numpy():
 def hand_made_results() -> list[RequestResult]:
     return [
         RequestResult(
-            0, start=0.0, success=True, ttft=0.1, itl=[0.1] * 4, latency=0.5, prompt_tokens=10, output_tokens=5
+            0,
+            start=0.0,
+            success=True,
+            ttft=0.1,
+            itl=[0.1] * 4,
+            latency=0.5,
+            prompt_tokens=10,
+            output_tokens=5,
+            token_events=5,
+            first_event_tokens=1,
         ),
-        RequestResult(1, start=0.2, success=True, ttft=0.2, latency=0.2, prompt_tokens=20, output_tokens=1),
+        RequestResult(
+            1,
+            start=0.2,
+            success=True,
+            ttft=0.2,
+            latency=0.2,
+            prompt_tokens=20,
+            output_tokens=1,
+            token_events=1,
+            first_event_tokens=1,
+        ),
         RequestResult(2, start=0.3, error_kind="http_503", error="overloaded", prompt_tokens=30),
     ]
 
@@ -292,3 +311,19 @@ def test_extra_body_fields_reach_every_request_but_never_the_workloads_own():
     for bad, message in (("{", "not JSON"), ("3", "JSON object"), ('{"prompt": "x"}', "cannot set prompt")):
         with pytest.raises(UsageError, match=message):
             parse_extra_body(bad)
+
+
+def test_a_figure_no_request_gives_is_none_not_zero():
+    # The whole answer in one event (seen on a PD decode instance): its TPOT and ITLs cannot be known.
+    one_event = RequestResult(
+        0, success=True, ttft=0.3, latency=0.3, output_tokens=32, token_events=1, first_event_tokens=32
+    )
+    summary = report.summarize([one_event], 1.0, {})
+    assert summary["mean_tpot_ms"] is None and summary["p99_tpot_ms"] is None and summary["median_itl_ms"] is None
+    assert summary["mean_ttft_ms"] == pytest.approx(300) and summary["total_output_tokens"] == 32
+    assert report.timeline([one_event], bucket_s=1.0)["output_tokens_per_s"] == [32.0]
+    # Tokens after the first event, not events: 1 + 4 + 4 tokens, 0.8 s after the first event.
+    grouped = RequestResult(
+        1, success=True, ttft=0.2, latency=1.0, output_tokens=9, token_events=3, first_event_tokens=1
+    )
+    assert report.tpot_of(grouped) == pytest.approx(0.1)

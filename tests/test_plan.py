@@ -4,9 +4,10 @@ import json
 
 import pytest
 
+from pdctl.cluster import plan_profile
 from pdctl.engines.commands import LaunchPrefix
 from pdctl.errors import PlacementError
-from pdctl.gpus import GpuInventory
+from pdctl.gpus import GpuInventory, StaticGpuSource
 from pdctl.launchers.local import LocalLauncher
 from pdctl.plan import MASK, make_plan
 from pdctl.profile import load_profile
@@ -44,6 +45,7 @@ def test_local_profile_on_the_cpu():
         "kv_connector": "NixlConnector",
         "kv_role": "kv_producer",
         "kv_buffer_device": "cpu",
+        "kv_load_failure_policy": "recompute",
     }
     assert json.loads(flag(decode.argv, "--kv-transfer-config"))["kv_role"] == "kv_consumer"
     assert flag(prefill.argv, "--load-format") == "dummy"
@@ -132,7 +134,7 @@ def test_secrets_are_masked_and_references_kept(write_profile):
     path = write_profile(
         "name: g\nmodel: {path: m}\ndevice: cpu\nprefill: {tensor_parallel_size: 1}\n"
         "engine:\n  env: {HF_TOKEN: hf_abc123secret, OTHER_TOKEN: '${OTHER_TOKEN}', LOG_LEVEL: debug}\n"
-        "  extra_args: ['--api-key', 'sk-secret', '--hf-token=hf_x']\n"
+        "  extra_args: ['--hf-token', 'sk-secret', '--hf-token=hf_x']\n"
     )
     masked = plan_of(path).masked()
     text = masked.model_dump_json()
@@ -168,3 +170,14 @@ def test_attached_instances_are_not_launched(write_profile):
     assert [i.id for i in plan.launched] == ["p"]
     assert plan.instances[1].argv == [] and plan.instances[1].url == "http://10.0.0.2:8001"
     assert plan.instances[0].cpu_cores == [0, 1]
+
+
+def test_the_default_engine_runtime_is_the_build_of_the_plans_device(monkeypatch, tmp_path):
+    monkeypatch.delenv("PDCTL_ENGINE_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    engines = tmp_path / "pdctl" / "engines"
+    on_gpus = plan_profile(PROFILES / "code.yaml", StaticGpuSource([fake_gpu(i) for i in range(8)])).plan
+    assert (on_gpus.device, on_gpus.engine_python) == ("cuda", str(engines / "vllm-cuda" / "bin" / "python"))
+    assert on_gpus.instances[0].argv[0] == on_gpus.engine_python
+    on_cpu = plan_profile(PROFILES / "local.yaml", StaticGpuSource([])).plan
+    assert (on_cpu.device, on_cpu.engine_python) == ("cpu", str(engines / "vllm-cpu" / "bin" / "python"))

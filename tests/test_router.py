@@ -80,7 +80,9 @@ def test_pd_and_direct_give_the_same_text(cluster):
     router = cluster[2]
     pd = completion(router, LONG, max_tokens=6).json()["choices"][0]["text"]
     decode = next(i for i in cluster[1].instances if i.id == "decode-0")
-    direct = httpx.post(f"{decode.url}/v1/completions", json={"model": "sim-model", "prompt": LONG, "max_tokens": 6})
+    body = {"model": "sim-model", "prompt": LONG, "max_tokens": 6}
+    key = {"authorization": f"Bearer {cluster[0].engine_key()}"}
+    direct = httpx.post(f"{decode.url}/v1/completions", json=body, headers=key)
     assert direct.json()["choices"][0]["text"] == pd
 
 

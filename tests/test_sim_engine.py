@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -77,12 +78,13 @@ def wait_healthy(sim: Sim, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"sim not healthy within {timeout_s} s:\n{sim.log()}")
 
 
-def launch(log_dir: Path, *args: str) -> Sim:
+def launch(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Sim:
     port = free_port()
     log_path = log_dir / f"sim-{port}.log"
     argv = [sys.executable, "-m", "pdctl.engines.sim", "--port", str(port), "--served-model-name", MODEL, *args]
+    environ = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"} | (env or {})
     with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environ)
     return Sim(process, port, log_path, time.monotonic(), httpx.Client(timeout=10))
 
 
@@ -103,7 +105,11 @@ SIMS = {
     "doomed_prefill": ("--role", "prefill", *FAST),
     "queued": ("--max-num-seqs", "1", "--prefill-ms-per-token", "0", "--decode-ms-per-token", "20"),
     "delayed": ("--startup-delay-s", "60", *FAST),
+    "keyed": ("--role", "prefill", "--api-key", "sim-key", "other-key", *FAST),
+    "env_keyed": ("--role", "hybrid", *FAST),
 }
+# As vLLM, the sim takes its key from VLLM_API_KEY when --api-key is not given (pdctl's engines get theirs so).
+ENVIRONMENTS = {"env_keyed": {"VLLM_API_KEY": "from-env"}}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +118,7 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Sim]]:
     started: dict[str, Sim] = {}
     try:
         for name, args in SIMS.items():
-            started[name] = launch(log_dir, *args)
+            started[name] = launch(log_dir, *args, env=ENVIRONMENTS.get(name))
         for name, sim in started.items():
             if name != "delayed":
                 wait_healthy(sim)
@@ -371,6 +377,30 @@ def test_two_hop_pd_flow(pd_pair: tuple[Sim, Sim], hybrid: Sim) -> None:
     again = decode.complete(prompt, max_tokens=1, kv_transfer_params=params)
     assert again.status_code == 200
     assert decode.metric("vllm:nixl_num_failed_transfers_total") == failed + 1
+
+
+def test_an_api_key_guards_v1_as_vllms_does(sims: dict[str, Sim], pd_pair: tuple[Sim, Sim]) -> None:
+    keyed, from_env, decode = sims["keyed"], sims["env_keyed"], pd_pair[1]
+    for sim, key in ((keyed, "sim-key"), (keyed, "other-key"), (from_env, "from-env")):
+        refused = sim.get("/v1/models")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert sim.http.get(f"{sim.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert sim.http.get(f"{sim.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert sim.get("/health").status_code == 200 and sim.get("/metrics").status_code == 200
+    assert keyed.complete("hi").status_code == 401
+    # The decode side's KV read is no /v1 path (NIXL's side channel has no key either): it reads a keyed prefill.
+    prompt = "a prompt prefilled by an engine with a key"
+    first = keyed.http.post(
+        f"{keyed.url}/v1/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
+        headers={"Authorization": "Bearer sim-key"},
+    )
+    assert first.status_code == 200, first.text
+    external = decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+    second = decode.complete(prompt, max_tokens=2, kv_transfer_params=first.json()["kv_transfer_params"])
+    assert second.status_code == 200
+    transferred = decode.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - external
+    assert transferred == len(prompt.encode())
 
 
 def test_pd_fallback_when_the_prefill_sim_is_gone(sims: dict[str, Sim]) -> None:

@@ -177,16 +177,17 @@ def test_sim_engine_refuses_an_unknown_hardware_profile(tmp_path: Path) -> None:
 def test_layouts_of_four_gpus() -> None:
     labels = [layout.label for layout in layouts(4, tps=(1, 2))]
     # Hybrid pools, and every prefill/decode split using 2 to 4 GPUs with one TP size per role.
-    assert "4x hybrid TP1" in labels and "2x hybrid TP2" in labels
-    assert "1P TP1 : 3D TP1" in labels and "1P TP2 : 1D TP2" in labels and "2P TP1 : 1D TP2" in labels
+    assert "4H·TP1" in labels and "2H·TP2" in labels
+    assert "1P·TP1 + 3D·TP1" in labels and "1P·TP2 + 1D·TP2" in labels and "2P·TP1 + 1D·TP2" in labels
     assert all(layout.gpus <= 4 and layout.gpus * 2 >= 4 for layout in layouts(4, tps=(1, 2)))
 
 
 def test_sweep_chooses_the_best_goodput_per_gpu_and_writes_a_loadable_profile(tmp_path: Path) -> None:
     base_path = write_profile(tmp_path, "enabled: true, routing_policy: always")
     requests = generate(WorkloadSpec(num_requests=60, input_tokens=800, output_tokens=40, request_rate=30.0))
-    points = sweep(load_profile(base_path), 2, requests, None)
-    assert {p.layout.label for p in points} == {"1P TP1 : 1D TP1", "2x hybrid TP1", "1x hybrid TP2"}
+    swept = sweep(load_profile(base_path), 2, requests, None)
+    points = swept.points
+    assert {p.layout.label for p in points} == {"1P·TP1 + 1D·TP1", "2H·TP1", "1H·TP2"} and not swept.cannot_run
     chosen = best(points)
     assert chosen.goodput_per_gpu == max(p.goodput_per_gpu for p in points)
     out = tmp_path / "chosen.yaml"
@@ -222,3 +223,62 @@ def test_a_sim_profile_with_hardware_launches_modelled_sims(tmp_path: Path) -> N
     hybrid = plan_profile(path).plan.instances[0].argv
     assert hybrid[hybrid.index("--speed") + 1] == "1.25"
     assert parse_args(["--served-model-name", MODEL, "--hardware", "h100-sxm", "--speed", "1.25"]).speed == 1.25
+
+
+def seventy_b_profile(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "seventy.yaml"
+    path.write_text(
+        "name: seventy\nmodel: {path: meta-llama/Llama-3.1-70B-Instruct" + extra + "}\n"
+        "engine: {kind: sim, sim: {hardware: h100-sxm}}\nrouter: {slo: {ttft_ms: 2000, tpot_ms: 100}}\n"
+        "pd: {enabled: true, routing_policy: always}\n"
+        "prefill: {tensor_parallel_size: 8}\ndecode: {tensor_parallel_size: 8}\n"
+    )
+    return path
+
+
+def test_a_70b_sweep_on_16_gpus_says_why_tp2_decode_cannot_run_and_fits_80_columns(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from pdctl.simulate.render import sweep_view
+
+    requests = generate(WorkloadSpec(num_requests=20, input_tokens=200, output_tokens=20, request_rate=20.0))
+    swept = sweep(load_profile(seventy_b_profile(tmp_path)), 16, requests, None)
+    # 70B in bf16 is 65.7 GiB a GPU at TP 2; with 4 GiB of activations that is more than 0.85 of 79.2 GiB.
+    tp2_decode = [c for c in swept.cannot_run if c.layout.decode_tp == 2 and c.layout.prefill]
+    assert tp2_decode and all("decode TP 2 needs 69.7 GiB per GPU" in c.reason for c in tp2_decode)
+    assert all(c.reason.startswith("does not fit: ") for c in swept.cannot_run)
+    assert "decode.kv_cache_memory_fraction 0.85 gives it 67.3 of h100-sxm's 79.2 GiB" in tp2_decode[0].reason
+    # Every layout either ran (with output) or says why not: no row of zeros.
+    assert {p.layout for p in swept.points} | {c.layout for c in swept.cannot_run} == set(layouts(16))
+    assert swept.points and all(p.result.metrics["completed"] == 20 for p in swept.points)
+    assert not {p.layout.decode_tp for p in swept.points} & {1, 2}
+
+    console = Console(width=80, record=True)
+    console.print(sweep_view(swept, best(swept.points)))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = [line for line in text.splitlines() if line.startswith("│ ")]
+    for point in swept.points:  # each layout's name whole on one row
+        assert sum(point.layout.label in row for row in rows) == 1
+    assert "decode TP 2" in text and f"{len(swept.cannot_run)} of {len(layouts(16))} layouts cannot run" in text
+    assert " 0% " not in text and "0.0 " not in text
+
+
+def test_a_kv_cache_too_small_for_max_model_len_is_named(tmp_path: Path) -> None:
+    from pdctl.simulate.design import Layout, layout_profile, shortfalls
+
+    requests = [SimRequest(0, 0.0, 100, 10)]
+    four_tp4 = Layout(0, 4, 4, 4)
+    assert shortfalls(layout_profile(load_profile(seventy_b_profile(tmp_path)), four_tp4), requests, None) == ()
+    # At TP 4 a GPU keeps about 400k tokens of KV cache: vLLM would not start with a longer max_model_len.
+    base = load_profile(seventy_b_profile(tmp_path, ", max_model_len: 1000000"))
+    (short,) = shortfalls(layout_profile(base, four_tp4), requests, None)
+    assert short.instances == "hybrid TP 4"
+    assert short.why.startswith("has KV cache for ") and short.why.endswith("model.max_model_len needs 1000000")
+
+
+def test_the_command_fails_naming_why_when_no_layout_can_run(tmp_path: Path) -> None:
+    result = pdctl("simulate", str(seventy_b_profile(tmp_path)), "--sweep", "2", "--num-prompts", "5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no layout of 2 GPUs can run this model and workload" in result.stderr
+    assert "hybrid TP 2 needs 69.7 GiB per GPU" in result.stderr and "decode TP 1 needs 135.4 GiB" in result.stderr

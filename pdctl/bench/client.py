@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,20 +19,24 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from pdctl.auth import Access
 from pdctl.bench.workload import BenchRequest
+from pdctl.tokentiming import STREAM_OPTIONS
 
 TICK_S = 0.25
+# A quote inside generated text is escaped, so these byte patterns only match the event's own keys.
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens": ?(\d+)')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens": ?(\d+)')
 
 
 def _token_only(data: bytes) -> bool:
-    """One token and nothing else: counted without decoding the JSON (a quote inside generated text is
-    escaped, so these byte patterns only match the event's own keys)."""
-    return (
-        (b'"choices":[{' in data or b'"choices": [{' in data)
-        and b'"error"' not in data
-        and b'"usage":{' not in data
-        and b'"usage": {' not in data
-    )
+    """A token event and nothing else: read without decoding the JSON (its usage, if any, by the patterns)."""
+    return (b'"choices":[{' in data or b'"choices": [{' in data) and b'"error"' not in data
+
+
+def _number(pattern: re.Pattern[bytes], data: bytes) -> int | None:
+    match = pattern.search(data)
+    return None if match is None else int(match[1])
 
 
 @dataclass(slots=True)
@@ -42,10 +47,12 @@ class RequestResult:
     start: float = 0.0
     success: bool = False
     ttft: float = 0.0
-    itl: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)  # one gap per token after the first token event
     latency: float = 0.0  # to the last token, as vllm bench serve measures it
     prompt_tokens: int = 0
-    output_tokens: int = 0  # usage.completion_tokens, else the number of token events
+    output_tokens: int = 0  # usage.completion_tokens, else the tokens the token events carried
+    token_events: int = 0
+    first_event_tokens: int = 0
     error_kind: str | None = None  # http_STATUS, timeout, disconnect, connect, stream_error, no_tokens
     error: str = ""
     phase: str | None = None  # x-pdctl-phase, when the server is pdctl's router
@@ -72,6 +79,7 @@ class _Exchange(asyncio.Protocol):
         self._events = b""
         self._body_error = b""
         self._last_token = 0.0
+        self._usage_count = 0  # the latest running usage.completion_tokens of the stream
         self.got_bytes = False
         self.reusable = False
 
@@ -166,19 +174,25 @@ class _Exchange(asyncio.Protocol):
         if b"\n\n" not in self._events:
             return
         *events, self._events = self._events.split(b"\n\n")
-        tokens = 0
+        counts: list[int] = []
         for event in events:
             if event.startswith(b"data:") and b"\n" not in event and _token_only(event):
-                tokens += 1
+                counted = _COMPLETION_TOKENS.search(event)
+                if counted is None:
+                    counts.append(1)
+                    continue
+                completion = int(counted[1])
+                self._usage(_number(_PROMPT_TOKENS, event), completion)
+                counts.append(self._count(completion))
                 continue
-            if tokens:  # in order: the tokens before this other event first
-                self._tokens(now, tokens)
-                tokens = 0
+            if counts:  # in order: the tokens before this other event first
+                self._tokens(now, counts)
+                counts = []
             for line in event.split(b"\n"):
                 if line.startswith(b"data:"):
                     self._event(line[5:].strip(), now)
-        if tokens:
-            self._tokens(now, tokens)
+        if counts:
+            self._tokens(now, counts)
 
     def _event(self, data: bytes, now: float) -> None:
         result = self.result
@@ -189,26 +203,46 @@ class _Exchange(asyncio.Protocol):
             error = message["error"]
             self._fail("stream_error", str(error.get("message") if isinstance(error, dict) else error))
             return
+        usage = message.get("usage") or {}
+        self._usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
         if message.get("choices"):
-            self._tokens(now, 1)
-        usage = message.get("usage")
-        if usage:
-            result.prompt_tokens = usage.get("prompt_tokens") or result.prompt_tokens
-            result.usage_output_tokens = usage.get("completion_tokens")
+            self._tokens(now, [self._count(usage.get("completion_tokens"))])
 
-    def _tokens(self, now: float, count: int) -> None:
-        """`count` token events that arrived in one read: the first at `now`, the rest 0 s after it."""
+    def _usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        result = self.result
+        if result is None:  # an earlier event of the read ended the request
+            return
+        result.prompt_tokens = prompt_tokens or result.prompt_tokens
+        if completion_tokens is not None:
+            result.usage_output_tokens = completion_tokens
+
+    def _count(self, completion_tokens: int | None) -> int:
+        """The tokens one token event carried: what its running count adds, else (no count) one."""
+        if completion_tokens is None:
+            return 1
+        added, self._usage_count = completion_tokens - self._usage_count, completion_tokens
+        return added
+
+    def _tokens(self, now: float, counts: list[int]) -> None:
+        """Token events that arrived in one read, with the tokens each carried. The gap since the previous token
+        is the first event's, spread evenly over its tokens (ITL per token); the read's later events come 0 s
+        after it. An event that carried no new token (a finish reason alone) is not a token event."""
         result = self.result
         if result is None:
             return
-        if result.ttft == 0.0:
-            result.ttft = now - result.start
-        else:
-            result.itl.append(now - self._last_token)
-        if count > 1:
-            result.itl.extend([0.0] * (count - 1))
-        self._last_token = now
-        result.output_tokens += count
+        gap = now - self._last_token
+        for count in counts:
+            if count <= 0:
+                continue
+            if not result.token_events:
+                result.ttft = now - result.start
+                result.first_event_tokens = count
+            else:
+                result.itl.extend([gap / count] * count)
+            gap = 0.0
+            result.token_events += 1
+            result.output_tokens += count
+            self._last_token = now
 
     # ---- outcomes ---------------------------------------------------------------------------------------
 
@@ -219,7 +253,7 @@ class _Exchange(asyncio.Protocol):
         if self._status != 200:
             self._fail(f"http_{self._status}", _error_message(self._body_error), closing=False)
             return
-        if result.ttft == 0.0:
+        if not result.token_events:
             self._fail("no_tokens", "the stream ended without a token", closing=False)
             return
         result.success = True
@@ -257,12 +291,14 @@ def _error_message(body: bytes) -> str:
 class StreamClient:
     """POSTs streamed completions to one server over a pool of keep-alive connections."""
 
-    def __init__(self, base_url: str, timeout_s: float = 600.0):
-        parts = urlsplit(base_url.rstrip("/"))
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"{base_url}: only http:// URLs are supported")
-        self.host, self.port = parts.hostname, parts.port or 80
+    def __init__(self, server: Access, timeout_s: float = 600.0):
+        parts = urlsplit(server.url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{server.url}: only http:// and https:// URLs are supported")
+        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
         self.path = (parts.path or "") + "/v1/completions"
+        self.tls = server.tls
+        self._authorization = "".join(f"{name}: {value}\r\n" for name, value in server.headers.items())
         self.timeout_s = timeout_s
         self._idle: deque[_Exchange] = deque()
         self._all: set[_Exchange] = set()
@@ -271,7 +307,7 @@ class StreamClient:
         data = json.dumps(body, separators=(",", ":")).encode()
         head = (
             f"POST {self.path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\ncontent-type: application/json\r\n"
-            f"accept: text/event-stream\r\ncontent-length: {len(data)}\r\n\r\n"
+            f"{self._authorization}accept: text/event-stream\r\ncontent-length: {len(data)}\r\n\r\n"
         )
         return head.encode() + data
 
@@ -304,7 +340,9 @@ class StreamClient:
                 return exchange, True
         loop = asyncio.get_running_loop()
         try:
-            _, protocol = await loop.create_connection(lambda: _Exchange(self._forget), self.host, self.port)
+            _, protocol = await loop.create_connection(
+                lambda: _Exchange(self._forget), self.host, self.port, ssl=self.tls
+            )
         except OSError as error:
             result.start = time.perf_counter()
             result.error_kind, result.error = "connect", f"cannot connect to {self.host}:{self.port}: {error}"
@@ -349,7 +387,7 @@ def request_body(model: str, request: BenchRequest, extra: dict[str, Any] | None
         "temperature": 0.0,
         "ignore_eos": True,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": dict(STREAM_OPTIONS),
     }
     if request.priority is not None:
         body["priority"] = request.priority

@@ -9,11 +9,13 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from pdctl.auth import API_KEY_HELP
 from pdctl.bench import compare, views
-from pdctl.bench.run import BenchOutcome, Target, execute, prepare, target_of_cluster, write_json
+from pdctl.bench.run import BenchOutcome, Target, execute, prepare, target_of_cluster, target_of_url, write_json
 from pdctl.bench.workload import SCENARIOS, WorkloadSpec, parse_extra_body, parse_goodput, parse_priority_mix
 from pdctl.errors import ClusterError, UsageError
 from pdctl.profile import load_profile
+from pdctl.safetext import cell
 from pdctl.state import ClusterDir, NoCluster, state_root
 
 out = Console(highlight=False, soft_wrap=True)
@@ -39,6 +41,7 @@ def bench(
         list[str] | None, typer.Option(help="with --url: an engine URL whose /metrics to read (repeatable)")
     ] = None,
     state_dir: Annotated[Path | None, typer.Option(help="where cluster state lives")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help=API_KEY_HELP, show_default=False)] = None,
     scenario: Annotated[
         str | None, typer.Option(help=f"preset workload: {', '.join(SCENARIOS)}", rich_help_panel=_WORKLOAD)
     ] = None,
@@ -132,7 +135,7 @@ def bench(
             err.print(f"cost comparison stored in {saved}: `pdctl status` and PDMetrics show it")
         _write(json_file, {"runs": dict(runs)})
         return
-    target = _target(profile, url, model, cluster, state_dir)
+    target = _target(profile, url, model, cluster, state_dir, api_key)
     target.engines.update({e.rstrip("/"): e.rstrip("/") for e in engine or []})
     if sweep:
         runs, knee = compare.run_sweep(target, compare.parse_sweep(sweep), settings, sweep_attainment, _runner())
@@ -155,8 +158,8 @@ def _runner():
     def run(target: Target, settings: compare.RunSettings) -> BenchOutcome:
         info, workload, tokenizer_name = prepare(target, settings.spec, settings.tokenizer)
         for note in workload.notes:
-            err.print(f"note: {note}")
-        err.print(f"{target.label or target.url}: {workload.description}; prompts: {tokenizer_name}")
+            err.print(cell(f"note: {note}"))
+        err.print(cell(f"{target.label or target.url}: {workload.description}; prompts: {tokenizer_name}"))
         bar = views.progress_bar(err)
         with bar:
             update = views.progress_updater(bar, "requests", len(workload.requests))
@@ -175,14 +178,21 @@ def _runner():
     return run
 
 
-def _target(profile: Path | None, url: str | None, model: str | None, cluster: str | None, state_dir: Path | None):
+def _target(
+    profile: Path | None,
+    url: str | None,
+    model: str | None,
+    cluster: str | None,
+    state_dir: Path | None,
+    api_key: str | None,
+) -> Target:
     if url:
         if profile is not None:
             raise UsageError("give PROFILE or --url, not both")
-        return Target(url=url.rstrip("/"), model=model, label=url)
+        return target_of_url(url, model, api_key)
     name = cluster or (load_profile(profile).name if profile else None)
     try:
-        target = target_of_cluster(ClusterDir.find(state_root(state_dir), name))
+        target = target_of_cluster(ClusterDir.find(state_root(state_dir), name), api_key)
     except NoCluster as nothing:
         raise UsageError(f"no cluster is running (state in {nothing.root}): `pdctl up PROFILE`, or --url") from None
     except ClusterError as error:

@@ -3,9 +3,13 @@
 - completed / failed: requests with at least one token and a clean end / the rest (failures by kind).
 - request_throughput = completed / duration; output_throughput = total output tokens / duration;
   total_token_throughput = (input + output tokens) / duration; duration is first send to last answer.
-- TTFT: send to the first token event. ITL: gaps between successive token events. E2EL: send to the last
-  token event. TPOT (per request) = (E2EL - TTFT) / (output tokens - 1), over requests with 2 tokens or more.
-- mean, median, std and percentiles (p90, p99...) as numpy computes them (linear interpolation).
+- TTFT: send to the first token event. E2EL: send to the last token event. Tokens, not events, are counted
+  (pdctl.tokentiming): an event's tokens are what its running usage count adds. ITL, per token after the first
+  event: the gap before a token event over the tokens it carried. TPOT (per request) = (E2EL - TTFT) / (output
+  tokens - the first event's), where tokens came after the first event (vLLM's formula when each event
+  carries one token).
+- mean, median, std and percentiles (p90, p99...) as numpy computes them (linear interpolation); None (n/a)
+  where no request gives the figure (TPOT when every answer came in one event), never 0.
 - request_goodput = completed requests meeting every --goodput SLO / duration (TPOT counts as 0 for a
   one-token answer, as vLLM does).
 """
@@ -17,6 +21,7 @@ from collections import Counter
 from typing import Any
 
 from pdctl.bench.client import RequestResult
+from pdctl.tokentiming import tpot
 
 PERCENTILES = (50.0, 90.0, 99.0)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -45,9 +50,7 @@ def _std(values: list[float]) -> float:
 
 
 def tpot_of(result: RequestResult) -> float | None:
-    if result.output_tokens < 2:
-        return None
-    return (result.latency - result.ttft) / (result.output_tokens - 1)
+    return tpot(result.latency - result.ttft, result.output_tokens, result.first_event_tokens, result.token_events)
 
 
 def _is_good(result: RequestResult, slos_ms: dict[str, float]) -> bool:
@@ -80,15 +83,18 @@ def summarize(results: list[RequestResult], duration_s: float, goodput_slos_ms: 
         "total_token_throughput": (total_input + total_output) / duration_s,
     }
     for name in LATENCY_METRICS:
-        values = series[name]
-        summary[f"mean_{name}_ms"] = _mean(values) * 1000
-        summary[f"median_{name}_ms"] = percentile(values, 50) * 1000
-        summary[f"std_{name}_ms"] = _std(values) * 1000
-        for p in PERCENTILES:
-            summary[f"p{p:g}_{name}_ms"] = percentile(values, p) * 1000
+        summary |= _latency_summary(name, series[name])
     summary["goodput_slos_ms"] = goodput_slos_ms or None
     summary["phases_seen"] = dict(Counter(r.phase for r in ok if r.phase))
     return summary
+
+
+def _latency_summary(name: str, values: list[float]) -> dict[str, float | None]:
+    keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms", *(f"p{p:g}_{name}_ms" for p in PERCENTILES)]
+    if not values:
+        return dict.fromkeys(keys)
+    figures = [_mean(values), percentile(values, 50), _std(values), *(percentile(values, p) for p in PERCENTILES)]
+    return {key: figure * 1000 for key, figure in zip(keys, figures, strict=True)}
 
 
 def per_request(results: list[RequestResult]) -> dict[str, list[Any]]:
@@ -115,12 +121,12 @@ def timeline(results: list[RequestResult], bucket_s: float = 1.0) -> dict[str, l
     tokens, running = [0.0] * buckets, [0.0] * buckets
     for r in ok:
         moment = r.start + r.ttft
-        stamps = [moment]
+        stamps = [(moment, r.first_event_tokens)]  # the first event's tokens came at once, each later one alone
         for gap in r.itl:
             moment += gap
-            stamps.append(moment)
-        for stamp in stamps:
-            tokens[min(buckets - 1, int((stamp - origin) / bucket_s))] += 1 / bucket_s
+            stamps.append((moment, 1))
+        for stamp, count in stamps:
+            tokens[min(buckets - 1, int((stamp - origin) / bucket_s))] += count / bucket_s
         for b in range(int((r.start - origin) / bucket_s), int((r.start + r.latency - origin) / bucket_s) + 1):
             running[min(b, buckets - 1)] += 1
     return {"t": [i * bucket_s for i in range(buckets)], "output_tokens_per_s": tokens, "running": running}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 
 from pdctl import lifecycle
+from pdctl.auth import Access, client_key
 from pdctl.bench import report, serverstats
 from pdctl.bench.client import Progress, StreamClient, run_workload
 from pdctl.bench.tokens import tokenizer_for
@@ -40,15 +42,30 @@ class Target:
     price_per_device_hour: float | None = None
     sim: bool = False
     label: str = ""
+    access: Access | None = None  # the key to send to url, and the TLS trust; none: plain
+    # The cluster's engines' own key, for their /v1/models (max_model_len): bench runs as the cluster's owner.
+    engine_key: str | None = None
+
+    @property
+    def router(self) -> Access:
+        return self.access or Access(self.url)
 
 
-def target_of_cluster(cluster_dir: ClusterDir) -> Target:
-    router, model = lifecycle.router_of(cluster_dir)
+def target_of_url(url: str, model: str | None, api_key: str | None) -> Target:
+    """Any OpenAI-compatible server: the key is --api-key, else $OPENAI_API_KEY (as vllm bench serve sends it)."""
+    url = url.rstrip("/")
+    return Target(url=url, model=model, label=url, access=Access(url, client_key(api_key, None, os.environ)))
+
+
+def target_of_cluster(cluster_dir: ClusterDir, api_key: str | None = None) -> Target:
+    router, model = lifecycle.router_of(cluster_dir, api_key)
     plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
     profile = json.loads(cluster_dir.profile_file.read_text())
     gpus = sum(len(i.gpus) for i in plan.instances)
     return Target(
-        url=router,
+        url=router.url,
+        access=router,
+        engine_key=cluster_dir.engine_key(),
         model=model,
         model_dir=plan.model_path,
         engines={i.id: i.url for i in plan.instances},
@@ -67,12 +84,17 @@ class ServerInfo:
     root: str | None
 
 
-def check_server(url: str, model: str | None) -> ServerInfo:
+def check_server(server: Access, model: str | None) -> ServerInfo:
     """GET /v1/models before any load: the URL answers and serves the model (exit 2 otherwise)."""
+    url = server.url
     try:
-        response = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=10, trust_env=False)
+        response = httpx.get(
+            f"{url.rstrip('/')}/v1/models", headers=server.headers, timeout=10, verify=server.verify, trust_env=False
+        )
     except httpx.HTTPError as error:
         raise UsageError(f"{url} does not answer: {type(error).__name__} {error}") from None
+    if response.status_code == 401:
+        raise UsageError(server.refused())
     try:
         cards = response.json()["data"] if response.status_code == 200 else None
         served = {card["id"]: card for card in cards} if isinstance(cards, list) else None
@@ -126,11 +148,11 @@ class BenchOutcome:
 
 def prepare(target: Target, spec: WorkloadSpec, tokenizer_dir: str | None) -> tuple[ServerInfo, Workload, str]:
     """Everything that can fail on input, before any load is sent."""
-    info = check_server(target.url, target.model)
+    info = check_server(target.router, target.model)
     if info.max_model_len is None:  # pdctl's router does not say; its engines do
         for url in target.engines.values():
             with contextlib.suppress(UsageError):
-                info.max_model_len = check_server(url, info.model).max_model_len
+                info.max_model_len = check_server(Access(url, target.engine_key), info.model).max_model_len
                 break
     model_dir = tokenizer_dir or target.model_dir or info.root
     tokenizer = tokenizer_for(model_dir)
@@ -150,8 +172,8 @@ def execute(
     on_tick: Callable[[Progress], None] | None = None,
     extra_body: dict[str, Any] | None = None,
 ) -> BenchOutcome:
-    before = serverstats.snapshot(target.url, target.engines)
-    client = StreamClient(target.url, timeout_s)
+    before = serverstats.snapshot(target.router, target.engines)
+    client = StreamClient(target.router, timeout_s)
 
     async def go() -> tuple[list[Any], float]:
         try:
@@ -163,7 +185,7 @@ def execute(
 
     results, duration = asyncio.run(go())
     time.sleep(SETTLE_S)
-    after = serverstats.snapshot(target.url, target.engines)
+    after = serverstats.snapshot(target.router, target.engines)
     summary = report.summarize(results, duration, goodput)
     summary["model"] = info.model
     summary["max_concurrency"] = concurrency

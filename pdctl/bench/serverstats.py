@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdctl.auth import Access
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 ROUTER_REQUESTS = "pdctl_router_requests_total"
@@ -29,10 +31,12 @@ def parse(text: str) -> Samples:
     return samples
 
 
-def scrape(url: str, timeout_s: float = 5.0) -> Samples | None:
+def scrape(server: Access, timeout_s: float = 5.0) -> Samples | None:
     """None when the server has no /metrics (or does not answer): its figures are left out, not zero."""
     try:
-        response = httpx.get(f"{url}/metrics", timeout=timeout_s, trust_env=False)
+        response = httpx.get(
+            f"{server.url}/metrics", headers=server.headers, timeout=timeout_s, verify=server.verify, trust_env=False
+        )
         return parse(response.text) if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
@@ -44,9 +48,10 @@ class Snapshot:
     engines: dict[str, Samples | None] = field(default_factory=dict)
 
 
-def snapshot(router_url: str | None, engine_urls: dict[str, str]) -> Snapshot:
+def snapshot(router: Access | None, engine_urls: dict[str, str]) -> Snapshot:
+    """Engines answer /metrics without their key (vLLM guards /v1 only)."""
     return Snapshot(
-        scrape(router_url) if router_url else None, {name: scrape(url) for name, url in engine_urls.items()}
+        scrape(router) if router else None, {name: scrape(Access(url)) for name, url in engine_urls.items()}
     )
 
 

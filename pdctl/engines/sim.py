@@ -3,8 +3,9 @@
 It is never the real thing and says so: every response carries `"system_fingerprint": "pdctl-sim"`, /metrics
 opens with a `# pdctl-sim` line, and the log's first line names it. It emulates what pdctl relies on: the
 OpenAI endpoints (plain and streamed, in vLLM's shapes), vLLM's metric names, a prefix cache,
---max-num-seqs admission with vLLM's priority order, and the NixlConnector's two-hop flow, where the
-decode sim "reads the KV cache" of the prefill sim by pulling it over HTTP.
+--max-num-seqs admission with vLLM's priority order, --api-key (or VLLM_API_KEY) guarding /v1 as vLLM's
+does, and the NixlConnector's two-hop flow, where the decode sim "reads the KV cache" of the prefill sim by
+pulling it over HTTP (unguarded, as NIXL's side channel is).
 
 Tokens are prompt bytes, as with the builtin model's byte-level tokenizer; output tokens are words derived
 from a hash of the prompt. Compute is slept: per prompt token computed, then per output token; or, with
@@ -20,18 +21,20 @@ import hashlib
 import heapq
 import itertools
 import logging
+import os
 import random
 import signal
 import time
 import uuid
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdctl.auth import VLLM_KEY_ENV, vllm_guarded
 from pdctl.httpserver import (
     DEFAULT_MAX_BODY_BYTES,
     Handler,
@@ -462,6 +465,8 @@ class SimConfig:
     max_num_batched_tokens: int | None = None  # the hardware profile's vLLM default when unset
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     speed: float | None = None  # steps take this many times the model's time; drawn from its noise when unset
+    api_keys: tuple[str, ...] = ()  # none: no key asked
+    stream_interval: int = 1  # vLLM's --stream-interval: tokens a stream event carries after the first
 
 
 @dataclass
@@ -512,7 +517,9 @@ class SimEngine:
         self.config = config
         self.engine_id = str(uuid.uuid4())
         self.metrics = Metrics()
-        self.server = HttpServer(self.handle, config.host, config.port, config.max_body_bytes)
+        self.server = HttpServer(
+            vllm_guarded(self.handle, list(config.api_keys)), config.host, config.port, config.max_body_bytes
+        )
         self._created = int(time.time())
         self._labels = f'model_name="{_label_value(config.model)}",engine="0"'
         self._cache = PrefixCache(config.kv_cache_blocks)
@@ -774,16 +781,24 @@ class SimEngine:
 
     # -- streaming ----------------------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _events(self, job: _Job) -> AsyncIterator[AsyncGenerator[list[str], None]]:
+        """The request's words grouped into stream events; leaving early aborts the request."""
+        words = self._generate(job)
+        events = _in_events(words, self.config.stream_interval)
+        async with contextlib.aclosing(words), contextlib.aclosing(events):
+            yield events
+
     async def _completion_chunks(self, job: _Job, params: CompletionRequest) -> AsyncGenerator[str, None]:
         include_usage = bool(params.stream_options and params.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
         created = int(time.time())
         every_chunk = _chunk_usage(params)
-        async with contextlib.aclosing(self._generate(job)) as words:
+        async with self._events(job) as events:
             index = 0
-            async for word in words:
-                index += 1
-                choice = CompletionStreamChoice(text=word, finish_reason=_finish(index, job))
+            async for words in events:
+                index += len(words)
+                choice = CompletionStreamChoice(text="".join(words), finish_reason=_finish(index, job))
                 chunk = CompletionChunk(id=job.id, created=created, model=params.model, choices=[choice],
                                         usage=_usage(job, index) if every_chunk else None)  # fmt: skip
                 yield chunk.model_dump_json(exclude=exclude)
@@ -801,15 +816,29 @@ class SimEngine:
             return message.model_dump_json(exclude=None if usage else exclude)
 
         every_chunk = _chunk_usage(params)
-        async with contextlib.aclosing(self._generate(job)) as words:
+        async with self._events(job) as events:
             yield chunk([ChatStreamChoice(delta={"role": "assistant", "content": ""})])
             index = 0
-            async for word in words:
-                index += 1
-                yield chunk([ChatStreamChoice(delta={"content": word}, finish_reason=_finish(index, job))],
+            async for words in events:
+                index += len(words)
+                yield chunk([ChatStreamChoice(delta={"content": "".join(words)}, finish_reason=_finish(index, job))],
                             _usage(job, index) if every_chunk else None)  # fmt: skip
         if include_usage:
             yield chunk([], _usage(job))
+
+
+async def _in_events(words: AsyncGenerator[str, None], interval: int) -> AsyncGenerator[list[str], None]:
+    """The words as vLLM's --stream-interval sends tokens: the first alone, then `interval` at a time, the
+    rest with the last."""
+    batch: list[str] = []
+    first = True
+    async for word in words:
+        batch.append(word)
+        if first or len(batch) >= interval:
+            yield batch
+            batch, first = [], False
+    if batch:
+        yield batch
 
 
 def _finish(index: int, job: _Job) -> str | None:
@@ -890,6 +919,8 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     parser.add_argument("--max-num-batched-tokens", type=int)
     parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     parser.add_argument("--speed", type=float, help="steps take this many times the model's time")
+    parser.add_argument("--api-key", nargs="+", help="keys /v1 asks for, as vLLM's (default $VLLM_API_KEY)")
+    parser.add_argument("--stream-interval", type=_positive, default=1, help="as vLLM's: tokens per stream event")
     # Unknown arguments are an error (exit 2), as they are to vLLM.
     args = parser.parse_args(argv)
     if args.hardware:
@@ -911,7 +942,17 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         scheduling_policy=args.scheduling_policy,
         speed=args.speed,
+        stream_interval=args.stream_interval,
+        # As vLLM: the flag, else the environment; an empty key is none.
+        api_keys=tuple(key for key in (args.api_key or [os.environ.get(VLLM_KEY_ENV)]) if key),
     )
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return number
 
 
 def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

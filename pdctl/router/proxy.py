@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdctl import stats as cluster_stats
+from pdctl import tokentiming
 from pdctl.control_plane.pd_routing import PDRoutingStrategy
 from pdctl.control_plane.types import ExecutionInstanceType as Phase
 from pdctl.control_plane.types import PDSeparationConfig
 from pdctl.httpserver import HttpError, Request, Response, StreamingResponse, json_response
 from pdctl.router import requests
 from pdctl.router.admission import Admission, DeadlineExceeded
+from pdctl.router.migration import MIGRATIONS_TRAILER, StreamLedger, why_not_migratable
 from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, instances_for_phase
 from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
 from pdctl.router.pool import Instance, Pool
@@ -62,8 +64,13 @@ class RouterSettings:
     max_queue_wait_s: float = 30.0
     record_metrics: bool = True
     # A stream that had its first token and then none for this long is stalled (an engine stopped while its
-    # API server still answers /health): ended with an error, its instance reported (on_stall).
+    # API server still answers /health): moved to another instance, its instance reported (on_stall). So is
+    # an instance with requests in flight whose engine made no progress for this long.
     stall_timeout_s: float = 10.0
+    # How many times one stream may move to another instance when its engine fails or stalls (0: never).
+    max_migrations: int = 3
+    # The cluster's engines' own key (vLLM's --api-key), sent with every request to them.
+    engine_api_key: str | None = None
 
 
 @dataclass
@@ -108,6 +115,7 @@ _GAPS_BATCH = 64
 _ROLES = tuple(Phase)  # iterating the enum class itself is slow on the hot path
 # Seconds a client is told to wait when no instance can serve: about one health-check round of the supervisor.
 NO_INSTANCE_RETRY_AFTER_S = 2
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) when a completions request names none
 
 
 class NoInstance(HttpError):
@@ -141,7 +149,7 @@ class Router:
         self.admission = Admission(settings.scheduling_policy == "slo_aware", settings.max_queue_wait_s)
         self.avg_output_tokens = 128.0
         self._ids = itertools.count(1)
-        self.upstream = UpstreamPool(settings.connect_timeout_s)
+        self.upstream = UpstreamPool(settings.connect_timeout_s, api_key=settings.engine_api_key)
         # Told of each answered request (exchange, TTFT s, TPOT s, output tokens): the scaler's latency window.
         self.on_complete: Callable[[Exchange, float | None, float | None, int], None] = lambda *_: None
         # Streams between their first token and their end, for the stall watch; told of a stalled instance.
@@ -149,22 +157,44 @@ class Router:
         self.on_stall: Callable[[str, str], None] = lambda instance_id, why: None
 
     def stalled_streams(self, now: float) -> list[_Stream]:
+        """Streams that had their first token and then none for stall_timeout_s."""
         limit = self.settings.stall_timeout_s
-        return [stream for stream in self.streams if not stream.stalled and now - stream.last_at > limit]
+        return [s for s in self.streams if s.first and not s.stalled and now - s.last_at > limit]
+
+    def stalled_instances(self) -> list[Instance]:
+        """Instances with requests in flight whose engine made no progress (no prompt or output token) for
+        stall_timeout_s while its /metrics answered: work queued or running there does not move."""
+        limit, now = self.settings.stall_timeout_s, time.monotonic()
+        return [
+            instance
+            for instance in self.pool.all()
+            if instance.healthy
+            and instance.in_flight > 0
+            and instance.circuit_open_until <= now  # reported already: the supervisor is restarting it
+            and self.telemetry.no_progress(instance.id, limit)
+        ]
 
     async def watch_stalls(self, interval_s: float = 1.0) -> None:
-        """End streams that get no token for stall_timeout_s, and report their instances: its process runs and
+        """Move streams that get no token for stall_timeout_s, and report their instances: its process runs and
         its /health answers, so nothing else would notice, and the client would wait for ever."""
+        limit = self.settings.stall_timeout_s
         while True:
             await asyncio.sleep(interval_s)
             for stream in self.stalled_streams(time.monotonic()):
-                stream.stalled = True
-                instance = stream.instance
-                instance.record_failure(threshold=1)  # no new request there until it is restarted
-                why = f"a stream got no token for {self.settings.stall_timeout_s:g} s"
-                log.warning("%s: %s on %s; ending it", stream.request_id, why, instance.id)
-                self.on_stall(instance.id, why)
-                await stream.upstream.aclose()
+                await self._report_stalled(stream.instance, f"a stream got no token for {limit:g} s")
+            for instance in self.stalled_instances():
+                await self._report_stalled(
+                    instance, f"its engine made no progress for {limit:g} s with requests in flight"
+                )
+
+    async def _report_stalled(self, instance: Instance, why: str) -> None:
+        """Stop sending work to a stalled instance, end its streams (each moves elsewhere), report it."""
+        instance.record_failure(threshold=1)  # no new request there until it is restarted
+        log.warning("%s stalled: %s; moving its streams", instance.id, why)
+        self.on_stall(instance.id, why)
+        for stream in [s for s in self.streams if s.instance is instance and not s.stalled]:
+            stream.stalled = True
+            await stream.upstream.aclose()
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
@@ -288,6 +318,9 @@ class Router:
         route = await self._admit(parsed, deadline_at)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         exchange = Exchange(self, route, parsed, body, path, arrived)
+        if parsed.stream and self.settings.max_migrations and why_not_migratable(body, chat) is None:
+            exchange.ledger = StreamLedger(chat, show_ids=bool(body.get("return_token_ids")))
+            body["return_token_ids"] = True  # what a continuation is built from
         return await exchange.run()
 
     def _upstream_body(self, parsed: requests.ParsedRequest) -> dict[str, Any]:
@@ -356,6 +389,7 @@ class Exchange:
         self.tried: set[str] = set()
         self.prefill_instance: Instance | None = None
         self.prefill_s: float | None = None
+        self.ledger: StreamLedger | None = None  # streams that can move to another instance mid-stream
 
     def headers(self, decode: Instance) -> dict[str, str]:
         headers = {
@@ -478,9 +512,12 @@ class Exchange:
         instance.record_success()
         router.tables[instance.id].record(self.route.routing.prefix_blocks)
         if self.parsed.stream and upstream.status_code == 200:
-            return StreamingResponse(
-                status=200, headers=self.headers(instance), chunks=self._relay(upstream, slot, instance)
-            )
+            headers, ledger = self.headers(instance), self.ledger
+            if ledger is not None:
+                headers["trailer"] = MIGRATIONS_TRAILER
+            chunks = self._relay(upstream, slot, instance)
+            trailers = ledger.trailers if ledger is not None else None
+            return StreamingResponse(status=200, headers=headers, chunks=chunks, trailers=trailers)
         try:
             content = await upstream.read()
         except UpstreamError as error:
@@ -545,64 +582,139 @@ class Exchange:
         )
 
     async def _relay(self, upstream: UpstreamResponse, slot: _Slot, instance: Instance) -> AsyncIterator[bytes]:
-        """Pass the engine's server-sent events through; end with an OpenAI-style error event if it breaks."""
+        """Pass the engine's server-sent events through. If the engine fails or stalls mid-stream, the stream
+        moves to another instance (see migration.py); if it cannot, it ends with an OpenAI-style error event."""
         router = self.router
-        phase = self.phase.value
-        first_at: float | None = None
-        last_at = 0.0
-        events = 0
+        timing = _Timing(router, self.phase.value)
         outcome = "ok"
-        # Inter-token gaps, recorded in batches: tokens arriving together in one chunk share its gap.
-        gaps: list[float] = []
-        watched = _Stream(self.route.request_id, instance, upstream)
         try:
-            async for chunk in upstream.iter_raw():
-                now = time.monotonic()
-                watched.last_at = now
-                count = chunk.count(b"data: ")
-                if first_at is None:
-                    first_at = now
-                    router.streams.add(watched)
-                elif count == 1:
-                    gaps.append(now - last_at)
-                elif count:
-                    gaps.extend([(now - last_at) / count] * count)
-                if len(gaps) >= _GAPS_BATCH:
-                    router.metrics.streamed(phase, gaps)
-                    gaps = []
-                last_at = now
-                events += count
-                yield chunk
-            if watched.stalled:
-                outcome = "broken"
-                yield _error_event(_stalled(instance, router))
-        except UpstreamError as error:
-            outcome = "broken"
-            if watched.stalled:
-                message = _stalled(instance, router)
-            else:
-                message = f"the engine {instance.id} failed mid-stream: {type(error).__name__}"
-                log.warning("%s: %s", self.route.request_id, message)
-            yield _error_event(message)
+            while True:
+                leg = _Stream(self.route.request_id, instance, upstream)
+                async for chunk in self._leg(leg, timing):
+                    yield chunk
+                if leg.failure is None:
+                    break
+                log.warning("%s: %s", self.route.request_id, leg.failure)
+                await upstream.aclose()
+                slot.__exit__(None, None, None)
+                if not leg.stalled:
+                    instance.record_failure()
+                moved = await self._migrate(instance, "stalled" if leg.stalled else "failed")
+                if moved is None:
+                    outcome = "broken"
+                    yield _error_event(leg.failure)
+                    break
+                if isinstance(moved, bytes):  # every token had reached the client: only the end was missing
+                    yield moved
+                    break
+                upstream, slot, instance = moved
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"  # the client went away: closing upstream makes vLLM abort the request
             raise
         finally:
-            router.streams.discard(watched)
             await upstream.aclose()
             slot.__exit__(None, None, None)
             router.admission.release()
-            router.metrics.streamed(phase, gaps)
-            self._finish_stream(outcome, first_at, events, instance)
+            timing.flush()
+            self._finish_stream(outcome, timing, instance)
 
-    def _finish_stream(self, outcome: str, first_at: float | None, events: int, instance: Instance) -> None:
+    async def _leg(self, leg: _Stream, timing: _Timing) -> AsyncIterator[bytes]:
+        """One upstream response's events, to the client; leg.failure says why it ended early, if it did."""
+        router, ledger, instance = self.router, self.ledger, leg.instance
+        router.streams.add(leg)  # from the response head on: a stalled engine may never send a token
+        try:
+            async for chunk in leg.upstream.iter_raw():
+                leg.last_at = now = time.monotonic()
+                leg.first = True
+                known = len(ledger.ids) if ledger is not None else 0
+                if ledger is not None:
+                    chunk = ledger.observe(chunk)
+                    if ledger.failed_event is not None:
+                        leg.failure = f"the engine {instance.id} sent an error mid-stream"
+                        return
+                    if not chunk:
+                        continue
+                if ledger is not None and ledger.prompt_ids is not None:
+                    tokens = len(ledger.ids) - known
+                else:  # an engine that sends no token ids: one token an event that has a choice
+                    tokens = chunk.count(b"data: {") - chunk.count(b'"choices":[]')
+                timing.seen(tokens, now)
+                yield chunk
+            if ledger is not None and not ledger.done:
+                leg.failure = f"the engine {instance.id} ended the stream before its end"
+            if leg.stalled:
+                leg.failure = _stalled(instance, router)
+        except UpstreamError as error:
+            leg.failure = (
+                _stalled(instance, router)
+                if leg.stalled
+                else f"the engine {instance.id} failed mid-stream: {type(error).__name__}"
+            )
+        finally:
+            router.streams.discard(leg)
+
+    async def _migrate(self, failed: Instance, reason: str) -> tuple[UpstreamResponse, _Slot, Instance] | bytes | None:
+        """Continue the stream on another instance: its upstream response, slot and instance; the closing events
+        when nothing is left to generate; None when it cannot move (no ledger, its limit reached, nowhere)."""
+        ledger, router = self.ledger, self.router
+        if ledger is None or ledger.migrations >= router.settings.max_migrations:
+            return None
+        if ledger.can_continue:
+            max_tokens = self.parsed.max_tokens
+            if max_tokens is None and not self.parsed.chat:
+                max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
+            body = ledger.continuation(self.body, max_tokens)
+            if body is None:
+                return ledger.closing_events()
+            path = "/v1/completions"
+        elif ledger.head is None:  # no event reached the client: the request starts again, whole
+            ledger.migrations += 1
+            body = {k: v for k, v in self.body.items() if k != "kv_transfer_params"}
+            path = self.path
+        else:
+            return None
+        failed_ids = {failed.id}
+        while (target := self._migration_target(failed_ids)) is not None:
+            slot = _in_flight(target, self.route.input_tokens + ledger.committed).__enter__()
+            try:
+                upstream = await router.upstream.post(target.url + path, body, router.settings.first_byte_timeout_s)
+            except UpstreamError as error:
+                upstream, why = None, f"{type(error).__name__} {error}"
+            else:
+                why = f"answered {upstream.status_code}"
+                if upstream.status_code == 200:
+                    router.metrics.migrated(reason)
+                    log.warning("%s: moved from %s to %s", self.route.request_id, failed.id, target.id)
+                    return upstream, slot, target
+                await upstream.aclose()
+            slot.__exit__(None, None, None)
+            log.warning("%s: moving to %s failed: %s", self.route.request_id, target.id, why)
+            target.record_failure()
+            failed_ids.add(target.id)
+        return None
+
+    def _migration_target(self, excluded: set[str]) -> Instance | None:
+        """Another instance that generates (decode or hybrid), else a prefill instance serving the whole
+        request (as when no decode instance is healthy)."""
+        routing = self.route.routing
+        routing.now = time.monotonic()
+        for role in (Phase.DECODING, Phase.HYBRID, Phase.PREFILLING):
+            remaining = [i for i in self.router.pool.role(role) if i.id not in excluded]
+            selection = self.router.strategy.select(remaining, routing)
+            if selection is not None:
+                return selection.instance
+        return None
+
+    def _finish_stream(self, outcome: str, timing: _Timing, instance: Instance) -> None:
+        """Tokens are counted from the engine's token ids where it sent them (a chunk may carry several), else
+        one an event."""
         router = self.router
         end = time.monotonic()
-        tokens = max(0, events - 2)  # less the [DONE] event and a final usage or stop event
         ttft = tpot = None
-        if first_at is not None:
-            ttft = first_at - self.arrived
-            tpot = (end - first_at) / (tokens - 1) if tokens > 1 else None
+        tokens = timing.tokens
+        if timing.first_at is not None:
+            ttft = timing.first_at - self.arrived
+            tpot = timing.tpot(tokens)
             router.record_output(tokens)
         self._record(
             outcome,
@@ -627,14 +739,59 @@ def _error_event(message: str) -> bytes:
 
 
 class _Stream:
-    """A stream the stall watch looks at: when its last chunk came, and how to end it."""
+    """One upstream response of a stream, as the stall watch looks at it: whether and when its last chunk came,
+    how to end it; and why it ended early, if it did."""
 
-    __slots__ = ("instance", "last_at", "request_id", "stalled", "upstream")
+    __slots__ = ("failure", "first", "instance", "last_at", "request_id", "stalled", "upstream")
 
     def __init__(self, request_id: str, instance: Instance, upstream: UpstreamResponse):
         self.request_id, self.instance, self.upstream = request_id, instance, upstream
         self.last_at = time.monotonic()
+        self.first = False  # a chunk came
         self.stalled = False
+        self.failure: str | None = None
+
+
+class _Timing:
+    """A stream's first-token time and its tokens' inter-token gaps, across the instances it moves to. Gaps are
+    recorded in batches; tokens arriving together in one chunk share its gap."""
+
+    __slots__ = ("first_at", "first_tokens", "gaps", "last_at", "phase", "router", "token_chunks", "tokens")
+
+    def __init__(self, router: Router, phase: str):
+        self.router, self.phase = router, phase
+        self.first_at: float | None = None
+        self.last_at = 0.0
+        self.tokens = 0
+        self.first_tokens = 0  # tokens in the first chunk that had any
+        self.token_chunks = 0
+        self.gaps: list[float] = []
+
+    def seen(self, tokens: int, now: float) -> None:
+        if not tokens:
+            return
+        gaps = self.gaps
+        if self.first_at is None:
+            self.first_at, self.first_tokens = now, tokens
+        elif tokens == 1:
+            gaps.append(now - self.last_at)
+        else:
+            gaps.extend([(now - self.last_at) / tokens] * tokens)
+        if len(gaps) >= _GAPS_BATCH:
+            self.flush()
+        self.last_at = now
+        self.tokens += tokens
+        self.token_chunks += 1
+
+    def tpot(self, output_tokens: int) -> float | None:
+        """Time per output token after the first chunk's: None where it cannot be known (one token, or all of
+        them in one chunk), never 0."""
+        span = self.last_at - (self.first_at or 0.0)
+        return tokentiming.tpot(span, output_tokens, self.first_tokens, self.token_chunks)
+
+    def flush(self) -> None:
+        self.router.metrics.streamed(self.phase, self.gaps)
+        self.gaps = []
 
 
 class _Slot:

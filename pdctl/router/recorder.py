@@ -88,6 +88,11 @@ class RouterMetrics:
         self.fallbacks = Counter(
             "pdctl_router_fallbacks_total", "Requests served in another phase than decided.", ("reason",)
         )
+        self.migrations = Counter(
+            "pdctl_router_migrations_total",
+            "Streams moved to another instance mid-stream, by why their engine was left.",
+            ("reason",),
+        )
         by_phase = {"labels": ("phase",), "label_of": _by_phase}
         self.ttft = LedgerHistogram(
             ledger, "pdctl_router_ttft_seconds", "Time to first token seen by the router.", **by_phase
@@ -112,6 +117,9 @@ class RouterMetrics:
 
     def fell_back(self, reason: str) -> None:
         self.fallbacks.inc(reason)
+
+    def migrated(self, reason: str) -> None:
+        self.migrations.inc(reason)
 
     def streamed(self, phase: str, gaps_s: list[float]) -> None:
         """Inter-token gaps of one stream, recorded together (the proxy collects them as chunks pass: one

@@ -24,6 +24,7 @@ from pdctl.router.pool import Instance, Pool
 log = logging.getLogger("pdctl.router.scrape")
 
 HISTORY = 62  # one sample a second: a 60 s window and its base
+SCRAPE_INTERVAL_S = 1.0
 
 # sample name -> EngineSample field (vLLM's names; the sim engine exposes the same)
 SAMPLES = {
@@ -151,6 +152,19 @@ class EngineHistory:
             return None
         return delta(latest, base), latest.at - base.at
 
+    def no_progress(self, seconds: float, now: float) -> bool:
+        """The engine reported work (running or waiting) and no new prompt or output token for `seconds`, in
+        samples up to a scrape ago: it answers, and what it holds does not move."""
+        latest = self.latest
+        if latest is None or now - latest.at > 2 * SCRAPE_INTERVAL_S or latest.running + latest.waiting == 0:
+            return False
+        for sample in reversed(self.samples):
+            if sample.prompt_tokens != latest.prompt_tokens or sample.generation_tokens != latest.generation_tokens:
+                return False
+            if latest.at - sample.at >= seconds:
+                return True
+        return False
+
     def busy_share(self, seconds: float) -> float | None:
         """Share of the samples of the window in which the engine had requests running."""
         window = [s for s in self.samples if self.samples[-1].at - s.at < seconds]
@@ -172,9 +186,14 @@ class EngineTelemetry:
     def history(self, instance_id: str) -> EngineHistory:
         return self.histories.get(instance_id) or EngineHistory()
 
+    def no_progress(self, instance_id: str, seconds: float) -> bool:
+        history = self.histories.get(instance_id)
+        return history is not None and history.no_progress(seconds, self.clock())
+
     def connection(self, instance: Instance) -> MetricsConnection:
         known = self._connections.get(instance.url)
         if known is None:
+            # No key: an engine's /metrics answers without its --api-key (vLLM guards /v1, /v2, /inference only).
             known = self._connections[instance.url] = MetricsConnection(f"{instance.url}/metrics")
         return known
 
@@ -257,7 +276,7 @@ async def scrape_once(telemetry: EngineTelemetry, instance: Instance) -> None:
     telemetry.record(instance, sample)
 
 
-async def scrape_forever(pool: Pool, telemetry: EngineTelemetry, interval_s: float = 1.0) -> None:
+async def scrape_forever(pool: Pool, telemetry: EngineTelemetry, interval_s: float = SCRAPE_INTERVAL_S) -> None:
     try:
         while True:
             await asyncio.gather(*(scrape_once(telemetry, i) for i in pool.all() if i.healthy))

@@ -9,6 +9,7 @@ import gc
 import logging
 from pathlib import Path
 
+from pdctl.auth import RouterEntry
 from pdctl.control_plane.types import ExecutionInstanceType
 from pdctl.gpus import GpuSource, NvmlGpuSource
 from pdctl.httpserver import HttpServer
@@ -51,7 +52,10 @@ def max_num_seqs(profile: ClusterProfile, role: ExecutionInstanceType) -> int:
     return profile.decode.max_parallel_requests
 
 
-def build_router(profile: ClusterProfile, plan: Plan, state_root: Path | None = None) -> Router:
+def build_router(
+    profile: ClusterProfile, plan: Plan, state_root: Path | None = None, engine_key: str | None = None
+) -> Router:
+    """engine_key: the cluster's engines' own key, sent with every request to them."""
     pool = Pool([Instance(i.id, i.role, i.url, max_num_seqs=max_num_seqs(profile, i.role)) for i in plan.instances])
     settings = RouterSettings(
         served_model_name=plan.served_model_name,
@@ -65,6 +69,8 @@ def build_router(profile: ClusterProfile, plan: Plan, state_root: Path | None = 
         prefill_timeout_s=max(10.0, 10 * profile.router.slo.ttft_ms / 1000),
         record_metrics=profile.router.metrics,
         stall_timeout_s=profile.router.stall_timeout_s or max(10.0, 50 * profile.slo_tpot_ms / 1000),
+        max_migrations=profile.router.max_migrations,
+        engine_api_key=engine_key,
     )
     router = Router(settings, pool, TokenCounter.for_model(plan.model_path))
     router.context = StatsContext(
@@ -100,12 +106,16 @@ async def sample_gpus(router: Router, plan: Plan, source: GpuSource, interval_s:
 
 
 class RouterService:
-    """Starts and stops the router's listener, its metrics scrape and, on a GPU host, its NVML sampler."""
+    """Starts and stops the router's listener, its metrics scrape and, on a GPU host, its NVML sampler. The
+    entry's key check comes first, before the router reads the request."""
 
-    def __init__(self, router: Router, host: str, port: int, plan: Plan | None = None):
+    def __init__(
+        self, router: Router, host: str, port: int, plan: Plan | None = None, entry: RouterEntry | None = None
+    ):
         self.router = router
         self.plan = plan
-        self.server = HttpServer(router.handle, host=host, port=port)
+        entry = entry or RouterEntry()
+        self.server = HttpServer(entry.guard(router.handle), host=host, port=port, tls=entry.tls)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:

@@ -64,7 +64,8 @@ class UpstreamResponse:
                 while True:
                     size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
                     if size == 0:
-                        await reader.readuntil(b"\r\n")
+                        while await reader.readuntil(b"\r\n") != b"\r\n":
+                            pass  # a trailer field
                         break
                     chunk = await reader.readexactly(size + 2)
                     yield chunk[:-2]
@@ -87,10 +88,12 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    def __init__(self, connect_timeout_s: float = 3.0, max_idle_per_engine: int = 256):
+    def __init__(self, connect_timeout_s: float = 3.0, max_idle_per_engine: int = 256, api_key: str | None = None):
+        """api_key: the engines' key (vLLM's --api-key), sent with every request."""
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle_per_engine
         self._idle: defaultdict[tuple[str, int], deque[_Connection]] = defaultdict(deque)
+        self._authorization = f"authorization: Bearer {api_key}\r\n" if api_key else ""
 
     async def post(self, url: str, body: dict[str, Any], first_byte_timeout_s: float) -> UpstreamResponse:
         """POST a JSON body; returns once the response head is in (the body is read by the caller)."""
@@ -99,7 +102,7 @@ class UpstreamPool:
         payload = json.dumps(body, separators=(",", ":")).encode()
         head = (
             f"POST {parts.path or '/'} HTTP/1.1\r\nhost: {key[0]}:{key[1]}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(payload)}\r\n\r\n"
+            f"{self._authorization}content-length: {len(payload)}\r\n\r\n"
         ).encode()
         for attempt in range(2):
             connection, reused = await self._acquire(key)

@@ -12,6 +12,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from pdctl.safetext import cell
+
 REPORT_FILE = "scaling.json"
 
 
@@ -132,12 +134,12 @@ def render_scaling(report: ScalingReport, now: float | None = None, last: int = 
             str(pool.min),
             str(pool.max),
             str(pool.floor),
-            Text(state, style=style),
+            cell(state, style=style),
         )
     lines = [table]
     for record in report.decisions[-last:]:
         ago = max(0.0, now - record.at)
-        lines.append(Text(f"  {ago:5.0f} s ago  {record.reason}  [{record.loop}; {record.outcome}]"))
+        lines.append(cell(f"  {ago:5.0f} s ago  {record.reason}  [{record.loop}; {record.outcome}]"))
     if not report.decisions:
         lines.append(Text("  no scaling decision yet"))
     return Group(*lines)

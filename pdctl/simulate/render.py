@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
+from rich.console import Group
 from rich.table import Table
 
-from pdctl.simulate.design import DocumentRow, SweepPoint
+from pdctl.simulate.design import DocumentRow, Shortfall, Sweep, SweepPoint
 from pdctl.simulate.run import SimulationResult
 
 METRICS = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
@@ -65,14 +68,36 @@ def design_table_view(rows: list[tuple[DocumentRow, SimulationResult]]) -> Table
     return table
 
 
-def sweep_view(points: list[SweepPoint], chosen: SweepPoint) -> Table:
-    table = Table(title="pdctl simulate --sweep (modelled): layouts by goodput per GPU", title_justify="left")
-    for column in ("layout", "GPUs", "goodput tok/s/GPU", "output tok/s", "SLO met", "P99 TTFT ms", "P99 ITL ms"):
-        table.add_column(column, justify="left" if column == "layout" else "right")
-    for point in sorted(points, key=lambda p: -p.goodput_per_gpu):
+def sweep_view(sweep: Sweep, chosen: SweepPoint) -> Group:
+    """The layouts simulated, best goodput per GPU first, then those that cannot run and why: 80 columns wide
+    (a layout's name never wraps; headers and reasons do)."""
+    table = Table(title="pdctl simulate --sweep (modelled): layouts by goodput per GPU", title_justify="left",
+                  caption="P prefill, D decode, H hybrid instances; TP tensor-parallel size; * chosen",
+                  caption_justify="left")  # fmt: skip
+    table.add_column("layout", no_wrap=True)
+    for column in ("GPUs", "goodput tok/s/GPU", "output tok/s", "SLO met", "P99 TTFT ms", "P99 ITL ms"):
+        table.add_column(column, justify="right")
+    for point in sorted(sweep.points, key=lambda p: -p.goodput_per_gpu):
         m = point.result.metrics
-        mark = " (chosen)" if point is chosen else ""
-        table.add_row(point.layout.label + mark, str(point.layout.gpus), f"{point.goodput_per_gpu:.1f}",
-                      f"{m['output_throughput']:.0f}", f"{m.get('goodput_ratio', 0):.0%}", f"{m['p99_ttft_ms']:.0f}",
-                      f"{m['p99_itl_ms']:.1f}")  # fmt: skip
+        table.add_row(point.layout.label + (" *" if point is chosen else ""), str(point.layout.gpus),
+                      f"{point.goodput_per_gpu:.1f}", f"{m['output_throughput']:.0f}",
+                      f"{m.get('goodput_ratio', 0):.0%}", f"{m['p99_ttft_ms']:.0f}", f"{m['p99_itl_ms']:.1f}",
+                      style="bold" if point is chosen else None)  # fmt: skip
+    if not sweep.cannot_run:
+        return Group(table)
+    return Group(table, _cannot_run_table(sweep))
+
+
+def _cannot_run_table(sweep: Sweep) -> Table:
+    """The layouts that cannot run, one row for each kind of instance that does not fit and the number of
+    layouts that have it (many layouts fail the same way; `--json` gives each its reasons)."""
+    counts: Counter[Shortfall] = Counter(s for item in sweep.cannot_run for s in item.shortfalls)
+    total = len(sweep.points) + len(sweep.cannot_run)
+    table = Table(title=f"{len(sweep.cannot_run)} of {total} layouts cannot run (--json names each)",
+                  title_justify="left", show_lines=True)  # fmt: skip
+    table.add_column("instances", no_wrap=True)
+    table.add_column("layouts", justify="right")
+    table.add_column("why they do not fit", ratio=1)
+    for shortfall, count in sorted(counts.items(), key=lambda item: item[0].instances):
+        table.add_row(shortfall.instances, str(count), shortfall.why)
     return table

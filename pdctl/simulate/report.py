@@ -41,6 +41,8 @@ def as_measured(record: RequestRecord) -> RequestResult:
         latency=record.e2e,
         prompt_tokens=record.input_tokens,
         output_tokens=record.output_tokens,
+        token_events=record.output_tokens,  # the modelled engine streams each token as it is made
+        first_event_tokens=min(1, record.output_tokens),
         phase=record.phase or None,
     )
 
