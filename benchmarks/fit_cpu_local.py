@@ -34,7 +34,8 @@ from typing import Any
 
 import httpx
 
-from pdctl.perfmodel.cpufit import (
+from pdctl.perfmodel.hardware import HARDWARE_DIR, get_hardware
+from pdctl.simulate.cpufit import (
     CALIBRATION,
     RUNS_PATH,
     VALIDATION,
@@ -50,7 +51,6 @@ from pdctl.perfmodel.cpufit import (
     render_held_out,
     replica_speeds,
 )
-from pdctl.perfmodel.hardware import HARDWARE_DIR, get_hardware
 
 MODEL = "pdctl-tiny-llama"
 

@@ -26,12 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pdctl.control_plane.types import ExecutionInstanceType, PDSeparationConfig  # noqa: E402
 from pdctl.httpserver import HttpServer, Request, Response, StreamingResponse  # noqa: E402
 from pdctl.router.migration import StreamLedger  # noqa: E402
 from pdctl.router.pool import Instance, Pool  # noqa: E402
 from pdctl.router.proxy import Router, RouterSettings  # noqa: E402
 from pdctl.router.tokens import TokenCounter, utf8_length  # noqa: E402
+from pdctl.types import ExecutionInstanceType, PDSeparationConfig  # noqa: E402
 
 COMPLETION_EVENT = (
     b'data: {"id":"cmpl-b5597e700699949a","object":"text_completion","created":1796581178,"model":"pdctl-tiny-llama",'

@@ -25,14 +25,15 @@ import tracemalloc
 from collections import defaultdict
 from collections.abc import Callable
 
-from pdctl.control_plane.types import ExecutionInstanceType, PDSeparationConfig
 from pdctl.router import requests
+from pdctl.router.pieces import Strategy
 from pdctl.router.pool import Instance, Pool
 from pdctl.router.proxy import Route, Router, RouterSettings
 from pdctl.router.tokens import TokenCounter
+from pdctl.types import ExecutionInstanceType, PDSeparationConfig
 
 POLICIES = ("threshold", "adaptive", "always", "never")
-STRATEGIES = ("load_balanced", "round_robin", "cache_aware")
+STRATEGIES = tuple(Strategy.registry)
 
 
 def pool(prefill: int, decode: int) -> Pool:

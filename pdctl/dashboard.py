@@ -21,10 +21,10 @@ from pdctl import lifecycle
 from pdctl.auth import Access
 from pdctl.errors import ClusterError
 from pdctl.lifecycle import InstanceReport, StatusReport
+from pdctl.router.stats import ClusterStats, FaultStats, InstanceStats, WindowStats
 from pdctl.safetext import cell, printable
 from pdctl.scaling.report import render_scaling
 from pdctl.state import ClusterDir
-from pdctl.stats import ClusterStats, FaultStats, InstanceStats, WindowStats
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 ASCII_RAMP = "_.-=+*#@"

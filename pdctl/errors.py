@@ -15,6 +15,14 @@ class UsageError(PdctlError):
     exit_code = 2
 
 
+class UnknownPolicy(UsageError, ValueError):
+    """A routing policy, scheduling policy or routing strategy name pdctl does not have."""
+
+
+class MissingPrompt(UsageError, ValueError):
+    """A request with neither a prompt (nor chat messages) nor a known input token count."""
+
+
 class ProfileError(UsageError):
     """A profile that cannot be loaded; every problem names file, line, column and field path."""
 

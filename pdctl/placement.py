@@ -8,9 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
 from pdctl.errors import PlacementError
 from pdctl.gpus import Gpu, GpuInventory
+from pdctl.types import ExecutionInstance, ExecutionInstanceType
 
 DeviceMode = Literal["cuda", "cpu"]
 

@@ -11,12 +11,12 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
 from pdctl.engines import commands
 from pdctl.engines.commands import EngineCommand, InstanceContext, LaunchPrefix
 from pdctl.gpus import GpuInventory
 from pdctl.placement import Assignment, DeviceMode, GpuSlot, PlacementRequest
 from pdctl.profile import ENV_REFERENCE, ClusterProfile, LauncherSpec, RouterSpec, is_secret_name
+from pdctl.types import ExecutionInstance, ExecutionInstanceType
 
 MASK = "***"
 

@@ -1,6 +1,6 @@
 """The cluster profile: one YAML file describing the whole cluster, validated into typed parts.
 
-Its sections are the design document's own types (``pdctl.control_plane.types``); the rest says what
+Its sections are the design document's own types (``pdctl.types``); the rest says what
 those types leave open on a real host: the model, the engine, devices, ports, the router, the cost.
 """
 
@@ -12,18 +12,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdctl.auth import VLLM_KEY_ENV
-from pdctl.control_plane.types import (
+from pdctl.errors import ProfileError
+from pdctl.types import (
     DecodingConfig,
     ExecutionInstance,
     ExecutionInstanceType,
     PDSeparationConfig,
     PrefillingConfig,
 )
-from pdctl.errors import ProfileError
-from pdctl.scaling.config import ScalingSpec
 from pdctl.yaml_source import Loc, YamlSource, dotted, load_yaml
 
 ScenarioName = Literal["qa", "chat", "code"]
@@ -65,6 +64,10 @@ SCENARIO_PRESETS: dict[str, dict[str, Any]] = {
         "router": {"slo": {"ttft_ms": 1000.0, "tpot_ms": 50.0}},
     },
 }
+
+# The router's strategies (`pdctl.router.pieces.Strategy.registry`), named here because the profile is
+# validated below the router; a test keeps the two the same.
+RoutingStrategyName = Literal["load_balanced", "round_robin", "cache_aware"]
 
 # `${VAR}`: a value read from the environment where it is used, so the secret itself is never in a file.
 ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -188,7 +191,7 @@ class RouterSpec(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     scheduling_policy: Literal["slo_aware", "fifo"] = "slo_aware"
-    routing_strategy: Literal["load_balanced", "round_robin", "cache_aware"] = "load_balanced"
+    routing_strategy: RoutingStrategyName = "load_balanced"
     slo: SLOSpec = Field(default_factory=SLOSpec)
     metrics: bool = Field(True, description="record per-request metrics (off only to measure what they cost)")
     stall_timeout_s: float | None = Field(
@@ -277,6 +280,58 @@ class LauncherSpec(_Section):
         if instance_id in self.instances:
             return self.instances[instance_id]
         return self.prefill if role is ExecutionInstanceType.PREFILLING else self.decode
+
+
+# The `scaling:` section: how fast and how carefully the scaler moves. The pools' bounds are the design
+# document's (`pd.prefilling_min_instances` ... `decoding_max_instances`); the latency targets are the router's SLOs.
+ScalingMode = Literal["auto", "advisory", "off"]
+
+
+class ScalingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mode: ScalingMode = Field(
+        "auto",
+        description="auto acts; advisory logs and shows decisions without acting; off (also when "
+        "pd.enable_dynamic_scaling is false) keeps the pools as started",
+    )
+    interval_s: float = Field(5.0, gt=0, description="reactive loop period")
+    forecast_interval_s: float = Field(30.0, gt=0, description="predictive loop period")
+    predictive: bool = Field(True, description="forecast the arrival rate and lengths and hold a floor under the pools")
+    scale_out_after_s: float = Field(20.0, ge=0, description="a scale-out signal must hold this long")
+    scale_in_after_s: float = Field(90.0, ge=0, description="a scale-in signal must hold this long")
+    warmup_s: float = Field(20.0, ge=0, description="samples of an instance this young are ignored")
+    window_s: float = Field(30.0, gt=0, description="window of the client-observed latency percentiles")
+    percentile: float = Field(90.0, gt=0, lt=100, description="the latency percentile compared with the SLO")
+    drain_timeout_s: float = Field(120.0, gt=0, description="a scale-in drain cuts what is left after this")
+    scale_in_margin: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="scale in only if the load spread over one instance fewer stays below this share of every limit",
+    )
+    prefill_backlog_s: float | None = Field(
+        None, gt=0, description="prompt-token backlog that calls for prefill +1; half the TTFT SLO when unset"
+    )
+    decode_busy_high: float = Field(
+        0.8, gt=0, le=1, description="decode +1 above this share of slots (running and queued) or KV cache in use"
+    )
+    blocked_retry_s: float = Field(120.0, gt=0, description="after no device was free, wait this long to try again")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `off` as false: that is what the user wrote.
+        return "off" if value is False else value
+
+    @model_validator(mode="after")
+    def _in_waits_longer(self) -> Self:
+        if self.scale_in_after_s < self.scale_out_after_s:
+            raise ValueError(
+                f"scale_in_after_s ({self.scale_in_after_s:g}) is below scale_out_after_s "
+                f"({self.scale_out_after_s:g}): scale-in must wait at least as long as scale-out"
+            )
+        return self
 
 
 class CostSpec(_Section):

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pdctl import cluster
-from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
 from pdctl.engines import commands
 from pdctl.launchers import Launcher
 from pdctl.placement import Assignment, PlacementRequest
 from pdctl.plan import Plan, PlannedInstance, plan_added_instance
 from pdctl.profile import ClusterProfile
+from pdctl.types import ExecutionInstance, ExecutionInstanceType
 
 
 class InstancePlanner:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pdctl.control_plane.types import DecodingConfig, PDSeparationConfig, PrefillingConfig
-from pdctl.profile import SCENARIO_PRESETS, RouterSpec, deep_merge
+from typing import get_args
+
+from pdctl.profile import SCENARIO_PRESETS, RouterSpec, RoutingStrategyName, deep_merge
+from pdctl.types import DecodingConfig, PDSeparationConfig, PrefillingConfig
 
 _SCENARIO_LINES = {
     "qa": "document Q&A: long input, short output",
@@ -18,6 +20,7 @@ def profile_template(scenario: str, name: str | None = None, model: str = "meta-
     prefill = PrefillingConfig()
     decode = DecodingConfig()
     router = RouterSpec.model_validate(deep_merge({}, preset.get("router", {})))
+    strategies = ", ".join(get_args(RoutingStrategyName))
     return f"""\
 # pdctl cluster profile: {_SCENARIO_LINES[scenario]}.
 # `pdctl validate FILE` checks it, `pdctl plan FILE` shows what `pdctl up FILE` would run.
@@ -44,7 +47,7 @@ router:
   # api_keys: ['${{PD_API_KEY}}']   # clients send `Authorization: Bearer KEY`; needed beyond 127.0.0.1
   # tls: {{cert: cert.pem, key: key.pem}}
   scheduling_policy: {router.scheduling_policy}   # slo_aware (priorities, deadlines) or fifo
-  routing_strategy: {router.routing_strategy}  # load_balanced, round_robin, cache_aware
+  routing_strategy: {router.routing_strategy}  # {strategies}
   slo:
     ttft_ms: {router.slo.ttft_ms:g}
     tpot_ms: {router.slo.tpot_ms:g}

@@ -6,7 +6,7 @@ from pdctl.control_plane.types import ExecutionInstanceType, PDSeparationConfig
 from pdctl.router.pool import Instance, Pool
 from pdctl.router.recorder import RouterMetrics
 from pdctl.router.scrape import EngineSample, EngineTelemetry
-from pdctl.stats import ClusterStats, StatsContext, build
+from pdctl.router.stats import ClusterStats, StatsContext, build
 
 
 class FakeClock:

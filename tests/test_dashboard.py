@@ -17,7 +17,7 @@ from rich.console import Console
 
 from pdctl import dashboard, lifecycle
 from pdctl.lifecycle import InstanceReport, StatusReport
-from pdctl.stats import FaultStats
+from pdctl.router.stats import FaultStats
 from tests.clusters import sim_profile, up
 from tests.figures import FakeClock, fixed_cluster
 

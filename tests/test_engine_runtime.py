@@ -27,6 +27,7 @@ from pdctl.engines.runtime import (
 )
 from pdctl.errors import EngineRuntimeMissing, UsageError
 from pdctl.gpus import GpuInventory, StaticGpuSource
+from pdctl.perfmodel import arch
 from tests.conftest import fake_gpu
 
 VERSIONS = {"vllm": "0.32.0", "nixl": "1.5.1", "tokenizers": "0.23.3", "torch_cuda": None, "nixl_backend": "nixl_cu13"}
@@ -411,7 +412,7 @@ print(json.dumps({"ids": ids, "back": tok.decode(ids, skip_special_tokens=True),
 @pytest.mark.e2e
 def test_tiny_model_tokenizer_round_trips_in_the_runtime(tmp_path: Path) -> None:
     info = install_runtime(default_runtime_dir())
-    dest = tinymodel.write_tiny_model(tmp_path / tinymodel.TINY_MODEL_NAME, python=info.python)
+    dest = tinymodel.write_tiny_model(tmp_path / arch.TINY_MODEL_NAME, python=info.python)
     done = subprocess.run(
         [str(info.python), "-c", ROUND_TRIP, str(dest)], capture_output=True, text=True, timeout=300, check=True
     )
@@ -420,7 +421,7 @@ def test_tiny_model_tokenizer_round_trips_in_the_runtime(tmp_path: Path) -> None
     assert result["back"] == text
     # One token per byte after <s>: id = 3 + byte value.
     assert result["ids"] == [1, *(3 + byte for byte in text.encode())]
-    assert result["vocab"] == tinymodel.VOCAB_SIZE
+    assert result["vocab"] == arch.VOCAB_SIZE
     assert result["chat"] == "user: hi\nassistant: "
 
 

@@ -22,7 +22,7 @@ from pdctl.metrics import (
 )
 from pdctl.router.recorder import FOLD_BATCH, RouterMetrics
 from pdctl.router.scrape import EngineHistory, parse_engine_metrics
-from pdctl.stats import exposition
+from pdctl.router.stats import exposition
 from tests.figures import FakeClock, fixed_cluster, sample
 
 
@@ -203,6 +203,17 @@ def test_busy_share_is_the_share_of_samples_with_requests_running():
     for second, running in enumerate([0, 1, 3, 0]):
         history.add(sample(float(second), running=running))
     assert history.busy_share(60) == 0.5
+
+
+def test_an_engine_makes_no_progress_when_its_token_counters_stand_still_for_the_limit():
+    history = EngineHistory()
+    for second in range(12):  # prompt and output tokens stand still from second 2 on
+        history.add(sample(float(second), prompt_tokens=100, generation_tokens=min(second, 2) * 10))
+    assert history.no_progress(9.0, now=11.5)  # 9 s flat: from the sample at 2 to the one at 11
+    assert not history.no_progress(10.0, now=11.5)  # not yet 10 s
+    assert not history.no_progress(9.0, now=20.0)  # the latest sample is stale: the scrape fails, no verdict
+    history.add(sample(12.0, prompt_tokens=100, generation_tokens=21))
+    assert not history.no_progress(9.0, now=12.5)  # a token again
 
 
 VLLM_METRICS = """\

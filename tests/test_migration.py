@@ -188,6 +188,16 @@ async def test_a_stream_moves_again_up_to_its_limit_then_ends_with_an_error_even
         assert response.trailers["x-pdctl-migrations"] == "2"
 
 
+async def test_a_continuation_on_an_engine_that_never_answers_moves_again():
+    body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0}
+    async with cluster({**TWO_DECODE, "decode-2": Role.DECODING}) as c:
+        c.faults.extend([Fault(10, "die"), Fault(0, "stall")])  # the second engine stalls before its first token
+        events, response = await stream(c.url, body)
+        assert text(events) == text_of(expected(list(PROMPT.encode()), 30))
+        assert response.trailers["x-pdctl-migrations"] == "2"
+        assert c.migrations() == {"failed": 1.0, "stalled": 1.0}
+
+
 async def test_with_no_other_decode_instance_a_prefill_instance_finishes_the_stream():
     body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0}
     async with cluster({"decode-0": Role.DECODING, "prefill-0": Role.PREFILLING}) as c:

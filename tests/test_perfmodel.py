@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pdctl.engines import tinymodel
-from pdctl.perfmodel.arch import get_model
+from pdctl.perfmodel.arch import get_model, tiny_model_config
 from pdctl.perfmodel.calibrate import check_layers
 from pdctl.perfmodel.hardware import (
     Attention,
@@ -68,7 +67,7 @@ def test_llama_2_70b_figures() -> None:
 
 def test_tiny_model_is_pdctls_own() -> None:
     arch = get_model("builtin:tiny-llama")
-    config = tinymodel.model_config()
+    config = tiny_model_config()
     assert (arch.hidden_size, arch.num_hidden_layers, arch.num_key_value_heads) == (
         config["hidden_size"],
         config["num_hidden_layers"],

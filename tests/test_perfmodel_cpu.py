@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pdctl.perfmodel import cpufit
 from pdctl.perfmodel.hardware import Noise, Overhead
+from pdctl.simulate import cpufit
 
 KNOWN = Overhead(per_step_s=0.010, per_seq_s=0.0005, per_token_s=0.00005, per_mixed_decode_s=0.002,
                  per_request_s=0.004, per_request_token_s=0.000006, shares_core=True, idle_wake_s=0.005,

@@ -11,20 +11,16 @@ import pytest
 import typer
 
 from pdctl.cli import app, expand_multi_value
+from tests.docpages import ROOT, lines, pages
 
-ROOT = Path(__file__).resolve().parent.parent
 SHELLS = ("bash", "sh", "console", "shell")
 
 
 def shown_commands() -> list[tuple[str, str]]:
     """(where, command) for each `pdctl ...` in a shell block of README.md and docs/**/*.md."""
     found = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
-        language = None
-        for number, line in enumerate(path.read_text().replace("\\\n", " ").splitlines(), 1):
-            if line.startswith("```"):
-                language = None if language is not None else line[3:].strip() or "text"
-                continue
+    for path in pages():
+        for number, line, language in lines(path.read_text().replace("\\\n", " ")):
             if language not in SHELLS:
                 continue
             for part in shlex.split(line, comments=True) and _commands(line):

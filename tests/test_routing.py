@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import get_args
 
 import pytest
 
 from pdctl.control_plane.types import ExecutionInstanceType as Phase
 from pdctl.control_plane.types import PDSeparationConfig
 from pdctl.httpserver import HttpError
+from pdctl.profile import RoutingStrategyName
 from pdctl.router import requests
 from pdctl.router.admission import Admission, DeadlineExceeded
 from pdctl.router.phase import (
@@ -21,7 +23,7 @@ from pdctl.router.phase import (
     make_phase_policy,
     with_availability,
 )
-from pdctl.router.pieces import RoutingRequest, make_strategy
+from pdctl.router.pieces import BestScore, OutstandingTokens, RoutingRequest, Strategy, make_strategy
 from pdctl.router.pool import Instance
 from pdctl.router.prefix import PrefixTable, block_ends, block_hashes, covered
 from pdctl.router.tokens import TokenCounter
@@ -136,6 +138,28 @@ def test_cache_aware_follows_the_prefix():
     asked = prompt + "question one"
     request = RoutingRequest(200, prefix_blocks=block_hashes(asked), prefix_length=len(asked))
     assert strategy.select([instance("a"), instance("b")], request).instance.id == "b"
+
+
+def test_the_profile_names_the_registered_strategies():
+    assert get_args(RoutingStrategyName) == tuple(Strategy.registry)
+    assert [name for name, cls in Strategy.registry.items() if cls.uses_prefixes] == ["cache_aware"]
+
+
+def test_a_strategy_is_one_class():
+    class FewestTokens(Strategy, name="fewest_tokens"):
+        def make_scorers(self, tables):
+            return [OutstandingTokens()]
+
+    try:
+        strategy = make_strategy("fewest_tokens", lambda _: PrefixTable(), random.Random(0))
+        assert isinstance(strategy, FewestTokens) and isinstance(strategy.picker, BestScore)
+        busy, idle = instance("busy"), instance("idle")
+        busy.in_flight_prompt_tokens = 500
+        assert strategy.select([busy, idle], RoutingRequest(1)).instance.id == "idle"
+    finally:
+        del Strategy.registry["fewest_tokens"]
+    with pytest.raises(UnknownPolicy, match="fewest_tokens"):
+        make_strategy("fewest_tokens", lambda _: PrefixTable())
 
 
 def test_prefix_table_lru_and_lfu_eviction():

@@ -3,19 +3,23 @@ and, where Python has a natural base for it, that base too, so `except ValueErro
 
 from __future__ import annotations
 
-from pdctl.errors import PdctlError, UsageError
+# The router raises these two as well, so they live in the bottom layer; the API names them here too.
+from pdctl.errors import MissingPrompt, PdctlError, UnknownPolicy, UsageError
+
+__all__ = [
+    "ControlPlaneError",
+    "DuplicateRequest",
+    "InstanceUnreachable",
+    "MissingPrompt",
+    "NoInstances",
+    "NotRunning",
+    "UnknownPolicy",
+    "UnknownRequest",
+]
 
 
 class ControlPlaneError(PdctlError):
     """Base of the control plane's own errors."""
-
-
-class UnknownPolicy(UsageError, ValueError):
-    """A routing policy, scheduling policy or routing strategy name pdctl does not have."""
-
-
-class MissingPrompt(UsageError, ValueError):
-    """A request with neither a prompt (nor chat messages) nor a known input token count."""
 
 
 class DuplicateRequest(UsageError, ValueError):

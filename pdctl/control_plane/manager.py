@@ -39,7 +39,12 @@ from pdctl.control_plane.errors import (
     UnknownPolicy,
     UnknownRequest,
 )
-from pdctl.control_plane.types import (
+from pdctl.router.pieces import Strategy
+from pdctl.router.pool import Instance, Pool
+from pdctl.router.proxy import Router, RouterSettings
+from pdctl.router.server import RouterService
+from pdctl.router.tokens import TokenCounter
+from pdctl.types import (
     DecodingConfig,
     ExecutionInstance,
     ExecutionInstanceType,
@@ -48,15 +53,10 @@ from pdctl.control_plane.types import (
     PrefillingConfig,
     RequestMetadata,
 )
-from pdctl.router.pool import Instance, Pool
-from pdctl.router.proxy import Router, RouterSettings
-from pdctl.router.server import RouterService
-from pdctl.router.tokens import TokenCounter
 
 log = logging.getLogger("pdctl.control_plane")
 
 SCHEDULING_POLICIES = ("slo_aware", "fifo")
-ROUTING_STRATEGIES = ("load_balanced", "round_robin", "cache_aware")
 HEALTH_INTERVAL_S = 2.0
 KEPT_RESULTS = 10_000
 T = TypeVar("T")
@@ -125,7 +125,7 @@ class Executor:
 
     @property
     def metrics(self) -> PDMetrics:
-        """PDMetrics of the last minute (README: PDMetrics); zeros before start()."""
+        """PDMetrics of the last minute (docs/observability.md, PDMetrics); zeros before start()."""
         return self._manager._pd_metrics()
 
 
@@ -144,7 +144,7 @@ class ControlPlaneManager:
     ):
         """instance_api_key: the key the instances ask for (vLLM's --api-key), sent with every request to them."""
         _known_name("scheduling_policy", scheduling_policy, SCHEDULING_POLICIES)
-        _known_name("routing_strategy", routing_strategy, ROUTING_STRATEGIES)
+        _known_name("routing_strategy", routing_strategy, tuple(Strategy.registry))
         self.scheduling_policy = scheduling_policy
         self.routing_strategy = routing_strategy
         # The document's base example is PDSeparationConfig's defaults; pass the object to steer it at run time.

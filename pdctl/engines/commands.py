@@ -1,6 +1,6 @@
 """From a planned instance to the exact argv and environment of its engine: pure functions.
 
-The README's "Profile to engine" table documents this mapping; tests pin it.
+docs/profile.md's "Profile to engine" table documents this mapping; tests pin it.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 from dataclasses import dataclass, field
 
 from pdctl.auth import ENGINE_KEY_ENV, VLLM_KEY_ENV
-from pdctl.control_plane.types import ExecutionInstance, ExecutionInstanceType
 from pdctl.placement import Assignment, DeviceMode
 from pdctl.profile import ClusterProfile
+from pdctl.types import ExecutionInstance, ExecutionInstanceType
 
 # The same name as pdctl/engines/nixl_progress.py's ENV (that module runs in vLLM's interpreter, not here).
 NIXL_PROGRESS_ENV = "PDCTL_NIXL_PROGRESS_DELAY_US"

@@ -16,17 +16,21 @@ from typing import Any
 
 from pdctl.engines.runtime import RuntimeInstallError, default_runtime_dir, missing_message, runtime_python
 from pdctl.errors import EngineRuntimeMissing
+from pdctl.perfmodel.arch import (
+    BOS,
+    EOS,
+    MAX_POSITIONS,
+    SPECIAL_TOKENS,
+    TINY_MODEL_NAME,
+    UNK,
+    VOCAB_SIZE,
+    tiny_model_config,
+)
 
-TINY_MODEL_NAME = "pdctl-tiny-llama"
 # Bump when any written file changes, so an older model directory is rewritten rather than served stale.
 MODEL_VERSION = 1
 MARKER = "pdctl-model.json"
 
-UNK, BOS, EOS = "<unk>", "<s>", "</s>"
-SPECIAL_TOKENS = (UNK, BOS, EOS)
-# 256 byte symbols after the three special tokens.
-VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
-MAX_POSITIONS = 4096
 TOKENIZER_BUILD_TIMEOUT_S = 120
 
 # Role-prefixed turns: enough structure for /v1/chat/completions; the model's output is noise anyway.
@@ -86,33 +90,6 @@ def default_model_dir() -> Path:
     return Path(data_home).expanduser() / "pdctl" / "models" / TINY_MODEL_NAME
 
 
-def model_config() -> dict[str, Any]:
-    # float32 runs on every CPU; bfloat16 without AVX-512 BF16 falls back to slow torch matmuls. vLLM's
-    # `--dtype auto` still downcasts float32 to bfloat16 on the CPU, so the engine needs `--dtype float32` too.
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "hidden_act": "silu",
-        "vocab_size": VOCAB_SIZE,
-        "max_position_embeddings": MAX_POSITIONS,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": 0.02,
-        "bos_token_id": SPECIAL_TOKENS.index(BOS),
-        "eos_token_id": SPECIAL_TOKENS.index(EOS),
-        "torch_dtype": "float32",
-    }
-
-
 def generation_config() -> dict[str, Any]:
     return {"bos_token_id": SPECIAL_TOKENS.index(BOS), "eos_token_id": SPECIAL_TOKENS.index(EOS)}
 
@@ -131,7 +108,7 @@ def tokenizer_config() -> dict[str, Any]:
 
 def _json_files() -> dict[str, dict[str, Any]]:
     return {
-        "config.json": model_config(),
+        "config.json": tiny_model_config(),
         "generation_config.json": generation_config(),
         "tokenizer_config.json": tokenizer_config(),
         "special_tokens_map.json": {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK},

@@ -1,20 +1,56 @@
 """Model architectures as data: the figures of a `config.json` that decide compute, weight bytes and KV bytes.
 
-The public models are written by hand from their published config.json (data/models.json); the local tiny
-model comes from pdctl's own builtin model, so the two never disagree."""
+The public models are written by hand from their published config.json (data/models.json); pdctl's own
+builtin model is defined here, and `pdctl/engines/tinymodel.py` writes its config.json from this definition,
+so the two never disagree."""
 
 from __future__ import annotations
 
 import json
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pdctl.engines import tinymodel
-
 DATA = Path(__file__).parent / "data"
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1}
+
+# pdctl's builtin model: a two-layer Llama over byte tokens.
+TINY_MODEL_NAME = "pdctl-tiny-llama"
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = (UNK, BOS, EOS)
+# 256 byte symbols after the three special tokens.
+VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+MAX_POSITIONS = 4096
+
+
+def tiny_model_config() -> dict[str, Any]:
+    """The builtin model's config.json."""
+    # float32 runs on every CPU; bfloat16 without AVX-512 BF16 falls back to slow torch matmuls. vLLM's
+    # `--dtype auto` still downcasts float32 to bfloat16 on the CPU, so the engine needs `--dtype float32` too.
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "vocab_size": VOCAB_SIZE,
+        "max_position_embeddings": MAX_POSITIONS,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "bos_token_id": SPECIAL_TOKENS.index(BOS),
+        "eos_token_id": SPECIAL_TOKENS.index(EOS),
+        "torch_dtype": "float32",
+    }
 
 
 class ModelArch(BaseModel):
@@ -75,9 +111,9 @@ class UnknownModel(KeyError):
 def models() -> dict[str, ModelArch]:
     raw = json.loads((DATA / "models.json").read_text())
     known = {name: ModelArch(name=name, **spec) for name, spec in raw.items() if not name.startswith("_")}
-    tiny = ModelArch(name=tinymodel.TINY_MODEL_NAME, **tinymodel.model_config())
+    tiny = ModelArch(name=TINY_MODEL_NAME, **tiny_model_config())
     # Profiles name it by its path, builtin:tiny-llama.
-    known[tinymodel.TINY_MODEL_NAME] = known["tiny-llama"] = tiny
+    known[TINY_MODEL_NAME] = known["tiny-llama"] = tiny
     return known
 
 

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 
-from pdctl.control_plane.errors import UnknownPolicy
-from pdctl.control_plane.types import ExecutionInstanceType as Phase
-from pdctl.control_plane.types import PDSeparationConfig
+from pdctl.errors import UnknownPolicy
+from pdctl.types import ExecutionInstanceType as Phase
+from pdctl.types import PDSeparationConfig
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Routing pieces in the style of llm-d's scheduler plugins: filters drop instances, scorers rate the rest
-in [0, 1] (higher is better), a picker chooses. A strategy is a list of each; a new policy is a new small
-class here and a line in STRATEGIES."""
+in [0, 1] (higher is better), a picker chooses. A strategy is a list of each, and a new strategy is one class
+that registers itself by name: `class MyStrategy(Strategy, name="mine")`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import add
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
-from pdctl.control_plane.errors import UnknownPolicy
+from pdctl.errors import UnknownPolicy
 from pdctl.router.pool import Instance
 from pdctl.router.prefix import CHAR_BLOCK_ENDS, PrefixTable, covered
 
@@ -180,11 +180,29 @@ class Selection:
 
 
 class Strategy:
-    def __init__(self, name: str, filters: list[Filter], scorers: list[Scorer], picker: Picker):
-        self.name = name
-        self.filters = filters
-        self.scorers = scorers
-        self.picker = picker
+    """Filters, scorers and a picker. A subclass names itself (`name=`) and is then known everywhere a
+    strategy is chosen by name: the router, the simulation and the manager."""
+
+    registry: ClassVar[dict[str, type[Strategy]]] = {}
+    name: ClassVar[str]
+    # Whether a scorer reads the request's prefix hashes: they are computed only for strategies that do.
+    uses_prefixes: ClassVar[bool] = False
+
+    def __init_subclass__(cls, name: str, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.name = name
+        Strategy.registry[name] = cls
+
+    def __init__(self, tables: Callable[[str], PrefixTable], rng: random.Random | None = None):
+        self.filters: list[Filter] = [Healthy(), NotDraining(), CircuitClosed()]
+        self.scorers = self.make_scorers(tables)
+        self.picker = self.make_picker(rng)
+
+    def make_scorers(self, tables: Callable[[str], PrefixTable]) -> list[Scorer]:
+        return []
+
+    def make_picker(self, rng: random.Random | None) -> Picker:
+        return BestScore(rng)
 
     def candidates(self, instances: list[Instance], request: RoutingRequest) -> list[Instance]:
         kept = instances
@@ -209,26 +227,24 @@ class Strategy:
         return Selection(self.picker.pick(candidates, scores), candidates, scores)
 
 
-def _filters() -> list[Filter]:
-    return [Healthy(), NotDraining(), CircuitClosed()]
+class LoadBalanced(Strategy, name="load_balanced"):
+    def make_scorers(self, tables: Callable[[str], PrefixTable]) -> list[Scorer]:
+        return [OutstandingTokens(), RunningSequences(), KVCacheUsage()]
+
+
+class RoundRobinStrategy(Strategy, name="round_robin"):
+    def make_picker(self, rng: random.Random | None) -> Picker:
+        return RoundRobin()
+
+
+class CacheAware(Strategy, name="cache_aware"):
+    uses_prefixes = True
+
+    def make_scorers(self, tables: Callable[[str], PrefixTable]) -> list[Scorer]:
+        return [PrefixAffinity(tables), OutstandingTokens(), RunningSequences(), KVCacheUsage()]
 
 
 def make_strategy(name: str, tables: Callable[[str], PrefixTable], rng: random.Random | None = None) -> Strategy:
-    factories: dict[str, Callable[[], Strategy]] = {
-        "load_balanced": lambda: Strategy(
-            name, _filters(), [OutstandingTokens(), RunningSequences(), KVCacheUsage()], BestScore(rng)
-        ),
-        "round_robin": lambda: Strategy(name, _filters(), [], RoundRobin()),
-        "cache_aware": lambda: Strategy(
-            name,
-            _filters(),
-            [PrefixAffinity(tables), OutstandingTokens(), RunningSequences(), KVCacheUsage()],
-            BestScore(rng),
-        ),
-    }
-    if name not in factories:
-        raise UnknownPolicy(f"unknown routing_strategy {name!r}; known: {', '.join(factories)}")
-    return factories[name]()
-
-
-STRATEGIES = ("load_balanced", "round_robin", "cache_aware")
+    if name not in Strategy.registry:
+        raise UnknownPolicy(f"unknown routing_strategy {name!r}; known: {', '.join(Strategy.registry)}")
+    return Strategy.registry[name](tables, rng)

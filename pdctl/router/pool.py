@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pdctl.control_plane.types import ExecutionInstanceType
+from pdctl.types import ExecutionInstanceType
 
 
 @dataclass(slots=True, eq=False)

@@ -17,15 +17,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pdctl import stats as cluster_stats
 from pdctl import tokentiming
-from pdctl.control_plane.pd_routing import PDRoutingStrategy
-from pdctl.control_plane.types import ExecutionInstanceType as Phase
-from pdctl.control_plane.types import PDSeparationConfig
 from pdctl.httpserver import HttpError, Request, Response, StreamingResponse, json_response
 from pdctl.router import requests
+from pdctl.router import stats as cluster_stats
 from pdctl.router.admission import Admission, DeadlineExceeded
 from pdctl.router.migration import MIGRATIONS_TRAILER, StreamLedger, why_not_migratable
+from pdctl.router.pd_routing import PDRoutingStrategy
 from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, instances_for_phase
 from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
 from pdctl.router.pool import Instance, Pool
@@ -34,6 +32,8 @@ from pdctl.router.recorder import DisabledRecorder, RouterMetrics
 from pdctl.router.scrape import EngineTelemetry
 from pdctl.router.tokens import TokenCounter, utf8_length
 from pdctl.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from pdctl.types import ExecutionInstanceType as Phase
+from pdctl.types import PDSeparationConfig
 
 log = logging.getLogger("pdctl.router")
 
@@ -145,7 +145,7 @@ class Router:
         )
         self.strategy = make_strategy(settings.routing_strategy, self.tables.__getitem__)
         # Prefix hashes cost time on the hot path: only where a piece reads them.
-        self._uses_prefixes = settings.routing_strategy == "cache_aware" or settings.pd.routing_policy == "adaptive"
+        self._uses_prefixes = self.strategy.uses_prefixes or settings.pd.routing_policy == "adaptive"
         self.admission = Admission(settings.scheduling_policy == "slo_aware", settings.max_queue_wait_s)
         self.avg_output_tokens = 128.0
         self._ids = itertools.count(1)
@@ -157,9 +157,10 @@ class Router:
         self.on_stall: Callable[[str, str], None] = lambda instance_id, why: None
 
     def stalled_streams(self, now: float) -> list[_Stream]:
-        """Streams that had their first token and then none for stall_timeout_s."""
+        """Streams with no chunk for stall_timeout_s since their first, or since a move began them (a
+        continuation's first token is one step away; a new request's may wait behind a long prefill)."""
         limit = self.settings.stall_timeout_s
-        return [s for s in self.streams if s.first and not s.stalled and now - s.last_at > limit]
+        return [s for s in self.streams if (s.first or s.moved) and not s.stalled and now - s.last_at > limit]
 
     def stalled_instances(self) -> list[Instance]:
         """Instances with requests in flight whose engine made no progress (no prompt or output token) for
@@ -588,8 +589,9 @@ class Exchange:
         timing = _Timing(router, self.phase.value)
         outcome = "ok"
         try:
+            continuing = False
             while True:
-                leg = _Stream(self.route.request_id, instance, upstream)
+                leg = _Stream(self.route.request_id, instance, upstream, continuing)
                 async for chunk in self._leg(leg, timing):
                     yield chunk
                 if leg.failure is None:
@@ -608,6 +610,7 @@ class Exchange:
                     yield moved
                     break
                 upstream, slot, instance = moved
+                continuing = True
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"  # the client went away: closing upstream makes vLLM abort the request
             raise
@@ -742,12 +745,13 @@ class _Stream:
     """One upstream response of a stream, as the stall watch looks at it: whether and when its last chunk came,
     how to end it; and why it ended early, if it did."""
 
-    __slots__ = ("failure", "first", "instance", "last_at", "request_id", "stalled", "upstream")
+    __slots__ = ("failure", "first", "instance", "last_at", "moved", "request_id", "stalled", "upstream")
 
-    def __init__(self, request_id: str, instance: Instance, upstream: UpstreamResponse):
+    def __init__(self, request_id: str, instance: Instance, upstream: UpstreamResponse, moved: bool = False):
         self.request_id, self.instance, self.upstream = request_id, instance, upstream
         self.last_at = time.monotonic()
         self.first = False  # a chunk came
+        self.moved = moved  # a continuation elsewhere: watched from its start
         self.stalled = False
         self.failure: str | None = None
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pdctl.control_plane.types import RequestPriority
 from pdctl.httpserver import HttpError
+from pdctl.types import RequestPriority
 
 PRIORITY_NAMES = {p.name.lower(): int(p) for p in RequestPriority}
 # Fields pdctl reads and removes: the engines do not know them.

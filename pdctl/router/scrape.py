@@ -153,10 +153,11 @@ class EngineHistory:
         return delta(latest, base), latest.at - base.at
 
     def no_progress(self, seconds: float, now: float) -> bool:
-        """The engine reported work (running or waiting) and no new prompt or output token for `seconds`, in
-        samples up to a scrape ago: it answers, and what it holds does not move."""
+        """No new prompt or output token for `seconds`, in samples up to a scrape ago: the engine answers, and
+        does nothing. (Its running and waiting gauges cannot tell: an engine core stopped before a request
+        reached it never counts that request.)"""
         latest = self.latest
-        if latest is None or now - latest.at > 2 * SCRAPE_INTERVAL_S or latest.running + latest.waiting == 0:
+        if latest is None or now - latest.at > 2 * SCRAPE_INTERVAL_S:
             return False
         for sample in reversed(self.samples):
             if sample.prompt_tokens != latest.prompt_tokens or sample.generation_tokens != latest.generation_tokens:

@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 from pdctl.auth import RouterEntry
-from pdctl.control_plane.types import ExecutionInstanceType
 from pdctl.gpus import GpuSource, NvmlGpuSource
 from pdctl.httpserver import HttpServer
 from pdctl.plan import Plan
@@ -18,8 +17,9 @@ from pdctl.profile import ClusterProfile
 from pdctl.router.pool import Instance, Pool
 from pdctl.router.proxy import Router, RouterSettings
 from pdctl.router.scrape import scrape_forever
+from pdctl.router.stats import GpuFigures, StatsContext
 from pdctl.router.tokens import TokenCounter
-from pdctl.stats import GpuFigures, StatsContext
+from pdctl.types import ExecutionInstanceType
 
 log = logging.getLogger("pdctl.router.server")
 

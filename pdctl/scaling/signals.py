@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pdctl.control_plane.types import ExecutionInstanceType
 from pdctl.router.pool import Instance
+from pdctl.types import ExecutionInstanceType
 
 
 class Role(StrEnum):

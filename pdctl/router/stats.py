@@ -14,12 +14,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from pdctl.control_plane.types import ExecutionInstanceType, PDMetrics, PDSeparationConfig
 from pdctl.cost import CostComparison, load_comparison, usd_per_million_tokens
 from pdctl.metrics import Counter, Key, LedgerHistogram, Row, summarize, window_span
 from pdctl.router.pool import Instance, Pool
 from pdctl.router.recorder import RouterMetrics
 from pdctl.router.scrape import EngineHistory, EngineTelemetry
+from pdctl.types import ExecutionInstanceType, PDMetrics, PDSeparationConfig
 
 WINDOWS = {"10s": 10, "60s": 60}
 RATE_WINDOW_S = 60  # the window of the instance rates, the hit rate, PDMetrics and the hints
@@ -248,7 +248,7 @@ def instance_stats(instance: Instance, history: EngineHistory, gpu: GpuFigures |
 
 def pd_metrics(last_minute: WindowStats, total: WindowStats, instances: list[InstanceStats], hit_rate: float | None,
                optimization: float | None) -> PDMetrics:  # fmt: skip
-    """The design document's summary; README "PDMetrics" defines each field."""
+    """The design document's summary; docs/observability.md, "PDMetrics", defines each field."""
     prefill = [i for i in instances if i.role == ExecutionInstanceType.PREFILLING.value]
     return PDMetrics(
         prefilling_throughput_tokens_per_sec=sum(i.prompt_tokens_per_s for i in prefill),
@@ -445,7 +445,8 @@ def _seconds(ms: float | None) -> float | None:
 def exposition(stats: ClusterStats) -> str:
     out = _instance_families(stats.instances) + _window_families(stats.windows)
     for field_name, value in stats.pd_metrics.model_dump().items():
-        out += _family(f"pdctl_pd_{field_name}", "gauge", f"PDMetrics.{field_name} (README: PDMetrics).", [({}, value)])
+        help_text = f"PDMetrics.{field_name} (docs/observability.md: PDMetrics)."
+        out += _family(f"pdctl_pd_{field_name}", "gauge", help_text, [({}, value)])
     cluster = {
         "pdctl_kv_cache_hit_rate": ("Prefix-cache hits over queries, every instance, last minute.",
                                     stats.kv_cache_hit_rate),
