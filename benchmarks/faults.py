@@ -277,11 +277,9 @@ def kill_daemon(cluster_dir: ClusterDir) -> None:
 def kill_prefill_between_hops(cluster_dir: ClusterDir, model: str, prompt_len: int = 300) -> Outcome:
     """A prefill answered, its instance killed (whole group), then the decode instance asked to read that KV
     cache: what the decode hop gives."""
-    state = cluster_dir.read_state()
     urls = {i.id: i.url for i in Plan.model_validate_json(cluster_dir.plan_file.read_bytes()).instances}
-    healthy = [i for i in urls if state.instances[i].phase is InstancePhase.HEALTHY]
-    prefill = next(i for i in healthy if i.startswith("prefill"))
-    decode = next(i for i in healthy if i.startswith("decode"))
+    prefill, decode = healthy_pair(cluster_dir)
+    state = cluster_dir.read_state()
     body = {"model": model, "prompt": "k" * prompt_len, "max_tokens": 16, "temperature": 0}
     key = cluster_dir.engine_key()  # the engines take requests from the router, which holds the cluster's key
     headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -303,6 +301,20 @@ def kill_prefill_between_hops(cluster_dir: ClusterDir, model: str, prompt_len: i
     if response.status_code == 200 and answer["choices"][0]["finish_reason"] in ("length", "stop"):
         return Outcome(ANSWERED, time.monotonic() - started)
     return Outcome(CLEAN_ERROR, time.monotonic() - started, json.dumps(answer)[:200])
+
+
+def healthy_pair(cluster_dir: ClusterDir, timeout_s: float = 240.0) -> tuple[str, str]:
+    """A healthy prefill and a healthy decode instance, waiting for them (an earlier fault's may restart)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        healthy = [i for i, s in cluster_dir.read_state().instances.items() if s.phase is InstancePhase.HEALTHY]
+        prefills = [i for i in healthy if i.startswith("prefill")]
+        decodes = [i for i in healthy if i.startswith("decode")]
+        if prefills and decodes:
+            return prefills[0], decodes[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no healthy prefill and decode instance within {timeout_s:g} s")
+        time.sleep(0.5)
 
 
 def take_port(host: str, port: int, seconds: float) -> threading.Thread:

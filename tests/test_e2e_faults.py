@@ -29,6 +29,7 @@ class FaultCluster:
         self.dir, self.model = cluster_dir, model
         self.seen_groups: set[int] = set()
         self.lives: dict[str, tuple[int | None, int]] = {}  # instances' incarnations before the last fault
+        self.faulted: list[str] = []  # the instances the last fault hit
         self.note_groups()
 
     @property
@@ -57,7 +58,9 @@ class FaultCluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, engine_runtime):
     tmp = tmp_path_factory.mktemp("faults")
-    cluster_dir, started = faults.up(faults.fault_profile(tmp, decode=2), tmp / "state")
+    # A long stall timeout: on two cores an engine starved by another's restart can go 10 s without a token,
+    # and a false stall restarts it, which starves the others further.
+    cluster_dir, started = faults.up(faults.fault_profile(tmp, decode=2, stall_timeout_s=20), tmp / "state")
     token = cluster_dir.read_state().token
     fault_cluster = FaultCluster(cluster_dir, started.plan.served_model_name)
     try:
@@ -103,14 +106,18 @@ def test_streams_on_stalled_decode_engines_move_token_for_token(cluster: FaultCl
     cluster.lives = faults.incarnations(cluster.dir)
     before = cluster.migrations()
     for body, baseline in zip(bodies, baselines, strict=True):
-        assert stream_with_its_engine_stopped(cluster, body) == baseline
+        text, stopped = stream_with_its_engine_stopped(cluster, body)
+        assert text == baseline
+        cluster.faulted.append(stopped)
+    assert sorted(cluster.faulted) == ["decode-0", "decode-1"]
     log = (cluster.dir.path / "daemon.log").read_text()
     assert cluster.migrations() - before == 2, [line for line in log.splitlines() if "WARNING" in line][-20:]
     assert "moved from decode-" in log and " to prefill-0" in log
 
 
-def stream_with_its_engine_stopped(cluster: FaultCluster, body: dict) -> str | BaseException:
-    """Stream `body`; once 100 events are in, SIGSTOP the EngineCore of the decode instance serving it."""
+def stream_with_its_engine_stopped(cluster: FaultCluster, body: dict) -> tuple[str | BaseException, str]:
+    """Stream `body`; once 100 events are in, SIGSTOP the EngineCore of the instance serving it: what the
+    client got, and that instance."""
     result: list[str | BaseException] = [RuntimeError("not run")]
     parts: list[str] = []
     headers: dict[str, str] = {}
@@ -127,13 +134,14 @@ def stream_with_its_engine_stopped(cluster: FaultCluster, body: dict) -> str | B
     while len(parts) < 100:  # under way, far from its end (1500 tokens)
         assert time.monotonic() < deadline and thread.is_alive(), len(parts)
         time.sleep(0.02)
-    faults.stop_engine_core(cluster.dir, headers["x-pdctl-decode"], 30)
+    serving = headers["x-pdctl-decode"]
+    faults.stop_engine_core(cluster.dir, serving, 90)  # longer than the stall timeout: pdctl acts first
     thread.join(180)
-    return result[0]
+    return result[0], serving
 
 
 def test_a_killed_decode_api_server_under_load_loses_no_request(cluster: FaultCluster):
-    cluster.wait_replaced(cluster.lives, "decode-0", "decode-1")  # the first test's stalled engines
+    cluster.wait_replaced(cluster.lives, *cluster.faulted)  # the first test's stalled engines
     before, lives = cluster.note_groups(), faults.incarnations(cluster.dir)
     with cluster.load() as load:
         time.sleep(3)
@@ -154,14 +162,15 @@ def test_a_killed_engine_core_and_a_prefill_restart_on_a_taken_port_lose_no_requ
     with cluster.load() as load:
         time.sleep(3)
         faults.kill_engine_core(cluster.dir, "decode-1")
+        time.sleep(8)  # decode-1's streams moved; the prefill instance next, while decode-1 restarts
         faults.kill_api_server(cluster.dir, "prefill-0")
-        holder = faults.take_port(prefill.host, prefill.port, 10)
+        holder = faults.take_port(prefill.host, prefill.port, 20)  # past its restart: the group is cleared first
 
         def blocked_naming_the_holder() -> bool:
             message = cluster.dir.read_state().instances["prefill-0"].message or ""
             return f"port {prefill.port}" in message and "taken by pid" in message
 
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         while not blocked_naming_the_holder():
             assert time.monotonic() < deadline, cluster.dir.read_state().instances["prefill-0"]
             time.sleep(0.2)

@@ -4,11 +4,14 @@ after its start timeout (while loading) or never (while serving, its /health ans
 
 from __future__ import annotations
 
-# vLLM's own messages (vllm/v1/engine/core.py and utils.py, 0.32): each ends the engine core.
+# vLLM's own messages (vllm/v1/engine/core.py, utils.py and exceptions.py, 0.32): each means the engine core
+# is gone. The API server logs EngineDeadError when its engine core died (killed, crashed) and exits by itself
+# only some seconds later, answering 500 meanwhile.
 FATAL_MARKERS = (
     "EngineCore failed to start",
     "EngineCore encountered a fatal error",
     "Engine core initialization failed",
+    "EngineDeadError",
 )
 
 

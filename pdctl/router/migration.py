@@ -262,6 +262,14 @@ class StreamLedger:
         }
 
 
+def error_message(event: bytes) -> str:
+    """The message of an engine's error event, for the log and the client's error event."""
+    try:
+        return str(json.loads(event[6:])["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return event[:300].decode(errors="replace")
+
+
 def _events(chunk: bytes) -> list[bytes]:
     parts = chunk.split(_EVENT_END)
     return [part + _EVENT_END for part in parts if part]

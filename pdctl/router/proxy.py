@@ -22,7 +22,7 @@ from pdctl.httpserver import HttpError, Request, Response, StreamingResponse, js
 from pdctl.router import requests
 from pdctl.router import stats as cluster_stats
 from pdctl.router.admission import Admission, DeadlineExceeded
-from pdctl.router.migration import MIGRATIONS_TRAILER, StreamLedger, why_not_migratable
+from pdctl.router.migration import MIGRATIONS_TRAILER, StreamLedger, error_message, why_not_migratable
 from pdctl.router.pd_routing import PDRoutingStrategy
 from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, instances_for_phase
 from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
@@ -155,22 +155,36 @@ class Router:
         # Streams between their first token and their end, for the stall watch; told of a stalled instance.
         self.streams: set[_Stream] = set()
         self.on_stall: Callable[[str, str], None] = lambda instance_id, why: None
+        self._busy_since: dict[str, float] = {}  # instance id -> since when it has had requests in flight
 
     def stalled_streams(self, now: float) -> list[_Stream]:
-        """Streams with no chunk for stall_timeout_s since their first, or since a move began them (a
-        continuation's first token is one step away; a new request's may wait behind a long prefill)."""
+        """Streams with no chunk for stall_timeout_s since their last, or for twice that since a move began
+        them (a continuation prefills what was generated first, on an engine that may be busy; a new request's
+        first token may wait behind a long prefill, and only its instance's progress tells)."""
         limit = self.settings.stall_timeout_s
-        return [s for s in self.streams if (s.first or s.moved) and not s.stalled and now - s.last_at > limit]
+        return [
+            s
+            for s in self.streams
+            if not s.stalled and (s.first or s.moved) and now - s.last_at > (limit if s.first else 2 * limit)
+        ]
 
-    def stalled_instances(self) -> list[Instance]:
-        """Instances with requests in flight whose engine made no progress (no prompt or output token) for
-        stall_timeout_s while its /metrics answered: work queued or running there does not move."""
-        limit, now = self.settings.stall_timeout_s, time.monotonic()
+    def stalled_instances(self, now: float) -> list[Instance]:
+        """Instances with requests in flight for stall_timeout_s whose engine made no progress (no prompt or
+        output token) in that time while its /metrics answered: work queued or running there does not move.
+        Called once a second: it also notes since when each instance has had requests in flight (an engine
+        idle before them made no progress either, and that is no stall)."""
+        limit = self.settings.stall_timeout_s
+        busy = self._busy_since
+        for instance in self.pool.all():
+            if instance.in_flight > 0:
+                busy.setdefault(instance.id, now)
+            else:
+                busy.pop(instance.id, None)
         return [
             instance
             for instance in self.pool.all()
             if instance.healthy
-            and instance.in_flight > 0
+            and now - busy.get(instance.id, now) >= limit
             and instance.circuit_open_until <= now  # reported already: the supervisor is restarting it
             and self.telemetry.no_progress(instance.id, limit)
         ]
@@ -183,7 +197,7 @@ class Router:
             await asyncio.sleep(interval_s)
             for stream in self.stalled_streams(time.monotonic()):
                 await self._report_stalled(stream.instance, f"a stream got no token for {limit:g} s")
-            for instance in self.stalled_instances():
+            for instance in self.stalled_instances(time.monotonic()):
                 await self._report_stalled(
                     instance, f"its engine made no progress for {limit:g} s with requests in flight"
                 )
@@ -633,7 +647,8 @@ class Exchange:
                 if ledger is not None:
                     chunk = ledger.observe(chunk)
                     if ledger.failed_event is not None:
-                        leg.failure = f"the engine {instance.id} sent an error mid-stream"
+                        why = error_message(ledger.failed_event)
+                        leg.failure = f"the engine {instance.id} sent an error mid-stream: {why}"
                         return
                     if not chunk:
                         continue
