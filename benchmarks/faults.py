@@ -124,15 +124,6 @@ def wait_recovered(
     return None
 
 
-def wait_whole(cluster_dir: ClusterDir, timeout_s: float = 240.0) -> bool:
-    since = time.monotonic()
-    while time.monotonic() - since < timeout_s:
-        if whole(cluster_dir):
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def groups(cluster_dir: ClusterDir) -> dict[str, int | None]:
     """Each instance's process group now."""
     return {i: s.process.pgid if s.process else None for i, s in cluster_dir.read_state().instances.items()}

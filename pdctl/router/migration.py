@@ -83,13 +83,14 @@ class StreamLedger:
     __slots__ = (
         "_base_tokens",
         "_continuing",
+        "_head",
         "_resent",
         "chat",
         "committed",
         "done",
         "failed_event",
         "finished",
-        "head",
+        "first_event",
         "ids",
         "migrations",
         "prompt_ids",
@@ -105,7 +106,9 @@ class StreamLedger:
         self.finished = False  # an event carried a finish_reason
         self.done = False  # [DONE] went through
         self.failed_event: bytes | None = None  # an error event the engine sent instead of tokens
-        self.head: dict[str, Any] | None = None  # the first event: its id, created and model
+        # The first event, whose id, created and model a continuation's events take: parsed only if one comes.
+        self.first_event: bytes | None = None
+        self._head: dict[str, Any] = {}
         self.migrations = 0
         self._base_tokens = 0  # tokens the client had when the current continuation began
         self._continuing = False
@@ -134,8 +137,8 @@ class StreamLedger:
     def _original(self, event: bytes) -> bytes:
         if (end := self._end_of_stream(event)) is not None:
             return end
-        if self.head is None and event.startswith(b"data: {"):
-            self.head = _head_of(event)
+        if self.first_event is None and event.startswith(b"data: {"):
+            self.first_event = event
         found = _TOKEN_IDS.search(event)
         if found is not None:
             self._count(found.group(1), event)
@@ -170,12 +173,13 @@ class StreamLedger:
 
     @property
     def can_continue(self) -> bool:
-        return self.prompt_ids is not None and self.head is not None and not self.done
+        return self.prompt_ids is not None and self.first_event is not None and not self.done
 
     def continuation(self, body: dict[str, Any], max_tokens: int | None) -> dict[str, Any] | None:
         """The completions request that continues this stream (None: nothing is left to generate). The tokens
         whose text the client does not have yet are dropped: the continuation generates them again."""
-        assert self.prompt_ids is not None
+        assert self.prompt_ids is not None and self.first_event is not None
+        self._head = _head_of(self.first_event) or {}
         self._resent = len(self.ids) - self.committed
         del self.ids[self.committed :]
         remaining = None if max_tokens is None else max_tokens - self.committed
@@ -251,7 +255,7 @@ class StreamLedger:
         return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
 
     def _shape(self, fields: dict[str, Any]) -> dict[str, Any]:
-        head = self.head or {}
+        head = self._head
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {
             "id": head.get("id"),

@@ -685,7 +685,7 @@ class Exchange:
             if body is None:
                 return ledger.closing_events()
             path = "/v1/completions"
-        elif ledger.head is None:  # no event reached the client: the request starts again, whole
+        elif ledger.first_event is None:  # no event reached the client: the request starts again, whole
             ledger.migrations += 1
             body = {k: v for k, v in self.body.items() if k != "kv_transfer_params"}
             path = self.path
