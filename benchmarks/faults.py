@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from pdctl import lifecycle, procs  # noqa: E402
 from pdctl.cluster import plan_profile  # noqa: E402
+from pdctl.engines.vllm_adapter import REMOTE_DECODE  # noqa: E402
 from pdctl.plan import Plan, PlannedInstance  # noqa: E402
-from pdctl.router.proxy import REMOTE_DECODE  # noqa: E402
 from pdctl.state import ClusterDir, ClusterPhase, InstancePhase  # noqa: E402
 
 ANSWERED, CLEAN_ERROR, BROKEN, HUNG = "answered", "clean error", "broken", "hung"

@@ -41,10 +41,10 @@ from router_throughput import free_ports, load, wait_healthy  # noqa: E402
 from pdctl import lifecycle  # noqa: E402
 from pdctl.cluster import plan_profile  # noqa: E402
 from pdctl.daemon import DaemonInput  # noqa: E402
-from pdctl.router.pool import Instance, Pool  # noqa: E402
 from pdctl.router.recorder import DisabledRecorder, RouterMetrics  # noqa: E402
 from pdctl.router.scrape import EngineTelemetry, scrape_forever  # noqa: E402
 from pdctl.router.server import RouterService, build_router, freeze_startup_heap, use_fast_event_loop  # noqa: E402
+from pdctl.routing.pool import Instance, Pool  # noqa: E402
 from pdctl.state import ClusterDir  # noqa: E402
 
 PROFILE = """\

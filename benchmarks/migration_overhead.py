@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from pdctl.httpserver import HttpServer, Request, Response, StreamingResponse  # noqa: E402
 from pdctl.router.migration import StreamLedger  # noqa: E402
-from pdctl.router.pool import Instance, Pool  # noqa: E402
 from pdctl.router.proxy import Router, RouterSettings  # noqa: E402
 from pdctl.router.tokens import TokenCounter, utf8_length  # noqa: E402
+from pdctl.routing.pool import Instance, Pool  # noqa: E402
 from pdctl.types import ExecutionInstanceType, PDSeparationConfig  # noqa: E402
 
 COMPLETION_EVENT = (

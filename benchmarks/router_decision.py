@@ -26,13 +26,14 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from pdctl.router import requests
-from pdctl.router.pieces import Strategy
-from pdctl.router.pool import Instance, Pool
 from pdctl.router.proxy import Route, Router, RouterSettings
 from pdctl.router.tokens import TokenCounter
+from pdctl.routing.phase import PhasePolicy
+from pdctl.routing.pieces import Strategy
+from pdctl.routing.pool import Instance, Pool
 from pdctl.types import ExecutionInstanceType, PDSeparationConfig
 
-POLICIES = ("threshold", "adaptive", "always", "never")
+POLICIES = tuple(PhasePolicy.registry)
 STRATEGIES = tuple(Strategy.registry)
 
 

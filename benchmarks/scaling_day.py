@@ -27,6 +27,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from pdctl.routing.pool import instance_load
 from pdctl.scaling.policy import (
     Bounds,
     Forecaster,
@@ -128,7 +129,7 @@ class Cluster:
         for d in decodes:
             while d.ends and d.ends[0] <= prefilled:
                 heapq.heappop(d.ends)
-        decode = min(decodes, key=lambda d: (len(d.ends) >= model.slots, len(d.ends)))
+        decode = min(decodes, key=lambda d: instance_load(len(d.ends), 0.0, 0.0, model.slots))  # the router's pick
         begin = prefilled if len(decode.ends) < model.slots else max(prefilled, heapq.heappop(decode.ends))
         tpot = model.tpot_base_s + model.tpot_slope_s * (len(decode.ends) + 1)
         heapq.heappush(decode.ends, begin + tpot * tokens_out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -15,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 
-from pdctl import __version__, cluster, dashboard, lifecycle, views
+from pdctl import __version__, cluster, dashboard, lifecycle, strictjson, views
 from pdctl.auth import API_KEY_HELP
 from pdctl.bench import command as bench_command
 from pdctl.engines import runtime
@@ -67,13 +66,13 @@ def _gpu_source(gpus_from: Path | None) -> GpuSource | None:
 
 
 def _print_json(data: object) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(strictjson.dumps(data, indent=2, default=str) + "\n")
 
 
 @app.command()
 def validate(profile: ProfileArg) -> None:
     """Check a profile: every problem is named with its file, line, column and field."""
-    loaded = load_profile(profile)
+    loaded = cluster.load_cluster_profile(profile)
     out.print(views.profile_summary(loaded, str(profile)))
 
 
@@ -329,6 +328,9 @@ def simulate(
     if profile is None:
         raise UsageError("name a profile (or pass --design-table)")
     loaded = load_profile(profile)
+    note = run.hardware_note(loaded, hardware)
+    if note:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}")
     try:
         spec = workload.WorkloadSpec(
             num_requests=num_prompts, input_tokens=input_len, output_tokens=output_len, range_ratio=range_ratio,
@@ -358,6 +360,36 @@ def simulate(
         _print_json(result.as_dict())
     else:
         out.print(render.result_table(result))
+
+
+@app.command()
+def calibrate(
+    name: Annotated[str, typer.Argument(help="the profile's name, for --hardware NAME and engine.sim.hardware")] = (
+        "calibrated"
+    ),
+    quick: Annotated[
+        bool, typer.Option("--quick", help="one measurement of fewer runs: about 3 minutes on a 2-core CPU host")
+    ] = False,
+    measurements: Annotated[
+        int | None, typer.Option("--measurements", min=1, help="CPU: real vLLM measurements pooled (8; --quick 1)")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (GPU where NVML sees one), cpu or gpu")] = "auto",
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="write the profile here (default: the hardware directory)")
+    ] = None,
+    runs: Annotated[Path | None, typer.Option("--runs", help="CPU: also write the raw measurements here")] = None,
+    from_runs: Annotated[
+        Path | None, typer.Option("--from-runs", help="CPU: fit measurements written by --runs instead of measuring")
+    ] = None,
+) -> None:
+    """Measure this machine and fit a hardware profile to it: real vLLM runs on a CPU host, the GPU's kernels on a
+    GPU host. The profile records the machine and its fidelity on held-out runs."""
+    from pdctl.simulate import calibration
+
+    request = calibration.Request(name=name, quick=quick, measurements=measurements, device=device,
+                                  out=out_file, runs_out=runs, from_runs=from_runs)  # fmt: skip
+    result = calibration.calibrate(request, lambda line: err.print(escape(printable(line))))
+    out.print(escape(calibration.report(result)))
 
 
 app.command("bench")(bench_command.bench)

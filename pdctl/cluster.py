@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdctl.engines import runtime, tinymodel
+from pdctl.engines import tinymodel
+from pdctl.engines.adapter import engine_adapter
 from pdctl.engines.commands import LaunchPrefix
 from pdctl.gpus import GpuSource, discover
-from pdctl.launchers import make_launcher
+from pdctl.launchers import launcher_problems, make_launcher
 from pdctl.placement import DeviceMode
 from pdctl.plan import Plan, make_plan
 from pdctl.profile import ClusterProfile, load_profile
@@ -21,18 +22,27 @@ class PlannedCluster:
 
 
 def engine_python(profile: ClusterProfile, device: DeviceMode) -> Path | None:
-    """The profile's engine.python, else the runtime `pdctl engine install` makes for the plan's device."""
-    if profile.engine.kind == "sim" or profile.engine.command:
+    """The profile's engine.python, else its engine runtime's for the plan's device (`pdctl engine install`'s
+    for vLLM); None for an engine with no runtime of its own or a program of the profile's own."""
+    engine_runtime = engine_adapter(profile.engine.kind).runtime
+    if engine_runtime is None or profile.engine.command:
         return None
-    return profile.engine.python or runtime.runtime_python(runtime.default_runtime_dir(device))
+    return profile.engine.python or engine_runtime.default_python(device)
 
 
 def launch_prefix(profile: ClusterProfile, python: Path | None) -> LaunchPrefix:
     if profile.engine.command:
         return LaunchPrefix(argv=tuple(profile.engine.command))
-    if python is None:
+    engine_runtime = engine_adapter(profile.engine.kind).runtime
+    if python is None or engine_runtime is None:
         return LaunchPrefix(argv=())
-    return runtime.launch_prefix(python)
+    return engine_runtime.launch_prefix(python)
+
+
+def load_cluster_profile(path: Path) -> ClusterProfile:
+    """The profile, with what only this layer knows checked too (its launcher's kind and settings), each problem
+    named with its file, line and field."""
+    return load_profile(path, checks=[launcher_problems])
 
 
 def model_path(profile: ClusterProfile) -> str:
@@ -48,7 +58,7 @@ def plan_profile(
 ) -> PlannedCluster:
     """The profile planned on this host, or on its launcher's nodes; a dry run (`pdctl plan`) also plans
     for a Ray cluster that does not answer, with what each instance needs in place of its node."""
-    profile = load_profile(path)
+    profile = load_cluster_profile(path)
     launcher = make_launcher(profile.launcher, profile.name)
     launcher.dry_run = dry_run
     try:

@@ -94,6 +94,7 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput, adopt: bool = False) 
         engine_headers=bearer(engine_key),
     )
     router.router.on_stall = supervisor.stalled
+    router.router.engine_activity = supervisor.activity
     log.info(
         "cluster %s: router on %s, %s %d instances (%s launcher)",
         plan.cluster,
@@ -105,7 +106,7 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput, adopt: bool = False) 
     try:
         if await supervisor.start_all(stopping, adopt=adopt):
             log.info("cluster %s is ready", plan.cluster)
-            async with scaling(profile, plan, supervisor, router.router, cluster_dir, stopping):
+            async with scaling(profile, plan, supervisor, router, cluster_dir, stopping):
                 await supervisor.supervise(stopping)
         elif state.phase is ClusterPhase.FAILED:
             log.error("cluster %s failed to start; waiting for `pdctl down`", plan.cluster)

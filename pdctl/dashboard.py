@@ -19,6 +19,7 @@ from rich.text import Text
 
 from pdctl import lifecycle
 from pdctl.auth import Access
+from pdctl.engines.adapter import engine_adapter
 from pdctl.errors import ClusterError
 from pdctl.lifecycle import InstanceReport, StatusReport
 from pdctl.router.stats import ClusterStats, FaultStats, InstanceStats, WindowStats
@@ -121,7 +122,8 @@ def sparkline(values: Sequence[float | None], width: int = 30, ascii_only: bool 
 def _header(report: StatusReport, stats: ClusterStats | None) -> Text:
     text = Text(f"{report.cluster}", style="bold")
     text.append(f" {report.phase}", style="green" if report.phase == "ready" else "yellow")
-    engine = "sim emulator, not vLLM" if report.engine == "sim" else report.engine
+    emulates = engine_adapter(report.engine).emulates
+    engine = f"{report.engine} emulator, not {emulates}" if emulates else report.engine
     text.append(printable(f"  {engine}  {report.router.removeprefix('http://')}"))
     if stats is not None:
         text.append(f"  up {_uptime(stats.uptime_s)}  {stats.routing_policy}/{stats.routing_strategy}")

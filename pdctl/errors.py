@@ -19,6 +19,10 @@ class UnknownPolicy(UsageError, ValueError):
     """A routing policy, scheduling policy or routing strategy name pdctl does not have."""
 
 
+class UnknownEngine(UsageError, ValueError):
+    """An engine kind no adapter (`pdctl.engines.adapter.EngineAdapter`) has registered."""
+
+
 class MissingPrompt(UsageError, ValueError):
     """A request with neither a prompt (nor chat messages) nor a known input token count."""
 

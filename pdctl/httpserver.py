@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, cast
 
+from pdctl import strictjson
+
 log = logging.getLogger("pdctl.httpserver")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -105,7 +107,7 @@ Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
 
 
 def json_response(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    body = strictjson.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
     return Response(status, body, headers, "application/json")
 
 

@@ -7,11 +7,12 @@ what really runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, Field
 
 from pdctl.engines import commands
+from pdctl.engines.adapter import engine_adapter
 from pdctl.engines.commands import EngineCommand, InstanceContext, LaunchPrefix
 from pdctl.gpus import GpuInventory
 from pdctl.placement import Assignment, DeviceMode, GpuSlot, PlacementRequest
@@ -32,6 +33,9 @@ class PlannedInstance(BaseModel):
     pipeline_parallel_size: int = 1
     gpus: list[GpuSlot] = Field(default_factory=list)
     cpu_cores: list[int] = Field(default_factory=list)
+    affinity: list[int] = Field(
+        default_factory=list, description="the cores every process of the instance runs on (empty: any core)"
+    )
     node: str | None = Field(None, description="the node it runs on (a launcher with several nodes)")
     node_id: str | None = None
     needs: dict[str, float] = Field(
@@ -68,7 +72,7 @@ class Plan(BaseModel):
     profile_path: str | None = None
     launcher: LauncherSpec = Field(default_factory=LauncherSpec)
     device: DeviceMode
-    engine: Literal["vllm", "sim"]
+    engine: str = Field(description="the engine kind (engine.kind): its adapter, `pdctl.engines.adapter`")
     engine_python: str | None = None
     model_path: str
     served_model_name: str
@@ -143,7 +147,7 @@ def make_plan(
         )
         command = _engine_command(profile, ctx, launch_prefix) if instance.launch else EngineCommand(argv=[])
         notes += [note for note in command.notes if note not in notes]
-        planned.append(_planned(ctx, command))
+        planned.append(_planned(ctx, command, profile.cpu.pin_processes))
     return Plan(
         cluster=profile.name,
         profile_path=str(profile_path) if profile_path else None,
@@ -170,7 +174,7 @@ def plan_added_instance(
     """One instance the scaler adds to a running cluster (or one moved off a lost node), built the way
     make_plan builds the first ones."""
     ctx = InstanceContext(_on_node(instance, assignment), assignment, plan.device, plan.model_path, nixl_port)
-    return _planned(ctx, _engine_command(profile, ctx, launch_prefix))
+    return _planned(ctx, _engine_command(profile, ctx, launch_prefix), profile.cpu.pin_processes)
 
 
 def _on_node(instance: ExecutionInstance, assignment: Assignment) -> ExecutionInstance:
@@ -179,12 +183,10 @@ def _on_node(instance: ExecutionInstance, assignment: Assignment) -> ExecutionIn
 
 
 def _engine_command(profile: ClusterProfile, ctx: InstanceContext, prefix: LaunchPrefix) -> EngineCommand:
-    if profile.engine.kind == "sim":
-        return commands.sim_command(profile, ctx)
-    return commands.vllm_command(profile, ctx, prefix)
+    return engine_adapter(profile.engine.kind).command(profile, ctx, prefix)
 
 
-def _planned(ctx: InstanceContext, command: EngineCommand) -> PlannedInstance:
+def _planned(ctx: InstanceContext, command: EngineCommand, pin_processes: bool) -> PlannedInstance:
     instance = ctx.instance
     return PlannedInstance(
         id=instance.instance_id,
@@ -195,13 +197,12 @@ def _planned(ctx: InstanceContext, command: EngineCommand) -> PlannedInstance:
         needs=ctx.assignment.needs,
         port=instance.port or 0,
         launch=instance.launch,
-        nixl_side_channel_port=int(command.env["VLLM_NIXL_SIDE_CHANNEL_PORT"])
-        if "VLLM_NIXL_SIDE_CHANNEL_PORT" in command.env
-        else None,
+        nixl_side_channel_port=command.side_channel_port,
         tensor_parallel_size=instance.tensor_parallel_size or 1,
         pipeline_parallel_size=instance.pipeline_parallel_size or 1,
         gpus=ctx.assignment.gpus,
         cpu_cores=ctx.assignment.cpu_cores,
+        affinity=ctx.assignment.cpu_cores if pin_processes else [],
         argv=command.argv,
         env=command.env,
     )

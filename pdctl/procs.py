@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import psutil
 
@@ -158,3 +159,53 @@ def terminate(processes: Iterable[psutil.Process], grace_s: float) -> list[int]:
             process.kill()
     wait_exit(alive, 5)
     return [p.pid for p in alive]
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What a set of processes did over a short window: the CPU they used (in cores) and which are stopped."""
+
+    cores: float
+    stopped: list[str]
+
+    @property
+    def working(self) -> bool:
+        """Running, and using the CPU: slow (starved, or a long step), not stopped or hung asleep."""
+        return not self.stopped and self.cores >= WORKING_CORES
+
+
+# An engine that computes uses a good share of a core even when others crowd it; one stopped or hung asleep
+# uses almost none (NIXL's progress thread with pdctl's delay: about 3 % of a core).
+WORKING_CORES = 0.2
+
+
+def activity(processes: list[psutil.Process], window_s: float) -> Activity:
+    """Sample the processes' CPU time across window_s (blocks that long); a process gone meanwhile counts 0."""
+    before = {p.pid: _cpu_seconds(p) for p in processes}
+    time.sleep(window_s)
+    after = {p.pid: _cpu_seconds(p) for p in processes}
+    used = sum(after[pid] - start for pid, start in before.items() if start is not None and after[pid] is not None)
+    stopped = [f"{p.pid} ({_name(p)})" for p in processes if _status(p) == psutil.STATUS_STOPPED]
+    return Activity(cores=max(used, 0.0) / window_s, stopped=stopped)
+
+
+def _cpu_seconds(process: psutil.Process) -> float | None:
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
+
+
+def _status(process: psutil.Process) -> str:
+    try:
+        return process.status()
+    except psutil.Error:
+        return psutil.STATUS_DEAD
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return "gone"

@@ -9,13 +9,17 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdctl.auth import VLLM_KEY_ENV
+from pdctl.engines.adapter import DEFAULT_ENGINE, engine_adapter
 from pdctl.errors import ProfileError
+from pdctl.routing.phase import registered_policy
+from pdctl.routing.pieces import DEFAULT_STRATEGY, StrategyChoice
 from pdctl.types import (
     DecodingConfig,
     ExecutionInstance,
@@ -64,10 +68,6 @@ SCENARIO_PRESETS: dict[str, dict[str, Any]] = {
         "router": {"slo": {"ttft_ms": 1000.0, "tpot_ms": 50.0}},
     },
 }
-
-# The router's strategies (`pdctl.router.pieces.Strategy.registry`), named here because the profile is
-# validated below the router; a test keeps the two the same.
-RoutingStrategyName = Literal["load_balanced", "round_robin", "cache_aware"]
 
 # `${VAR}`: a value read from the environment where it is used, so the secret itself is never in a file.
 ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -123,7 +123,7 @@ class RestartSpec(_Section):
 
 
 class EngineSpec(_Section):
-    kind: Literal["vllm", "sim"] = "vllm"
+    kind: str = Field(DEFAULT_ENGINE, description="the engine, by its adapter's name (`pdctl.engines.adapter`)")
     python: Path | None = Field(None, description="the engine runtime's python; `pdctl engine install`'s when unset")
     command: list[str] | None = Field(
         None, description="replaces the launch prefix (python -m vllm...) with a program of your own"
@@ -135,6 +135,12 @@ class EngineSpec(_Section):
     start_timeout_s: float = Field(600.0, gt=0)
     restart: RestartSpec = Field(default_factory=RestartSpec)
     sim: SimTiming = Field(default_factory=SimTiming)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        engine_adapter(kind)  # UnknownEngine, a ValueError, names the known kinds
+        return kind
 
     @model_validator(mode="after")
     def _no_key_of_its_own(self) -> Self:
@@ -153,6 +159,18 @@ class CpuSpec(_Section):
         100,
         ge=0,
         description="pause of NIXL's progress thread between polls; 0 keeps NIXL's own busy polling, a core each",
+    )
+    pin_processes: bool = Field(
+        False,
+        description="run all of an instance's processes (its API server and EngineCore too, not only the "
+        "Worker's compute threads) on its own cores: a prefill instance's TTFT is not slowed by a decode "
+        "instance's processes, but a busy decode instance cannot borrow an idle prefill core",
+    )
+    shm_spin_us: int = Field(
+        1000,
+        ge=0,
+        description="how long vLLM's processes spin on their shared-memory queues after a message before they "
+        "sleep; 0 keeps vLLM's 1 s, a core per process under steady traffic",
     )
 
 
@@ -191,7 +209,9 @@ class RouterSpec(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     scheduling_policy: Literal["slo_aware", "fifo"] = "slo_aware"
-    routing_strategy: RoutingStrategyName = "load_balanced"
+    routing_strategy: StrategyChoice = Field(
+        DEFAULT_STRATEGY, description="a registered strategy's name, or {scorers: {NAME: WEIGHT}, picker: NAME}"
+    )
     slo: SLOSpec = Field(default_factory=SLOSpec)
     metrics: bool = Field(True, description="record per-request metrics (off only to measure what they cost)")
     stall_timeout_s: float | None = Field(
@@ -259,7 +279,8 @@ class LauncherSpec(_Section):
     """Where and how instances run: `local` child processes of the daemon, or `ray` actors on a Ray
     cluster's nodes (vLLM picks its executor backend by name the same way)."""
 
-    kind: Literal["local", "ray"] = "local"
+    # Checked against the launchers' registry a layer up, by the check `load_profile` is given there.
+    kind: str = Field("local", description="the launcher, by its class's kind (`pdctl.launchers`)")
     address: str | None = Field(None, description="ray: the head node's HOST:PORT (what `ray start --head` printed)")
     cpus_per_instance: float = Field(1.0, gt=0, description="ray: Ray CPUs each instance on the CPU reserves")
     prefill: NodeSelector = Field(default_factory=NodeSelector)
@@ -268,13 +289,12 @@ class LauncherSpec(_Section):
         default_factory=dict, description="per instance id, in place of its role's selector"
     )
 
-    @model_validator(mode="after")
-    def _address_for_ray(self) -> Self:
-        if self.kind == "ray" and not self.address:
-            raise ValueError("address is required for launcher kind ray (the head node's HOST:PORT)")
-        if self.address and not re.fullmatch(r"[^\s:]+:\d{1,5}", self.address):
-            raise ValueError(f"address {self.address!r} is not HOST:PORT")
-        return self
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, address: str | None) -> str | None:
+        if address and not re.fullmatch(r"[^\s:]+:\d{1,5}", address):
+            raise ValueError(f"address {address!r} is not HOST:PORT")
+        return address
 
     def selector(self, instance_id: str, role: ExecutionInstanceType) -> NodeSelector:
         if instance_id in self.instances:
@@ -334,6 +354,16 @@ class ScalingSpec(BaseModel):
         return self
 
 
+class PDSpec(PDSeparationConfig):
+    """The design document's PD config with its routing_policy checked against the registered phase policies,
+    when loaded and when assigned on a running system: pdctl.types, below the policies, cannot know them."""
+
+    @field_validator("routing_policy")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered_policy(name)
+
+
 class CostSpec(_Section):
     gpu_hour_usd: float = Field(2.0, ge=0, description="price of one GPU-hour, for cost figures")
 
@@ -349,7 +379,7 @@ class ClusterProfile(_Section):
     ports: PortsSpec = Field(default_factory=PortsSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     cost: CostSpec = Field(default_factory=CostSpec)
-    pd: PDSeparationConfig = Field(default_factory=PDSeparationConfig)
+    pd: PDSpec = Field(default_factory=PDSpec)
     prefill: PrefillingConfig = Field(default_factory=PrefillingConfig)
     decode: DecodingConfig = Field(default_factory=DecodingConfig)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
@@ -467,17 +497,22 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def load_profile(path: Path | str) -> ClusterProfile:
+# What a layer above checks of a loaded profile against what it alone knows (the launchers' registry): its
+# problems are reported as the profile's own, with file, line and field.
+ProfileCheck = Callable[[ClusterProfile], list[tuple[Loc, str]]]
+
+
+def load_profile(path: Path | str, checks: Sequence[ProfileCheck] = ()) -> ClusterProfile:
     """Load and validate a profile file, or raise ProfileError naming file, line, column and field."""
     source = load_yaml(Path(path))
     if not isinstance(source.data, dict):
         raise ProfileError(
             [f"{source.path}:1:1: the profile must be a mapping of sections, not {type(source.data).__name__}"]
         )
-    return profile_from_data(source.data, source)
+    return profile_from_data(source.data, source, checks)
 
 
-def profile_from_data(data: dict[str, Any], source: YamlSource) -> ClusterProfile:
+def profile_from_data(data: dict[str, Any], source: YamlSource, checks: Sequence[ProfileCheck] = ()) -> ClusterProfile:
     raw = dict(data)
     raw.setdefault("name", source.path.stem)
     scenario = raw.get("scenario")
@@ -487,7 +522,7 @@ def profile_from_data(data: dict[str, Any], source: YamlSource) -> ClusterProfil
         profile = ClusterProfile.model_validate(raw)
     except ValidationError as error:
         raise ProfileError([_describe(item, source) for item in error.errors()]) from None
-    problems = instance_problems(profile)
+    problems = instance_problems(profile) + [problem for check in checks for problem in check(profile)]
     if problems:
         raise ProfileError([f"{source.where(loc)}: {dotted(loc)}: {message}" for loc, message in problems])
     _anchor_tls(profile, source.path.parent)

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from pdctl import procs
+from pdctl import health, procs
 from pdctl.engines import failures
 from pdctl.errors import PlacementError
 from pdctl.launchers import InstanceHandle, Launcher, LaunchError
 from pdctl.plan import Plan, PlannedInstance
+from pdctl.procs import Activity
 from pdctl.state import ClusterDir, ClusterPhase, ClusterState, InstancePhase, InstanceStatus, open_log
 
 log = logging.getLogger("pdctl.supervisor")
@@ -33,6 +34,8 @@ log = logging.getLogger("pdctl.supervisor")
 _LOG_OVERLAP = 512
 # Seconds what a crashed engine left (an orphaned EngineCore) gets to exit on SIGTERM before SIGKILL.
 CRASHED_GRACE_S = 3.0
+# How long the CPU use of a suspected stalled engine is sampled: long enough to see a starved engine's share.
+ACTIVITY_WINDOW_S = 0.5
 _LOG_READ_MAX = 1 << 20
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -180,6 +183,13 @@ class Supervisor:
             return  # already being stopped or restarted, or attached (not ours to restart)
         self._set(managed, InstancePhase.STOPPING, message=f"stalled: {why}")
         asyncio.get_running_loop().create_task(self._restart_stalled(managed, why))
+
+    async def activity(self, instance_id: str) -> Activity | None:
+        """What the instance's processes do, sampled for ACTIVITY_WINDOW_S: the router's stall verdict."""
+        managed = self.managed.get(instance_id)
+        if managed is None or managed.handle is None:
+            return None
+        return await asyncio.to_thread(managed.handle.activity, ACTIVITY_WINDOW_S)
 
     async def _restart_stalled(self, managed: _Managed, why: str) -> None:
         log.error("%s stalled (%s): restarting it", managed.planned.id, why)
@@ -447,15 +457,7 @@ class Supervisor:
             return 0
 
     async def _healthy(self, planned: PlannedInstance) -> bool:
-        try:
-            health = await self._http.get(f"{planned.url}/health")
-            if health.status_code != 200:
-                return False
-            models = await self._http.get(f"{planned.url}/v1/models")
-            served = {entry.get("id") for entry in models.json().get("data", [])}
-            return models.status_code == 200 and self.plan.served_model_name in served
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return False
+        return (await health.check(self._http, planned.url, self.plan.served_model_name)).healthy
 
     # ---- state -----------------------------------------------------------------------------------------
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import get_args
-
-from pdctl.profile import SCENARIO_PRESETS, RouterSpec, RoutingStrategyName, deep_merge
+from pdctl.profile import SCENARIO_PRESETS, RouterSpec, deep_merge
+from pdctl.routing.phase import PhasePolicy
+from pdctl.routing.pieces import Strategy
 from pdctl.types import DecodingConfig, PDSeparationConfig, PrefillingConfig
 
 _SCENARIO_LINES = {
@@ -20,7 +20,7 @@ def profile_template(scenario: str, name: str | None = None, model: str = "meta-
     prefill = PrefillingConfig()
     decode = DecodingConfig()
     router = RouterSpec.model_validate(deep_merge({}, preset.get("router", {})))
-    strategies = ", ".join(get_args(RoutingStrategyName))
+    strategies, policies = ", ".join(Strategy.registry), ", ".join(PhasePolicy.registry)
     return f"""\
 # pdctl cluster profile: {_SCENARIO_LINES[scenario]}.
 # `pdctl validate FILE` checks it, `pdctl plan FILE` shows what `pdctl up FILE` would run.
@@ -47,7 +47,7 @@ router:
   # api_keys: ['${{PD_API_KEY}}']   # clients send `Authorization: Bearer KEY`; needed beyond 127.0.0.1
   # tls: {{cert: cert.pem, key: key.pem}}
   scheduling_policy: {router.scheduling_policy}   # slo_aware (priorities, deadlines) or fifo
-  routing_strategy: {router.routing_strategy}  # {strategies}
+  routing_strategy: {router.routing_strategy}  # {strategies}, or {{scorers: {{NAME: WEIGHT}}, picker: NAME}}
   slo:
     ttft_ms: {router.slo.ttft_ms:g}
     tpot_ms: {router.slo.tpot_ms:g}
@@ -57,7 +57,7 @@ cost:
 
 pd:                         # PDSeparationConfig
   enabled: {str(pd.enabled).lower()}
-  routing_policy: {pd.routing_policy}          # threshold, adaptive, always, never
+  routing_policy: {pd.routing_policy}          # {policies}
   prefilling_threshold_input_tokens: {pd.prefilling_threshold_input_tokens}
   prefilling_threshold_ratio: {pd.prefilling_threshold_ratio:g}       # input tokens / expected output tokens
   prefilling_min_instances: {pd.prefilling_min_instances}

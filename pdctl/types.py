@@ -12,7 +12,6 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RoutingPolicyName = Literal["threshold", "adaptive", "always", "never"]
 KVCacheStorage = Literal["gpu", "cpu"]
 KVCacheEvictionPolicy = Literal["lru", "lfu"]
 _UNSET = object()
@@ -71,7 +70,9 @@ class PDSeparationConfig(_ConfigModel):
     prefilling_max_instances: int = Field(3, ge=0)
     decoding_min_instances: int = Field(2, ge=0)
     decoding_max_instances: int = Field(6, ge=0)
-    routing_policy: RoutingPolicyName = "adaptive"
+    # A registered phase policy's name (pdctl.routing.phase). Checked where the registry is known: by the profile
+    # and the public API's config (their PDSpec), and by the router when it builds the policy.
+    routing_policy: str = "adaptive"
     prefilling_threshold_input_tokens: int = Field(800, ge=0)
     prefilling_threshold_ratio: float = Field(4.0, ge=0)
     kv_cache_storage: KVCacheStorage = "gpu"

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from pdctl.engines.runtime import InstallPlan
 from pdctl.gpus import GpuInventory
+from pdctl.launchers import launcher_class
 from pdctl.lifecycle import InstanceFailure
 from pdctl.placement import describe_needs
 from pdctl.plan import Plan, PlannedInstance
@@ -106,7 +107,7 @@ def plan_view(plan: Plan) -> Group:
     parts: list[Text] = [
         cell(
             f"cluster {plan.cluster}: {len(plan.launched)} of {len(plan.instances)} instances launched "
-            f"{_where(plan)} on {plan.device}; engine {plan.engine}; "
+            f"{launcher_class(plan.launcher.kind).where(plan)} on {plan.device}; engine {plan.engine}; "
             f"model {plan.model_path} served as {plan.served_model_name}; "
             f"router http://{plan.router.host}:{plan.router.port}",
             style="bold",
@@ -123,13 +124,6 @@ def plan_view(plan: Plan) -> Group:
     notes = "\n".join(f"note: {note}" for note in plan.notes)
     parts.append(Text("\n" + printable(notes, multiline=True), style="yellow"))
     return Group(*parts)
-
-
-def _where(plan: Plan) -> str:
-    if plan.launcher.kind != "ray":
-        return "here"
-    asked = "" if any(i.node for i in plan.launched) else " (it did not answer: each instance says what it needs)"
-    return f"on the Ray cluster at {plan.launcher.address}{asked}"
 
 
 def _elapsed(seconds: float | None) -> str:

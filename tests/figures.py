@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pdctl.control_plane.types import ExecutionInstanceType, PDSeparationConfig
-from pdctl.router.pool import Instance, Pool
 from pdctl.router.recorder import RouterMetrics
 from pdctl.router.scrape import EngineSample, EngineTelemetry
 from pdctl.router.stats import ClusterStats, StatsContext, build
+from pdctl.routing.pool import Instance, Pool
 
 
 class FakeClock:

@@ -24,10 +24,10 @@ from pdctl.control_plane.types import ExecutionInstanceType, PDSeparationConfig
 from pdctl.engines.sim import SimConfig, SimEngine
 from pdctl.errors import ProfileError, UsageError
 from pdctl.profile import RouterSpec, load_profile
-from pdctl.router.pool import Instance, Pool
 from pdctl.router.proxy import Router, RouterSettings
 from pdctl.router.server import RouterService
 from pdctl.router.tokens import TokenCounter
+from pdctl.routing.pool import Instance, Pool
 from pdctl.state import ClusterDir
 from tests.clusters import sim_profile, up
 from tests.conftest import ROOT

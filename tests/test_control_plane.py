@@ -14,6 +14,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from pdctl.cluster import plan_profile
 from pdctl.control_plane.errors import (
     DuplicateRequest,
     InstanceUnreachable,
@@ -31,8 +32,9 @@ from pdctl.control_plane.types import (
     PDSeparationConfig,
     RequestMetadata,
 )
-from pdctl.engines.commands import SIM_ROLE
-from tests.clusters import free_port_block, wait_for
+from pdctl.engines.sim_adapter import SIM_ROLE
+from pdctl.router.server import build_router
+from tests.clusters import free_port_block, sim_profile, wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "design-examples"
 LONG = "Explain prefill and decode disaggregation in detail. " * 20  # 1060 byte tokens
@@ -202,6 +204,16 @@ def test_request_errors_are_pdctl_exceptions(manager):
         submit(manager, "once", "hi")
     with pytest.raises(UnknownRequest, match="no request 'ghost'"):
         asyncio.run(manager.result("ghost"))
+
+
+def test_the_manager_builds_its_router_as_the_daemon_does(manager, tmp_path):
+    """One builder: over the same configuration the two routers decide, time out and give up alike."""
+    planned = plan_profile(sim_profile(tmp_path))  # planned only: nothing starts
+    daemon, ours = build_router(planned.profile, planned.plan).settings, manager.router.settings
+    alike = ("routing_strategy", "scheduling_policy", "ttft_slo_ms", "tpot_target_ms", "default_prefill_tokens_per_s",
+             "prefill_timeout_s", "stall_timeout_s", "max_migrations", "record_metrics")  # fmt: skip
+    assert {name: getattr(ours, name) for name in alike} == {name: getattr(daemon, name) for name in alike}
+    assert ours.pd is manager.pd_config and ours.served_model_name == "sim-model"
 
 
 def test_unknown_policy_names():

@@ -92,3 +92,42 @@ def test_a_broken_link_is_found(tmp_path: Path):
     targets = [target for _, target in relative_links(page)]
     assert targets == ["#usage-1", "#not-a-heading", "other.md", "#usage-2"]
     assert [target for target in targets if broken(page, target)] == ["#not-a-heading", "other.md", "#usage-2"]
+
+
+def test_the_routing_pages_strategy_table_is_the_registrys():
+    """docs/routing.md lists each registered strategy with its scorers, weights and picker: a checked copy."""
+    from pdctl.routing.pieces import Strategy
+
+    text = (ROOT / "docs" / "routing.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| (.+?) \| `(\w+)` \|$", text, re.MULTILINE)
+    documented = {name: ({s: float(w) for s, w in re.findall(r"`(\w+)` \(([\d.]+)\)", scorers)}, picker)
+                  for name, scorers, picker in rows}  # fmt: skip
+    registered = {
+        name: (dict(cls.composition.scorers), cls.composition.picker) for name, cls in Strategy.registry.items()
+    }
+    assert documented == registered
+
+
+def layer_map(text: str) -> list[tuple[str, frozenset[str]]]:
+    """The map drawn under a page's `## The layer map` heading: per line of its fence, a layer and its nodes."""
+    section, drawn = None, []
+    for _, line, language in lines(text):
+        if language is None and (match := HEADING.match(line)):
+            section = match.group(1)
+        elif language is not None and section == "The layer map" and line.strip():
+            layer, *nodes = line.split()
+            drawn.append((layer, frozenset(nodes)))
+    return drawn
+
+
+def test_the_architecture_pages_layer_map_is_the_layer_tests():
+    """docs/architecture.md draws the layers top first; LAYERS in tests/test_layers.py is the source of truth."""
+    from tests.test_layers import LAYERS
+
+    drawn = layer_map((ROOT / "docs" / "architecture.md").read_text())
+    assert drawn == LAYERS[::-1], "redraw docs/architecture.md's layer map from LAYERS in tests/test_layers.py"
+
+
+def test_a_layer_map_is_read_from_its_own_section_only():
+    page = "# A\n\n```text\ntypes other\n```\n\n## The layer map\n\n```text\napi  x\n\ntypes  a b\n```\n\n## Next\n"
+    assert layer_map(page) == [("api", frozenset({"x"})), ("types", frozenset({"a", "b"}))]

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from pdctl import procs
-from pdctl.router.proxy import REMOTE_DECODE
+from pdctl.engines.vllm_adapter import REMOTE_DECODE
 from tests.e2e import LocalCluster
 
 pytestmark = pytest.mark.e2e

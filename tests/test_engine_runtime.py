@@ -425,16 +425,20 @@ def test_tiny_model_tokenizer_round_trips_in_the_runtime(tmp_path: Path) -> None
     assert result["chat"] == "user: hi\nassistant: "
 
 
-# ---- the NIXL progress hook ----------------------------------------------------------------------------------
+# ---- the runtime's hooks ----------------------------------------------------------------------------------
 
 
 def test_hooks_go_into_the_runtime_and_are_rewritten_only_when_changed(tmp_path: Path) -> None:
     site_packages = tmp_path / "rt" / "lib" / "python3.11" / "site-packages"
     site_packages.mkdir(parents=True)
+    old = [site_packages / "pdctl_nixl_progress.py", site_packages / "pdctl_nixl_progress.pth"]
+    for path in old:  # an older pdctl's hook: gone, or NIXL would be patched twice
+        path.write_text("import sys\n")
     runtime.install_hooks(tmp_path / "rt")
-    hook, pth = site_packages / "pdctl_nixl_progress.py", site_packages / "pdctl_nixl_progress.pth"
-    assert pth.read_text() == "import pdctl_nixl_progress\n"
-    assert hook.read_text() == (Path(runtime.__file__).parent / "nixl_progress.py").read_text()
+    assert not any(path.exists() for path in old)
+    hook, pth = site_packages / "pdctl_runtime_hooks.py", site_packages / "pdctl_runtime_hooks.pth"
+    assert pth.read_text() == "import pdctl_runtime_hooks\n"
+    assert hook.read_text() == (Path(runtime.__file__).parent / "runtime_hooks.py").read_text()
     assert oct(hook.stat().st_mode & 0o777) == "0o644"  # a shared install is read by other users
     written = hook.stat().st_mtime_ns
     runtime.install_hooks(tmp_path / "rt")
@@ -444,10 +448,11 @@ def test_hooks_go_into_the_runtime_and_are_rewritten_only_when_changed(tmp_path:
     assert "PDCTL_NIXL_PROGRESS_DELAY_US" in hook.read_text()
 
 
-def test_the_hook_reads_the_variable_pdctl_sets() -> None:
-    from pdctl.engines import commands, nixl_progress
+def test_the_hooks_read_the_variables_pdctl_sets() -> None:
+    from pdctl.engines import commands, runtime_hooks
 
-    assert nixl_progress.ENV == commands.NIXL_PROGRESS_ENV
+    assert runtime_hooks.NIXL_ENV == commands.NIXL_PROGRESS_ENV
+    assert runtime_hooks.SHM_ENV == commands.SHM_SPIN_ENV
 
 
 FAKE_BINDINGS = """
@@ -458,25 +463,57 @@ def nixlAgent(name, config):
     return (name, config.pthrDelay)
 """
 
+# vLLM's shm queue module as far as the hook touches it (vllm/distributed/device_communicators/shm_broadcast.py).
+FAKE_SHM_QUEUES = """
+SHM_READER_RECHECK_INTERVAL_MS = 5000
+
+class SpinCondition:
+    def __init__(self, is_reader, context, notify_address, busy_loop_s=1):
+        self.busy_loop_s = busy_loop_s if is_reader else 0
+"""
+
+
+def hooked_site(tmp_path: Path) -> Path:
+    """A site directory with the hook, its .pth line, and stand-ins for NIXL's bindings and vLLM's queues."""
+    site = tmp_path / "site"
+    modules = {
+        "nixl_cu99/_bindings.py": FAKE_BINDINGS,
+        "vllm/distributed/device_communicators/shm_broadcast.py": FAKE_SHM_QUEUES,
+        "pdctl_runtime_hooks.py": (Path(runtime.__file__).parent / "runtime_hooks.py").read_text(),
+        "pdctl_runtime_hooks.pth": "import pdctl_runtime_hooks\n",
+    }
+    for name, text in modules.items():
+        path = site / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for package in ("nixl_cu99", "vllm", "vllm/distributed", "vllm/distributed/device_communicators"):
+        (site / package / "__init__.py").write_text("")
+    return site
+
+
+def run_hooked(site: Path, code: str, env: dict[str, str]) -> str:
+    """`code` in a fresh interpreter that reads the site's .pth lines, as vLLM's starts."""
+    script = f"import site, sys; site.addsitedir(sys.argv[1]); {code}"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(site)], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
 
 def test_the_hook_delays_the_progress_thread_of_agents_made_after_import(tmp_path: Path) -> None:
-    """In a fresh interpreter, as vLLM's starts: the .pth line imports the hook, then NIXL's bindings load."""
-    site = tmp_path / "site"
-    (site / "nixl_cu99").mkdir(parents=True)
-    (site / "nixl_cu99" / "__init__.py").write_text("")
-    (site / "nixl_cu99" / "_bindings.py").write_text(FAKE_BINDINGS)
-    (site / "pdctl_nixl_progress.py").write_text((Path(runtime.__file__).parent / "nixl_progress.py").read_text())
-    script = (
-        "import site, sys; site.addsitedir(sys.argv[1]); import pdctl_nixl_progress; "
-        "import nixl_cu99._bindings as b; print(b.nixlAgent('a', b.nixlAgentConfig()))"
+    site = hooked_site(tmp_path)
+    make = "import nixl_cu99._bindings as b; print(b.nixlAgent('a', b.nixlAgentConfig()))"
+    assert run_hooked(site, make, {"PDCTL_NIXL_PROGRESS_DELAY_US": "100"}) == "('a', 100)"
+    assert run_hooked(site, make, {}) == "('a', 0)"
+
+
+def test_the_hook_shortens_the_spin_of_shm_queue_readers_and_their_recheck(tmp_path: Path) -> None:
+    site = hooked_site(tmp_path)
+    make = (
+        "from vllm.distributed.device_communicators import shm_broadcast as q; "
+        "reader, writer = q.SpinCondition(True, None, 'ipc://r'), q.SpinCondition(False, None, 'ipc://w'); "
+        "print(reader.busy_loop_s, writer.busy_loop_s, q.SHM_READER_RECHECK_INTERVAL_MS)"
     )
-    (site / "pdctl_nixl_progress.pth").write_text("import pdctl_nixl_progress\n")
-
-    def run(env: dict[str, str]) -> str:
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(site)], env=env, capture_output=True, text=True, check=True
-        )
-        return done.stdout.strip()
-
-    assert run({"PDCTL_NIXL_PROGRESS_DELAY_US": "100"}) == "('a', 100)"
-    assert run({}) == "('a', 0)"
+    assert run_hooked(site, make, {"PDCTL_SHM_SPIN_US": "5000"}) == "0.005 0 5"
+    assert run_hooked(site, make, {"PDCTL_SHM_SPIN_US": "200"}) == "0.0002 0 1"
+    assert run_hooked(site, make, {}) == "1 0 5000"  # vLLM's own: nothing asked

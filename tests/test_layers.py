@@ -27,19 +27,23 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "auth",
                 "cost",
                 "gpus",
+                "health",
                 "httpserver",
                 "metrics",
                 "ports",
                 "procs",
                 "safetext",
                 "state",
+                "strictjson",
                 "tokentiming",
                 "yaml_source",
             }
         ),
     ),
-    # The profile and what is computed from it: the plan, placement, engine command lines, the engine model.
-    ("pieces", frozenset({"engines", "perfmodel", "placement", "plan", "profile", "templates"})),
+    # The profile and what is computed from it: the plan, placement, engine command lines, the engine model, and
+    # the routing strategies and phase policies a profile names (`routing`: checked against the registries the router
+    # builds from).
+    ("pieces", frozenset({"engines", "perfmodel", "placement", "plan", "profile", "routing", "templates"})),
     # What runs a cluster: where instances run, their state machine, the router, the scaler.
     ("runtime", frozenset({"cluster", "launchers", "replan", "router", "scaling", "supervisor"})),
     # The processes that hold a cluster up, and `up`/`down`.

@@ -19,6 +19,7 @@ import pytest
 from pdctl import lifecycle, procs
 from pdctl.cluster import plan_profile
 from pdctl.errors import ClusterError
+from pdctl.plan import Plan
 from pdctl.state import ClusterDir, InstancePhase
 from tests.clusters import free_port_block, sim_profile, up, wait_for
 
@@ -370,3 +371,25 @@ def test_an_attach_only_profile_needs_no_engine_runtime(tmp_path, state_root):
     finally:
         engine.kill()
         engine.wait()
+
+
+def _transfers(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    counts = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:nixl_xfer_time_seconds_count")
+    ]
+    return sum(counts)
+
+
+def test_each_decode_instance_reads_one_kv_cache_from_each_prefill_instance_before_any_request(tmp_path, state_root):
+    """The first KV transfer between two engines makes their NIXL handshake: the daemon pays it at start."""
+    cluster_dir, _, failures = up(sim_profile(tmp_path, decode=2), state_root)
+    assert failures == []
+    plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
+    decode = [i for i in plan.instances if i.id.startswith("decode")]
+    for instance in decode:
+        wait_for(lambda url=instance.url: _transfers(url) >= 1, what=f"{instance.id} read a KV cache")
+    time.sleep(0.5)  # nothing more comes: one per pair
+    assert [_transfers(i.url) for i in decode] == [1.0, 1.0]

@@ -14,10 +14,11 @@ import pytest
 from pdctl.control_plane.types import ExecutionInstanceType as Role
 from pdctl.control_plane.types import PDSeparationConfig
 from pdctl.httpserver import HttpServer
+from pdctl.procs import Activity
 from pdctl.router.migration import StreamLedger, why_not_migratable
-from pdctl.router.pool import Instance, Pool
 from pdctl.router.proxy import Router, RouterSettings
 from pdctl.router.tokens import TokenCounter, utf8_length
+from pdctl.routing.pool import Instance, Pool
 from tests.token_engine import HALF, Fault, TokenEngine, chat_prompt, next_token, text_of
 
 pytestmark = pytest.mark.anyio
@@ -170,6 +171,43 @@ async def test_tokens_whose_text_was_held_back_are_generated_again_not_lost():
         shown = [i for e in events for choice in e["choices"] for i in choice["token_ids"] or []]
         assert shown == tokens  # the token generated again is not shown twice
         assert strip_ids(events) == strip_ids(baseline)
+
+
+def activity_of(cores: float, stopped: list[str]):
+    """An engine_activity hook that answers the same for every instance, and the ids it was asked about."""
+    asked: list[str] = []
+
+    async def activity(instance_id: str) -> Activity:
+        asked.append(instance_id)
+        return Activity(cores=cores, stopped=stopped)
+
+    return activity, asked
+
+
+async def test_a_stream_whose_engine_computes_waits_for_it_up_to_a_bound_then_moves():
+    """A slow engine (crowded off the CPU) is not restarted at the first stall timeout; one that computes but
+    never moves a token (hung in a spinning loop) is, after STARVED_LIMIT_FACTOR timeouts."""
+    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    async with cluster(TWO_DECODE, stall_timeout_s=0.3) as c:
+        c.router.engine_activity, asked = activity_of(cores=0.9, stopped=[])
+        c.faults.append(Fault(after_tokens=15, kind="stall"))
+        events, response = await stream(c.url, body)
+    assert text(events) == text_of(expected(list(PROMPT.encode()), 40))
+    assert response.trailers["x-pdctl-migrations"] == "1"
+    # Asked about the stalled instance only, round after round, until the bound.
+    assert len(asked) > 1 and len(set(asked)) == 1
+    assert c.router._starved == set()  # forgotten once it moved
+
+
+async def test_a_stream_whose_engine_is_stopped_moves_at_the_first_verdict():
+    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    async with cluster(TWO_DECODE, stall_timeout_s=0.3) as c:
+        c.router.engine_activity, asked = activity_of(cores=0.0, stopped=["4242 (VLLM::EngineCore)"])
+        c.faults.append(Fault(after_tokens=15, kind="stall"))
+        events, response = await stream(c.url, body)
+    assert text(events) == text_of(expected(list(PROMPT.encode()), 40))
+    assert response.trailers["x-pdctl-migrations"] == "1"
+    assert len(asked) == 1
 
 
 async def test_a_stream_moves_again_up_to_its_limit_then_ends_with_an_error_event():

@@ -58,7 +58,9 @@ def test_local_profile_on_the_cpu():
     assert prefill.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert prefill.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] != decode.env["VLLM_NIXL_SIDE_CHANNEL_PORT"]
     assert prefill.env["PDCTL_NIXL_PROGRESS_DELAY_US"] == decode.env["PDCTL_NIXL_PROGRESS_DELAY_US"] == "100"
+    assert prefill.env["PDCTL_SHM_SPIN_US"] == decode.env["PDCTL_SHM_SPIN_US"] == "1000"
     assert (prefill.cpu_cores, decode.cpu_cores) == ([0], [1])
+    assert (prefill.affinity, decode.affinity) == ([], [])  # cpu.pin_processes is off unless asked
 
 
 def test_gpu_profile_maps_every_knob(write_profile):
@@ -87,17 +89,20 @@ def test_gpu_profile_maps_every_knob(write_profile):
         fake_gpu(5).uuid,
     }
     # A GPU host's NIXL progress thread keeps NIXL's own busy polling: cores are not what limits there.
-    assert "PDCTL_NIXL_PROGRESS_DELAY_US" not in prefill.env
+    assert "PDCTL_NIXL_PROGRESS_DELAY_US" not in prefill.env and "PDCTL_SHM_SPIN_US" not in prefill.env
 
 
-def test_nixl_progress_delay_zero_keeps_nixls_polling(write_profile):
+def test_zero_keeps_nixls_polling_and_vllms_spinning(write_profile):
     plan = plan_of(
         write_profile(
-            "name: g\nmodel: {path: m}\ndevice: cpu\ncpu: {nixl_progress_delay_us: 0}\n"
+            "name: g\nmodel: {path: m}\ndevice: cpu\ncpu: {nixl_progress_delay_us: 0, shm_spin_us: 0}\n"
             "prefill: {tensor_parallel_size: 1}\ndecode: {tensor_parallel_size: 1}\n"
         )
     )
-    assert plan.instances and all("PDCTL_NIXL_PROGRESS_DELAY_US" not in instance.env for instance in plan.instances)
+    hooked = [
+        name for instance in plan.instances for name in instance.env if name.startswith("PDCTL_") and "_US" in name
+    ]
+    assert plan.instances and hooked == []
 
 
 def test_document_gpu_count_beyond_parallelism_is_data_parallel(write_profile):
@@ -181,3 +186,13 @@ def test_the_default_engine_runtime_is_the_build_of_the_plans_device(monkeypatch
     assert on_gpus.instances[0].argv[0] == on_gpus.engine_python
     on_cpu = plan_profile(PROFILES / "local.yaml", StaticGpuSource([])).plan
     assert (on_cpu.device, on_cpu.engine_python) == ("cpu", str(engines / "vllm-cpu" / "bin" / "python"))
+
+
+def test_pinned_processes_run_on_the_instances_own_cores(write_profile):
+    plan = plan_of(
+        write_profile(
+            "name: g\nmodel: {path: m}\ndevice: cpu\ncpu: {pin_processes: true}\n"
+            "prefill: {tensor_parallel_size: 1}\ndecode: {tensor_parallel_size: 1}\n"
+        )
+    )
+    assert plan.instances and all(i.affinity == i.cpu_cores != [] for i in plan.instances)

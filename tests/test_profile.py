@@ -162,3 +162,87 @@ def test_not_a_mapping(write_profile):
 def test_bad_scenario_name(write_profile):
     message = error_of(write_profile, MINIMAL + "scenario: batch\n")
     assert message == "P:4:1: scenario: Input should be 'qa', 'chat' or 'code', got 'batch'"
+
+
+def test_an_unknown_routing_strategy_is_named_with_the_registrys_names(write_profile):
+    message = error_of(write_profile, MINIMAL + "router:\n  routing_strategy: cache_awre\n")
+    assert message.startswith(
+        "P:5:3: router.routing_strategy: unknown routing strategy 'cache_awre' (did you mean 'cache_aware'?); "
+        "known: load_balanced, round_robin, cache_aware; or compose one"
+    )
+
+
+def test_a_strategy_registered_in_one_class_is_a_name_a_profile_may_use(write_profile):
+    from pdctl.routing.pieces import Composition, Strategy
+
+    class Fewest(Strategy, name="fewest_tokens"):
+        composition = Composition(scorers={"outstanding_tokens": 1.0})
+
+    text = MINIMAL + "router: {routing_strategy: fewest_tokens}\n"
+    try:
+        assert load_profile(write_profile(text)).router.routing_strategy == Fewest.name
+        assert "fewest_tokens" in profile_template("chat")  # `pdctl init` lists what the registry holds
+    finally:
+        del Strategy.registry["fewest_tokens"]
+    assert "known: load_balanced, round_robin, cache_aware;" in error_of(write_profile, text)
+
+
+def test_an_unknown_routing_policy_is_named_with_the_registrys_names(write_profile):
+    message = error_of(write_profile, MINIMAL + "pd:\n  routing_policy: adaptve\n")
+    assert message == (
+        "P:5:3: pd.routing_policy: unknown routing policy 'adaptve' (did you mean 'adaptive'?); "
+        "known: threshold, adaptive, always, never"
+    )
+
+
+def test_a_phase_policy_registered_in_one_class_is_a_name_a_profile_may_use(write_profile):
+    from pdctl.routing.phase import PhaseDecision, PhasePolicy
+
+    class Split(PhasePolicy, name="split_all"):
+        def decide(self, features, load):
+            return PhaseDecision(ExecutionInstanceType.PREFILLING, "every request")
+
+    text = MINIMAL + "pd: {routing_policy: split_all}\n"
+    try:
+        profile = load_profile(write_profile(text))
+        assert profile.pd.routing_policy == Split.name
+        assert "split_all" in profile_template("chat")  # `pdctl init` lists what the registry holds
+        profile.pd.routing_policy = "never"  # the running system's remedy is checked against it too
+        with pytest.raises(ValueError, match="unknown routing policy 'slpit_all' \\(did you mean 'split_all'"):
+            profile.pd.routing_policy = "slpit_all"
+        assert profile.pd.routing_policy == "never"
+    finally:
+        del PhasePolicy.registry["split_all"]
+    assert "known: threshold, adaptive, always, never" in error_of(write_profile, text)
+
+
+def test_a_composed_strategy_loads_in_the_registrys_order(write_profile):
+    from pdctl.routing.pieces import CacheAware, Composition
+
+    scorers = "{kv_cache_usage: 0.5, prefix_affinity: 2, outstanding_tokens: 1, running_sequences: 1}"
+    text = MINIMAL + f"router:\n  routing_strategy:\n    scorers: {scorers}\n"
+    strategy = load_profile(write_profile(text)).router.routing_strategy
+    assert isinstance(strategy, Composition) and strategy == CacheAware.composition
+    assert list(strategy.scorers) == list(CacheAware.composition.scorers)
+    assert strategy.picker == "best_score"
+
+
+def test_a_composed_strategys_errors_name_each_field(write_profile):
+    text = MINIMAL + (
+        "router:\n  routing_strategy:\n    scorers:\n      prefix_afinity: 2\n      kv_cache_usage: 0\n"
+        "    picker: best\n"
+    )
+    assert error_of(write_profile, text).splitlines() == [
+        "P:7:7: router.routing_strategy.scorers.prefix_afinity: unknown scorer 'prefix_afinity' (did you mean "
+        "'prefix_affinity'?); known: prefix_affinity, outstanding_tokens, running_sequences, kv_cache_usage",
+        "P:8:7: router.routing_strategy.scorers.kv_cache_usage: Input should be greater than 0",
+        "P:9:5: router.routing_strategy.picker: unknown picker 'best'; known: best_score, round_robin",
+    ]
+    ignored = MINIMAL + "router: {routing_strategy: {scorers: {kv_cache_usage: 1}, picker: round_robin}}\n"
+    assert error_of(write_profile, ignored) == (
+        "P:4:59: router.routing_strategy.picker: picker round_robin ignores scores: leave out scorers, or pick one "
+        "that reads them"
+    )
+    assert error_of(write_profile, MINIMAL + "router: {routing_strategy: [a]}\n") == (
+        "P:4:10: router.routing_strategy: write a strategy's name, or {scorers: {NAME: WEIGHT}, picker: NAME}"
+    )

@@ -17,6 +17,7 @@ from pdctl.cluster import plan_profile
 from pdctl.engines.commands import LaunchPrefix
 from pdctl.errors import ClusterError, PlacementError, UsageError
 from pdctl.gpus import GpuInventory
+from pdctl.launchers import launcher_class
 from pdctl.launchers.ray_cluster import RayLauncher, RayNode
 from pdctl.plan import make_plan
 from pdctl.profile import load_profile
@@ -100,6 +101,9 @@ def test_plan_of_a_silent_ray_cluster_says_what_each_instance_needs(tmp_path):
         (None, {"CPU": 1.0, "prefill_node": 1.0}),
         (None, {"CPU": 1.0, "decode_node": 1.0}),
     ]
+    assert launcher_class("ray").where(plan) == (
+        "on the Ray cluster at 127.0.0.9:1 (it did not answer: each instance says what it needs)"
+    )
 
 
 def gpu_nodes(monkeypatch, launcher: RayLauncher, gpus_per_node: list[int]) -> None:

@@ -3,30 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
-from typing import get_args
 
 import pytest
 
 from pdctl.control_plane.types import ExecutionInstanceType as Phase
 from pdctl.control_plane.types import PDSeparationConfig
+from pdctl.errors import UnknownPolicy
 from pdctl.httpserver import HttpError
-from pdctl.profile import RoutingStrategyName
 from pdctl.router import requests
 from pdctl.router.admission import Admission, DeadlineExceeded
-from pdctl.router.phase import (
+from pdctl.router.proxy import Router, RouterSettings
+from pdctl.router.tokens import TokenCounter, utf8_length
+from pdctl.routing.phase import (
     AdaptivePolicy,
+    PhaseDecision,
+    PhasePolicy,
     PoolLoad,
     RequestFeatures,
     ThresholdPolicy,
-    UnknownPolicy,
     make_phase_policy,
     with_availability,
 )
-from pdctl.router.pieces import BestScore, OutstandingTokens, RoutingRequest, Strategy, make_strategy
-from pdctl.router.pool import Instance
-from pdctl.router.prefix import PrefixTable, block_ends, block_hashes, covered
-from pdctl.router.tokens import TokenCounter
+from pdctl.routing.pieces import (
+    BestScore,
+    CacheAware,
+    Composition,
+    OutstandingTokens,
+    RoutingRequest,
+    Strategy,
+    make_strategy,
+)
+from pdctl.routing.pool import Instance, Pool
+from pdctl.routing.prefix import PrefixTable, block_ends, block_hashes, covered
+from pdctl.types import PDSeparationConfig as PlainPDConfig
 
 CONFIG = PDSeparationConfig(prefilling_threshold_input_tokens=800, prefilling_threshold_ratio=4.0)
 
@@ -80,10 +91,15 @@ def test_always_never_and_unknown():
         decide(make_phase_policy(CONFIG.model_copy(update={"routing_policy": "never"})), 10**6, 1).phase
         is Phase.DECODING
     )
-    config = CONFIG.model_copy()
-    object.__setattr__(config, "routing_policy", "smart")
-    with pytest.raises(UnknownPolicy, match="known: threshold, adaptive, always, never"):
-        make_phase_policy(config)
+    # The bottom layer's config knows no policy names: the router refuses the unknown one when it builds it.
+    typo = PlainPDConfig(routing_policy="adaptve")
+    known = (
+        r"unknown routing policy 'adaptve' \(did you mean 'adaptive'\?\); known: threshold, adaptive, always, never$"
+    )
+    with pytest.raises(UnknownPolicy, match=known):
+        make_phase_policy(typo)
+    with pytest.raises(UnknownPolicy, match=known):
+        Router(RouterSettings("m", typo), Pool([instance("a")]), TokenCounter(utf8_length))
 
 
 def test_availability_falls_back_the_same_for_every_policy():
@@ -140,9 +156,51 @@ def test_cache_aware_follows_the_prefix():
     assert strategy.select([instance("a"), instance("b")], request).instance.id == "b"
 
 
-def test_the_profile_names_the_registered_strategies():
-    assert get_args(RoutingStrategyName) == tuple(Strategy.registry)
-    assert [name for name, cls in Strategy.registry.items() if cls.uses_prefixes] == ["cache_aware"]
+def test_only_strategies_with_a_prefix_scorer_hash_prefixes():
+    reading = [name for name in Strategy.registry if make_strategy(name, lambda _: PrefixTable()).uses_prefixes]
+    assert reading == ["cache_aware"]
+    assert make_strategy(Composition(scorers={"prefix_affinity": 1.0}), lambda _: PrefixTable()).uses_prefixes
+
+
+def route_a_busy_pool(choice: str | Composition) -> list[tuple[str, dict[str, float]]]:
+    """Sixty requests over four instances whose load, KV use and cached prefixes change as they go: each choice
+    and every candidate's score."""
+    tables = {name: PrefixTable() for name in "abcd"}
+    strategy = make_strategy(choice, tables.__getitem__, random.Random(7))
+    pool = [instance(name) for name in "abcd"]
+    shape = random.Random(3)
+    chosen = []
+    for n, target in zip(range(60), itertools.cycle(pool), strict=False):
+        target.in_flight_prompt_tokens = shape.randrange(4000)
+        target.kv_usage = shape.random()
+        target.running = float(shape.randrange(10))
+        prompt = f"group {n % 3} " * 40 + f"question {n}"
+        blocks = block_hashes(prompt)
+        selection = strategy.select(pool, RoutingRequest(200, prefix_blocks=blocks, prefix_length=len(prompt)))
+        tables[selection.instance.id].record(blocks)
+        chosen.append((selection.instance.id, selection.scores))
+    return chosen
+
+
+@pytest.mark.parametrize("preset", ["load_balanced", "round_robin", "cache_aware"])
+def test_a_composition_routes_as_the_preset_it_equals(preset):
+    written = Strategy.registry[preset].composition
+    reordered = Composition(scorers=dict(reversed(written.scorers.items())), picker=written.picker)
+    assert route_a_busy_pool(reordered) == route_a_busy_pool(preset)
+
+
+def test_the_busy_pool_tells_strategies_apart_so_routing_alike_means_something():
+    only_load = Composition(scorers={"outstanding_tokens": 1.0})
+    routes = {tuple(i for i, _ in route_a_busy_pool(c)) for c in ("load_balanced", "cache_aware", only_load)}
+    assert len(routes) == 3
+
+
+def test_a_composition_is_shown_written_out():
+    heavier = Composition(scorers={**CacheAware.composition.scorers, "prefix_affinity": 8.0})
+    assert make_strategy(heavier, lambda _: PrefixTable()).label == (
+        "prefix_affinity 8 + outstanding_tokens 1 + running_sequences 1 + kv_cache_usage 0.5, best_score"
+    )
+    assert make_strategy("cache_aware", lambda _: PrefixTable()).label == "cache_aware"
 
 
 def test_a_strategy_is_one_class():
@@ -160,6 +218,39 @@ def test_a_strategy_is_one_class():
         del Strategy.registry["fewest_tokens"]
     with pytest.raises(UnknownPolicy, match="fewest_tokens"):
         make_strategy("fewest_tokens", lambda _: PrefixTable())
+
+
+def test_a_phase_policy_is_one_class():
+    class HeldPrefix(PhasePolicy, name="held_prefix"):
+        """Split a prompt unless the decode instance holds at least half of it."""
+
+        uses_prefixes = True
+
+        def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
+            held = 2 * features.decode_cached_tokens >= features.input_tokens
+            return PhaseDecision(Phase.DECODING if held else Phase.PREFILLING, f"{features.decode_cached_tokens} held")
+
+    prompt = "a shared system prompt. " * 40
+    parsed = requests.parse({"model": "m", "prompt": prompt}, {}, chat=False, served_model="m")
+    pool = Pool([instance("d"), Instance("p", Phase.PREFILLING, "http://p", max_num_seqs=10, healthy=True)])
+    try:
+        config = PDSeparationConfig(routing_policy="held_prefix")  # the public config takes the new name
+        router = Router(RouterSettings("m", config), pool, TokenCounter(utf8_length))
+        first = router.plan(parsed)
+        assert first.routing.prefix_blocks, "load_balanced reads no prefix, the policy does: they are hashed"
+        assert (first.decision.phase, first.decision.reason) == (Phase.PREFILLING, "0 held")
+        router.tables["d"].record(first.routing.prefix_blocks)
+        again = router.plan(parsed)
+        held = int(again.decision.reason.removesuffix(" held"))
+        assert again.decision.phase is Phase.DECODING and len(prompt) / 2 <= held < len(prompt)  # whole blocks
+    finally:
+        del PhasePolicy.registry["held_prefix"]
+    with pytest.raises(UnknownPolicy, match="held_prefix"):
+        make_phase_policy(config)
+    threshold = Router(
+        RouterSettings("m", PDSeparationConfig(routing_policy="threshold")), pool, TokenCounter(utf8_length)
+    )
+    assert threshold.plan(parsed).routing.prefix_blocks == []  # neither load_balanced nor threshold reads them
 
 
 def test_prefix_table_lru_and_lfu_eviction():
@@ -284,3 +375,12 @@ def test_the_builtin_model_is_counted_exactly(tmp_path):
     counter = TokenCounter.for_model(str(tmp_path))
     assert counter.exact and counter.count("héllo") == 6
     assert not TokenCounter.for_model(str(tmp_path / "elsewhere")).exact
+
+
+def test_the_router_builds_a_composed_strategy_and_shows_it_written_out():
+    settings = RouterSettings(
+        "m", PDSeparationConfig(enabled=False), routing_strategy=Composition(scorers={"prefix_affinity": 1.0})
+    )
+    router = Router(settings, Pool([instance("a")]), TokenCounter(utf8_length))
+    assert router.strategy.uses_prefixes
+    assert router.stats().routing_strategy == "prefix_affinity 1, best_score"

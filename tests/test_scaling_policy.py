@@ -15,9 +15,8 @@ from pdctl.launchers.local import LocalLauncher
 from pdctl.placement import PlacementRequest, cores_for_added, place_added_on_gpus
 from pdctl.plan import make_plan
 from pdctl.profile import ClusterProfile, load_profile
-from pdctl.router.pool import Instance
-from pdctl.router.server import build_router
-from pdctl.scaling.actuator import Scaler
+from pdctl.router.server import RouterService, build_router
+from pdctl.routing.pool import Instance
 from pdctl.scaling.policy import (
     Bounds,
     Forecaster,
@@ -31,6 +30,7 @@ from pdctl.scaling.policy import (
     prefill_verdict,
 )
 from pdctl.scaling.report import ScalingReport, render_scaling
+from pdctl.scaling.scaler import Scaler
 from pdctl.scaling.signals import InstanceSignal, PoolSignals, Role, Sample, Traffic, percentile, pool_signals
 from pdctl.state import ClusterDir, ClusterState
 from pdctl.supervisor import Supervisor, SupervisorPolicy
@@ -228,7 +228,7 @@ def test_scale_out_without_a_free_gpu_is_blocked_with_its_reason_and_not_retried
     cluster_dir.create()
     state = ClusterState(cluster="gpu", token="t")
     supervisor = Supervisor(plan, cluster_dir, state, SupervisorPolicy(), launcher)
-    scaler = Scaler(profile, plan, supervisor, build_router(profile, plan), cluster_dir)
+    scaler = Scaler(profile, plan, supervisor, RouterService(build_router(profile, plan), "127.0.0.1", 0), cluster_dir)
 
     async def ticks() -> ScalingReport:
         scaler.set_manual(Role.DECODE, 3)

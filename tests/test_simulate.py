@@ -9,17 +9,20 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pdctl import strictjson
 from pdctl.bench.report import percentile
 from pdctl.engines.sim import parse_args
 from pdctl.perfmodel.arch import get_model
 from pdctl.perfmodel.hardware import get_hardware
 from pdctl.perfmodel.steptime import BatchShape, StepModel
-from pdctl.profile import load_profile
+from pdctl.profile import ClusterProfile, load_profile
+from pdctl.simulate.des import ClusterSim
 from pdctl.simulate.design import DESIGN_DIR, DOCUMENT_ROWS, best, frontier_svg, layouts, sweep
 from pdctl.simulate.design import write_profile as write_profile_file
 from pdctl.simulate.report import RequestRecord, summarize
 from pdctl.simulate.run import simulate
 from pdctl.simulate.workload import SimRequest, WorkloadSpec, generate
+from tests.conftest import PROFILES
 from tests.test_cli import pdctl
 from tests.test_sim_engine import kill, launch, wait_healthy
 
@@ -265,16 +268,20 @@ def test_a_70b_sweep_on_16_gpus_says_why_tp2_decode_cannot_run_and_fits_80_colum
 
 
 def test_a_kv_cache_too_small_for_max_model_len_is_named(tmp_path: Path) -> None:
-    from pdctl.simulate.design import Layout, layout_profile, shortfalls
+    from pdctl.simulate.design import Layout, layout_profile
+    from pdctl.simulate.run import resolve, shortfalls
 
     requests = [SimRequest(0, 0.0, 100, 10)]
     four_tp4 = Layout(0, 4, 4, 4)
-    assert shortfalls(layout_profile(load_profile(seventy_b_profile(tmp_path)), four_tp4), requests, None) == ()
+    fits = layout_profile(load_profile(seventy_b_profile(tmp_path)), four_tp4)
+    assert shortfalls(fits, *resolve(fits, None, None), requests) == ()
     # At TP 4 a GPU keeps about 400k tokens of KV cache: vLLM would not start with a longer max_model_len.
     base = load_profile(seventy_b_profile(tmp_path, ", max_model_len: 1000000"))
-    (short,) = shortfalls(layout_profile(base, four_tp4), requests, None)
+    too_long = layout_profile(base, four_tp4)
+    (short,) = shortfalls(too_long, *resolve(too_long, None, None), requests)
     assert short.instances == "hybrid TP 4"
     assert short.why.startswith("has KV cache for ") and short.why.endswith("model.max_model_len needs 1000000")
+    assert short.fix.startswith("a smaller model.max_model_len")
 
 
 def test_the_command_fails_naming_why_when_no_layout_can_run(tmp_path: Path) -> None:
@@ -282,3 +289,102 @@ def test_the_command_fails_naming_why_when_no_layout_can_run(tmp_path: Path) -> 
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no layout of 2 GPUs can run this model and workload" in result.stderr
     assert "hybrid TP 2 needs 69.7 GiB per GPU" in result.stderr and "decode TP 1 needs 135.4 GiB" in result.stderr
+
+
+CODE_ON_CPU = ("simulate", "profiles/code.yaml", "--hardware", "cpu-local", "--num-prompts", "200", "--seed", "3")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_profile_that_cannot_run_on_the_hardware_says_so_before_simulating(as_json: bool) -> None:
+    """The 8B model's weights alone are 15 GiB; cpu-local has about 1 GiB: once every request silently vanished
+    (`completed: 0, failed: 0`), and the table crashed on the missing latencies."""
+    result = pdctl(*CODE_ON_CPU, *(["--json"] if as_json else []))
+    assert result.returncode == 2 and result.stdout == ""
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert "profile 'code' cannot run this workload on cpu-local" in result.stderr
+    assert "decode TP 1 needs 15.0 GiB per GPU for weights and activations" in result.stderr
+    assert "prefill TP 1 needs 15.0 GiB" in result.stderr and result.stderr.count("to fix: ") == 1
+
+
+def stuck_on_cpu() -> ClusterSim:
+    """The 8B model on cpu-local, which has no memory left for its KV cache: no engine can take a request in."""
+    profile = ClusterProfile.model_validate({
+        "name": "stuck", "model": {"path": MODEL}, "prefill": {"target_batch_size": 4},
+        "pd": {"enabled": True, "routing_policy": "always", "prefilling_min_instances": 1, "decoding_min_instances": 1,
+               "enable_dynamic_scaling": False},
+    })  # fmt: skip
+    return ClusterSim(profile, get_model(MODEL), get_hardware("cpu-local"))
+
+
+def test_the_simulation_fails_what_it_cannot_serve_by_kind_and_drops_nothing() -> None:
+    """Past simulate()'s check (ClusterSim alone, as cpufit runs it), a request no engine can take in ends as
+    failed, by where it stopped: in an engine, held by the router (every instance full), or never sent."""
+    requests = generate(WorkloadSpec(num_requests=12, input_tokens=64, output_tokens=4))
+    open_loop = stuck_on_cpu()
+    open_loop.run(requests)
+    metrics = summarize(open_loop.records, 1.0)
+    assert metrics["completed"] == 0 and metrics["failed"] == 12
+    assert metrics["failures_by_kind"] == {"stalled_in_engine": 4, "held_by_router": 8}
+    assert sorted(r.id for r in open_loop.records) == list(range(12))
+    closed_loop = stuck_on_cpu()
+    closed_loop.run(requests, max_concurrency=2)
+    assert summarize(closed_loop.records, 1.0)["failures_by_kind"] == {"stalled_in_engine": 2, "not_sent": 10}
+
+
+def test_a_result_without_latencies_prints_n_a_and_its_failures() -> None:
+    from rich.console import Console
+
+    from pdctl.simulate.render import result_table
+    from pdctl.simulate.run import SimulationResult, cost_per_million
+
+    records = [RequestRecord(i, 64, 4, 0.0, error_kind="stalled_in_engine") for i in range(3)]
+    metrics = summarize(records, 1.0)
+    cost = cost_per_million(2, 2.0, metrics["output_throughput"])
+    result = SimulationResult("stuck", MODEL, "cpu-local", 2, metrics, {}, 0, 0.1, 0.0, cost, records)
+    console = Console(width=100, record=True)
+    console.print(result_table(result))
+    text = console.export_text()
+    assert "Failed requests" in text and "3 (stalled_in_engine 3)" in text
+    assert "Median TTFT (ms)" in text and "n/a" in text
+    # Standard JSON: no cost is null, not Infinity (which jq and JSON.parse refuse).
+    assert json.loads(strictjson.dumps(result.as_dict()))["cost_per_m_output_tokens_usd"] is None
+
+
+def test_strict_json_writes_figures_that_are_not_finite_as_null() -> None:
+    data = {"cost": float("inf"), "rates": [1.5, float("nan"), -float("inf")], "nested": ({"ok": 2.0},)}
+    text = strictjson.dumps(data, indent=2)
+    assert json.loads(text, parse_constant=pytest.fail) == {"cost": None, "rates": [1.5, None, None],
+                                                            "nested": [{"ok": 2.0}]}  # fmt: skip
+    assert strictjson.dumps({"a": 1.0}) == json.dumps({"a": 1.0})
+
+
+def test_a_profile_composing_cache_awares_pieces_simulates_as_cache_aware(tmp_path: Path) -> None:
+    text = write_profile(tmp_path, "enabled: false", prefill=0, decode=3).read_text()
+    composed = "{scorers: {outstanding_tokens: 1, kv_cache_usage: 0.5, running_sequences: 1, prefix_affinity: 2}}"
+    spec = WorkloadSpec(num_requests=120, input_tokens=600, output_tokens=20, request_rate=40.0, prefix_groups=6,
+                        prefix_tokens=400, seed=4)  # fmt: skip
+
+    def run(strategy: str) -> list[tuple[int, float, int]]:
+        path = tmp_path / "strategy.yaml"
+        path.write_text(text.replace("router: {", f"router: {{routing_strategy: {strategy}, "))
+        records = simulate(load_profile(path), generate(spec), seed=1).records
+        return sorted((r.id, r.ttft, r.cached_tokens) for r in records)
+
+    cache_aware = run("cache_aware")
+    assert run(composed) == cache_aware
+    cached = {
+        name: sum(c for _, _, c in records) for name, records in (("ca", cache_aware), ("lb", run("load_balanced")))
+    }
+    assert cached["ca"] > cached["lb"]  # the prefix scorer is at work: alike is not a matter of a trivial workload
+
+
+def test_requests_the_router_holds_are_each_answered_once() -> None:
+    """200 requests at once on profiles/local.yaml's one decode instance: the router holds most of them until a
+    slot frees. A step once started while the previous step's tokens were being delivered, and 90 requests that
+    finished in it were answered twice (290 of 200)."""
+    requests = generate(WorkloadSpec(num_requests=200, input_tokens=200, output_tokens=500, prefix_groups=4,
+                                     prefix_tokens=100, seed=3))  # fmt: skip
+    result = simulate(load_profile(PROFILES / "local.yaml"), requests, hardware="h100-sxm", seed=3)
+    assert sorted(r.id for r in result.records) == list(range(200))
+    assert result.metrics["completed"] == 200 and result.metrics["total_output_tokens"] == 100_000
+    assert all(len(r.itls) == r.output_tokens - 1 for r in result.records)

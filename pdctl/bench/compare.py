@@ -7,11 +7,11 @@ import copy
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from rich.console import Console
@@ -24,9 +24,8 @@ from pdctl.cluster import plan_profile
 from pdctl.cost import CostComparison, save_comparison
 from pdctl.errors import ClusterError, UsageError
 from pdctl.plan import Plan
+from pdctl.routing.phase import PhasePolicy
 from pdctl.state import ClusterDir
-
-POLICIES = ("threshold", "adaptive", "always", "never")
 
 
 @dataclass
@@ -41,6 +40,7 @@ class RunSettings:
 
 
 Runner = Callable[[Target, RunSettings], BenchOutcome]
+T = TypeVar("T")
 Transform = Callable[[dict[str, Any], Plan], dict[str, Any]]
 
 
@@ -71,9 +71,9 @@ LAYOUTS: list[tuple[str, Transform]] = [("pd", _pd), ("colocated", _colocated)]
 
 def policy_variants(text: str) -> list[tuple[str, Transform]]:
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICIES]
+    unknown = [p for p in names if p not in PhasePolicy.registry]
     if unknown or not names:
-        raise UsageError(f"--policies {text!r}: choose among {', '.join(POLICIES)}")
+        raise UsageError(f"--policies {text!r}: choose among {', '.join(PhasePolicy.registry)}")
 
     def setting(policy: str) -> Transform:
         def transform(data: dict[str, Any], plan: Plan) -> dict[str, Any]:
@@ -97,21 +97,28 @@ def _raw_profile(path: Path) -> dict[str, Any]:
 def run_variants(
     profile: Path, variants: list[tuple[str, Transform]], settings: RunSettings, root: Path, run: Runner, log: Console
 ) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (name, outcome.as_json({"layout": name, "profile": data}))
+        for name, data, outcome in each_variant(profile, variants, root, lambda target: run(target, settings), log)
+    ]
+
+
+def each_variant(
+    profile: Path, variants: list[tuple[str, Transform]], root: Path, run: Callable[[Target], T], log: Console
+) -> Iterator[tuple[str, dict[str, Any], T]]:
+    """Each variant of the profile brought up in turn, `run` against it, and stopped: (name, profile, result)."""
     base_plan = plan_profile(profile).plan  # validates the profile before anything starts
     raw = _raw_profile(profile)
-    runs = []
     with tempfile.TemporaryDirectory(prefix="pdctl-bench-") as scratch:
         for name, transform in variants:
             data = transform(copy.deepcopy(raw), base_plan)
             data["name"] = f"{base_plan.cluster}-{name}"
             path = Path(scratch) / f"{data['name']}.yaml"
             path.write_text(yaml.safe_dump(data, sort_keys=False))
-            outcome = _bring_up_and_run(path, root, settings, run, log)
-            runs.append((name, outcome.as_json({"layout": name, "profile": data})))
-    return runs
+            yield name, data, _bring_up_and_run(path, root, run, log)
 
 
-def _bring_up_and_run(path: Path, root: Path, settings: RunSettings, run: Runner, log: Console) -> BenchOutcome:
+def _bring_up_and_run(path: Path, root: Path, run: Callable[[Target], T], log: Console) -> T:
     planned = plan_profile(path)
     cluster_dir = ClusterDir(root, planned.profile.name)
     roles = ", ".join(f"{i.id} {i.role.value}" for i in planned.plan.instances)
@@ -126,7 +133,7 @@ def _bring_up_and_run(path: Path, root: Path, settings: RunSettings, run: Runner
                 + "; ".join(f"{f.id}: {f.message} (log {f.log_path})" for f in failures)
             )
         log.print(f"{planned.profile.name} is up in {time.monotonic() - began:.0f} s")
-        return run(target_of_cluster(cluster_dir), settings)
+        return run(target_of_cluster(cluster_dir))
     finally:
         lifecycle.down(cluster_dir)
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import httpx
 
-from pdctl import lifecycle
+from pdctl import lifecycle, strictjson
 from pdctl.auth import Access, client_key
 from pdctl.bench import report, serverstats
 from pdctl.bench.client import Progress, StreamClient, run_workload
 from pdctl.bench.tokens import tokenizer_for
 from pdctl.bench.workload import Workload, WorkloadSpec, build
+from pdctl.engines.adapter import engine_adapter
 from pdctl.errors import UsageError
 from pdctl.plan import Plan
 from pdctl.state import ClusterDir
@@ -62,6 +63,7 @@ def target_of_cluster(cluster_dir: ClusterDir, api_key: str | None = None) -> Ta
     plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
     profile = json.loads(cluster_dir.profile_file.read_text())
     gpus = sum(len(i.gpus) for i in plan.instances)
+    disclaimer = engine_adapter(plan.engine).disclaimer
     return Target(
         url=router.url,
         access=router,
@@ -72,8 +74,8 @@ def target_of_cluster(cluster_dir: ClusterDir, api_key: str | None = None) -> Ta
         devices=gpus or len(plan.instances),
         device_kind="GPU" if gpus else "CPU instance",
         price_per_device_hour=float(profile.get("cost", {}).get("gpu_hour_usd", 0.0)),
-        sim=plan.engine == "sim",
-        label=f"cluster {plan.cluster}" + (" (sim engine: an emulator, not vLLM)" if plan.engine == "sim" else ""),
+        sim=disclaimer is not None,
+        label=f"cluster {plan.cluster}" + (f" ({disclaimer})" if disclaimer else ""),
     )
 
 
@@ -200,6 +202,6 @@ def execute(
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     try:
-        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        path.write_text(strictjson.dumps(data, indent=2, default=str) + "\n")
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from None

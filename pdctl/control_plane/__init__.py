@@ -1,6 +1,6 @@
 """The design document's Python API: its configuration and runtime types."""
 
-from pdctl.types import (
+from pdctl.control_plane.types import (
     DecodingConfig,
     ExecutionInstance,
     ExecutionInstanceType,

@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import PrivateAttr
 
+from pdctl.control_plane.types import PDSeparationConfig
 from pdctl.errors import PdctlError
 from pdctl.scaling.control import ScaleRequest, send
 from pdctl.state import ClusterDir, state_root
-from pdctl.types import PDSeparationConfig
 
 
 class RunningPDConfig(PDSeparationConfig):

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from pdctl import health
 from pdctl.auth import bearer
 from pdctl.control_plane.errors import (
     DuplicateRequest,
@@ -39,17 +40,17 @@ from pdctl.control_plane.errors import (
     UnknownPolicy,
     UnknownRequest,
 )
-from pdctl.router.pieces import Strategy
-from pdctl.router.pool import Instance, Pool
+from pdctl.control_plane.types import PDSeparationConfig
 from pdctl.router.proxy import Router, RouterSettings
-from pdctl.router.server import RouterService
+from pdctl.router.server import RouterService, assemble_router
 from pdctl.router.tokens import TokenCounter
+from pdctl.routing.pieces import DEFAULT_STRATEGY, Strategy
+from pdctl.routing.pool import Instance
 from pdctl.types import (
     DecodingConfig,
     ExecutionInstance,
     ExecutionInstanceType,
     PDMetrics,
-    PDSeparationConfig,
     PrefillingConfig,
     RequestMetadata,
 )
@@ -133,7 +134,7 @@ class ControlPlaneManager:
     def __init__(
         self,
         scheduling_policy: str = "slo_aware",
-        routing_strategy: str = "load_balanced",
+        routing_strategy: str = DEFAULT_STRATEGY,
         pd_config: PDSeparationConfig | None = None,
         *,
         ttft_slo_ms: float = 1000.0,
@@ -214,8 +215,7 @@ class ControlPlaneManager:
         except BaseException:
             await self._client.aclose()
             raise
-        router = Router(self._settings(), self._pool(), TokenCounter())
-        self._service = RouterService(router, self.host, self.port)
+        self._service = RouterService(self._router(), self.host, self.port)
         await self._service.start()
         self._tasks = [asyncio.create_task(self._watch())]
         log.info("control plane serving %d instances on %s", len(self.executor.instances), self.url)
@@ -240,27 +240,18 @@ class ControlPlaneManager:
         host = f"[{instance.host}]" if ":" in instance.host else instance.host
         return f"http://{host}:{instance.port or 8000}"
 
-    async def _probe(self, instance: ExecutionInstance) -> list[str]:
-        """The model names the instance serves; raises on any failure."""
-        assert self._client is not None
-        base = self._base(instance)
-        health = await self._client.get(f"{base}/health")
-        health.raise_for_status()
-        models = await self._client.get(f"{base}/v1/models")
-        models.raise_for_status()
-        return [entry["id"] for entry in models.json().get("data", [])]
-
     async def _probe_all(self) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """The models each instance serves, and why each that failed its health check did."""
+        assert self._client is not None
         instances = list(self.executor.instances.values())
-        answers = await asyncio.gather(*(self._probe(i) for i in instances), return_exceptions=True)
+        verdicts = await asyncio.gather(*(health.check(self._client, self._base(i)) for i in instances))
         served: dict[str, list[str]] = {}
         failures: dict[str, str] = {}
-        for instance, answer in zip(instances, answers, strict=True):
-            if isinstance(answer, BaseException):
-                reason = str(answer) or type(answer).__name__
-                failures[instance.instance_id] = f"{self._base(instance)}: {reason}"
+        for instance, verdict in zip(instances, verdicts, strict=True):
+            if verdict.healthy:
+                served[instance.instance_id] = list(verdict.models)
             else:
-                served[instance.instance_id] = answer
+                failures[instance.instance_id] = f"{self._base(instance)}: {verdict.why}"
         return served, failures
 
     def _one_model(self, served: dict[str, list[str]]) -> str:
@@ -287,33 +278,39 @@ class ControlPlaneManager:
                     return config
         return None
 
-    def _pool(self) -> Pool:
+    def _instances(self) -> list[Instance]:
+        """The router's record of each registered instance, healthy: each just passed its health check."""
         instances = []
         for spec in self.executor.instances.values():
             config = spec.prefilling_config or spec.decoding_config
             max_seqs = getattr(config, "target_batch_size", None) or getattr(config, "max_parallel_requests", 256)
             instances.append(Instance(spec.instance_id, spec.instance_type, self._base(spec), max_seqs, healthy=True))
-        return Pool(instances)
+        return instances
 
-    def _settings(self) -> RouterSettings:
-        settings = RouterSettings(
-            served_model_name=self.served_model or "",
-            pd=self.pd_config,
+    def _router(self) -> Router:
+        prefill_tokens_per_s, tpot_ms = self._goals()
+        return assemble_router(
+            self._instances(),
+            self.served_model or "",
+            self.pd_config,
             routing_strategy=self.routing_strategy,
             scheduling_policy=self.scheduling_policy,
             ttft_slo_ms=self.ttft_slo_ms,
-            engine_api_key=self.instance_api_key,
+            tpot_slo_ms=tpot_ms,
+            prefill_tokens_per_s=prefill_tokens_per_s,
+            tokens=TokenCounter(),
+            engine_key=self.instance_api_key,
         )
-        self._apply_role_configs(settings)
-        return settings
 
-    def _apply_role_configs(self, settings: RouterSettings) -> None:
+    def _goals(self) -> tuple[float, float]:
+        """The prefill speed goal (prompt tokens/s) and the TPOT target (ms) the configuration objects hold now."""
         prefill = self._role_config(ExecutionInstanceType.PREFILLING) or self.pd_config.prefilling_config
         decode = self._role_config(ExecutionInstanceType.DECODING) or self.pd_config.decoding_config
-        if isinstance(prefill, PrefillingConfig):
-            settings.default_prefill_tokens_per_s = prefill.target_throughput_tokens_per_sec
-        if isinstance(decode, DecodingConfig):
-            settings.tpot_target_ms = decode.target_latency_ms
+        assert isinstance(prefill, PrefillingConfig) and isinstance(decode, DecodingConfig), "looked up by role"
+        return prefill.target_throughput_tokens_per_sec, decode.target_latency_ms
+
+    def _apply_role_configs(self, settings: RouterSettings) -> None:
+        settings.default_prefill_tokens_per_s, settings.tpot_target_ms = self._goals()
         settings.ttft_slo_ms = self.ttft_slo_ms
 
     async def _watch(self) -> None:
@@ -327,17 +324,10 @@ class ControlPlaneManager:
             router.metrics.tpot_slo_s = router.settings.tpot_target_ms / 1000
             for spec in self.executor.instances.values():
                 instance = router.pool.by_id[spec.instance_id]
-                healthy = await self._healthy(spec)
+                healthy = (await health.check(self._client, self._base(spec), self.served_model)).healthy
                 if healthy != instance.healthy:
                     log.warning("%s is %s", spec.instance_id, "healthy again" if healthy else "unhealthy")
                 instance.healthy = healthy
-
-    async def _healthy(self, instance: ExecutionInstance) -> bool:
-        assert self._client is not None
-        try:
-            return (await self._client.get(f"{self._base(instance)}/health")).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     # ---- requests ------------------------------------------------------------------------------------------------
 

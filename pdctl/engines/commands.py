@@ -1,4 +1,5 @@
-"""From a planned instance to the exact argv and environment of its engine: pure functions.
+"""From a planned instance to the exact argv and environment of vLLM (the vLLM adapter's command line), and what
+every engine's command shares: pure functions.
 
 docs/profile.md's "Profile to engine" table documents this mapping; tests pin it.
 """
@@ -6,24 +7,22 @@ docs/profile.md's "Profile to engine" table documents this mapping; tests pin it
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pdctl.auth import ENGINE_KEY_ENV, VLLM_KEY_ENV
 from pdctl.placement import Assignment, DeviceMode
-from pdctl.profile import ClusterProfile
 from pdctl.types import ExecutionInstance, ExecutionInstanceType
 
-# The same name as pdctl/engines/nixl_progress.py's ENV (that module runs in vLLM's interpreter, not here).
+if TYPE_CHECKING:  # the profile reads the engines' registry: engines only name its type
+    from pdctl.profile import ClusterProfile
+
+# The names pdctl/engines/runtime_hooks.py reads (that module runs in vLLM's interpreter, not here).
 NIXL_PROGRESS_ENV = "PDCTL_NIXL_PROGRESS_DELAY_US"
+SHM_SPIN_ENV = "PDCTL_SHM_SPIN_US"
 KV_ROLE = {
     ExecutionInstanceType.PREFILLING: "kv_producer",
     ExecutionInstanceType.DECODING: "kv_consumer",
-}
-SIM_ROLE = {
-    ExecutionInstanceType.PREFILLING: "prefill",
-    ExecutionInstanceType.DECODING: "decode",
-    ExecutionInstanceType.HYBRID: "hybrid",
 }
 
 
@@ -41,6 +40,8 @@ class EngineCommand:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # The port the engine's KV connector listens on beside its API, where it has one.
+    side_channel_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,11 @@ def vllm_command(profile: ClusterProfile, ctx: InstanceContext, prefix: LaunchPr
         command.argv += ["--gpu-memory-utilization", str(memory_fraction(profile, instance))]
     command.argv += profile.engine.extra_args
     command.env.update(profile.engine.env)
-    _add_engine_key(command)
+    add_engine_key(command)
     return command
 
 
-def _add_engine_key(command: EngineCommand) -> None:
+def add_engine_key(command: EngineCommand) -> None:
     # The environment, not --api-key: a command line is readable by every user of the host (and state.json
     # records it), the environment only by the engine's owner. Resolved at launch by the daemon.
     command.env[VLLM_KEY_ENV] = f"${{{ENGINE_KEY_ENV}}}"
@@ -141,14 +142,17 @@ def _add_kv_transfer(profile: ClusterProfile, ctx: InstanceContext, command: Eng
     }
     command.argv += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
     command.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ctx.nixl_port)
+    command.side_channel_port = ctx.nixl_port
     command.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = ctx.instance.host
     if ctx.device == "cpu" and profile.cpu.nixl_progress_delay_us:
-        # Read by pdctl's hook in the runtime (pdctl/engines/nixl_progress.py): cores are the engine's here.
+        # Read by pdctl's hook in the runtime (pdctl/engines/runtime_hooks.py): cores are the engine's here.
         command.env[NIXL_PROGRESS_ENV] = str(profile.cpu.nixl_progress_delay_us)
 
 
 def _add_device_env(profile: ClusterProfile, ctx: InstanceContext, command: EngineCommand) -> None:
     if ctx.device == "cpu":
+        if profile.cpu.shm_spin_us:
+            command.env[SHM_SPIN_ENV] = str(profile.cpu.shm_spin_us)  # read by the runtime's hook, as NIXL's
         command.env["VLLM_CPU_KVCACHE_SPACE"] = _number(profile.cpu.kv_cache_space_gib)
         command.env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_spec(ctx.assignment.cpu_cores, ctx.instance)
         return
@@ -175,39 +179,3 @@ def _core_range(cores: list[int]) -> str:
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def sim_command(profile: ClusterProfile, ctx: InstanceContext) -> EngineCommand:
-    instance = ctx.instance
-    max_num_seqs = (
-        (instance.prefilling_config or profile.prefill).target_batch_size
-        if instance.instance_type is ExecutionInstanceType.PREFILLING
-        else (instance.decoding_config or profile.decode).max_parallel_requests
-    )
-    argv = [sys.executable, "-m", "pdctl.engines.sim", "--host", instance.host, "--port", str(instance.port)]
-    argv += ["--served-model-name", instance.model_name or profile.served_model_name]
-    argv += ["--role", SIM_ROLE[instance.instance_type], "--max-num-seqs", str(max_num_seqs)]
-    argv += ["--prefill-ms-per-token", str(profile.engine.sim.prefill_ms_per_token)]
-    argv += ["--decode-ms-per-token", str(profile.engine.sim.decode_ms_per_token)]
-    argv += _sim_model_args(profile, instance)
-    command = EngineCommand(argv=argv + profile.engine.extra_args)
-    command.env.update(profile.engine.env)
-    _add_engine_key(command)
-    command.notes.append("engine: sim is an emulator of vLLM's HTTP API, not vLLM: its figures are modelled")
-    return command
-
-
-def _sim_model_args(profile: ClusterProfile, instance: ExecutionInstance) -> list[str]:
-    """With a hardware profile, the sim times its steps with pdctl's engine model, batching as vLLM would."""
-    sim = profile.engine.sim
-    if sim.hardware is None:
-        return []
-    argv = ["--hardware", sim.hardware, "--architecture", sim.architecture or profile.model.path]
-    argv += ["--tensor-parallel-size", str(instance.tensor_parallel_size or 1)]
-    if sim.speed is not None:
-        argv += ["--speed", str(sim.speed)]
-    if instance.instance_type is ExecutionInstanceType.PREFILLING:
-        argv += ["--max-num-batched-tokens", str((instance.prefilling_config or profile.prefill).max_chunk_size_tokens)]
-    if profile.router.scheduling_policy == "slo_aware":
-        argv += ["--scheduling-policy", "priority"]
-    return argv

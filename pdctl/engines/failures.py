@@ -1,23 +1,16 @@
-"""What vLLM writes to its log when its engine dies inside while the API server process lives on: the
-supervisor reads each instance's new log lines for these, so such an engine is restarted in seconds instead of
-after its start timeout (while loading) or never (while serving, its /health answering)."""
+"""What an engine writes to its log when it dies inside while its API server process lives on: the supervisor
+reads each instance's new log lines for these, so such an engine is restarted in seconds instead of after its
+start timeout (while loading) or never (while serving, its /health answering). Each engine's adapter names its
+own lines (`EngineAdapter.fatal_markers`)."""
 
 from __future__ import annotations
 
-# vLLM's own messages (vllm/v1/engine/core.py, utils.py and exceptions.py, 0.32): each means the engine core
-# is gone. The API server logs EngineDeadError when its engine core died (killed, crashed) and exits by itself
-# only some seconds later, answering 500 meanwhile.
-FATAL_MARKERS = (
-    "EngineCore failed to start",
-    "EngineCore encountered a fatal error",
-    "Engine core initialization failed",
-    "EngineDeadError",
-)
+from pdctl.engines.adapter import all_fatal_markers
 
 
 def fatal_line(text: str) -> str | None:
-    """The first line of `text` that says the engine core died, stripped; None if none does."""
-    for marker in FATAL_MARKERS:
+    """The first line of `text` that says an engine died inside, stripped; None if none does."""
+    for marker in all_fatal_markers():
         at = text.find(marker)
         if at >= 0:
             start = text.rfind("\n", 0, at) + 1

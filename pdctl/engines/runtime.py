@@ -33,8 +33,10 @@ MARKER = "pdctl-runtime.json"
 INSTALL_LOG = "pdctl-install.log"
 INSTALL_LOCK = ".pdctl-install.lock"
 MARKER_VERSION = 1
-# pdctl's hook in the runtime's interpreter (pdctl/engines/nixl_progress.py), loaded by a .pth line at start.
-NIXL_HOOK = "pdctl_nixl_progress"
+# pdctl's hooks in the runtime's interpreter (pdctl/engines/runtime_hooks.py), loaded by a .pth line at start.
+HOOKS = "pdctl_runtime_hooks"
+# What an older pdctl installed in their place: removed, so nothing is patched twice.
+_OLD_HOOKS = ("pdctl_nixl_progress",)
 LOG_TAIL_LINES = 20
 MODULE = "vllm.entrypoints.openai.api_server"
 # Importing vLLM alone takes 10 to 20 s on a small CPU; these bound a hung step, not a slow one.
@@ -450,15 +452,18 @@ def _install(target: Path, spec: RuntimeSpec, step: StepCallback) -> RuntimeInfo
 
 
 def install_hooks(target: Path) -> None:
-    """Put pdctl's NIXL progress hook into a runtime pdctl made (it does nothing unless pdctl's launch
-    environment asks for it). Rewritten only where it differs, so a runtime installed by an older pdctl gets
-    the current hook at the next `up`."""
-    source = (Path(__file__).parent / "nixl_progress.py").read_text()
+    """Put pdctl's hooks into a runtime pdctl made (they do nothing unless pdctl's launch environment asks).
+    Rewritten only where they differ, so a runtime installed by an older pdctl gets the current hooks at the
+    next `up`."""
+    source = (Path(__file__).parent / "runtime_hooks.py").read_text()
     for site_packages in sorted(target.glob("lib/python3*/site-packages")):
-        for name, text in ((f"{NIXL_HOOK}.py", source), (f"{NIXL_HOOK}.pth", f"import {NIXL_HOOK}\n")):
+        for name, text in ((f"{HOOKS}.py", source), (f"{HOOKS}.pth", f"import {HOOKS}\n")):
             path = site_packages / name
             if not path.is_file() or path.read_text() != text:
                 write_atomic(path, text, mode=0o644)
+        for old in _OLD_HOOKS:
+            for path in (site_packages / f"{old}.pth", site_packages / f"{old}.py"):
+                path.unlink(missing_ok=True)
 
 
 def _ignore(_message: str) -> None:

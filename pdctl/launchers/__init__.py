@@ -1,8 +1,17 @@
 """Launchers: where and how instances run. One class per module, registered by its `kind`
-(`launcher.kind` in the profile); `base` holds the contract."""
+(`launcher.kind` in the profile); `base` holds the contract and loads every module here at the first lookup."""
 
-from pdctl.launchers import local, ray_cluster
-from pdctl.launchers.base import LAUNCHERS, InstanceHandle, Launcher, LaunchError, SweepReport, make_launcher
+from pdctl.launchers.base import (
+    LAUNCHERS,
+    InstanceHandle,
+    Launcher,
+    LaunchError,
+    SweepReport,
+    known_launchers,
+    launcher_class,
+    launcher_problems,
+    make_launcher,
+)
 
 __all__ = [
     "LAUNCHERS",
@@ -10,7 +19,8 @@ __all__ = [
     "LaunchError",
     "Launcher",
     "SweepReport",
-    "local",
+    "known_launchers",
+    "launcher_class",
+    "launcher_problems",
     "make_launcher",
-    "ray_cluster",
 ]

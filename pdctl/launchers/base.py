@@ -5,23 +5,30 @@ The supervisor keeps the instance state machine (health, backoff, failed) and st
 instances only through this contract; `down`, the scaler's placement and its port choice go through it too.
 Nothing here assumes Ray: a launcher places instances on devices, allocates their ports, starts one and
 hands back a handle, and finds and stops everything a cluster owns, also when the daemon that started it
-is gone. A new launcher is one subclass in one module, registered by its `kind`.
+is gone. A new launcher is one subclass in one module, registered by its `kind`: every module of this package
+is loaded at the first lookup (`launcher_class`), so none is listed anywhere. A module here must not import an
+optional dependency when it is loaded (Ray's launcher imports Ray when a profile asks for it).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from pdctl.errors import ClusterError
+from pdctl.errors import ClusterError, UsageError
 from pdctl.gpus import GpuInventory, discover
 from pdctl.placement import Assignment, DeviceMode, PlacementRequest, choose_device_mode
 from pdctl.plan import Plan, PlannedInstance
+from pdctl.procs import Activity
 from pdctl.profile import ClusterProfile, LauncherSpec
 from pdctl.state import ProcessRecord
+from pdctl.yaml_source import Loc
 
 LAUNCHERS: dict[str, type[Launcher]] = {}
 
@@ -46,6 +53,10 @@ class InstanceHandle(ABC):
     def exit_message(self, exit_code: int) -> str:
         return f"exited with code {exit_code}"
 
+    def activity(self, window_s: float) -> Activity | None:
+        """What its processes did over window_s (blocks that long); None where this launcher cannot see them."""
+        return None
+
     def sync_log(self) -> None:  # noqa: B027 - most launchers write the log in place: nothing to do
         """Bring its log under the cluster's state directory up to date (one written elsewhere is copied)."""
 
@@ -67,6 +78,16 @@ class Launcher(ABC):
         if kind is not None:
             cls.kind = kind
             LAUNCHERS[kind] = cls
+
+    @classmethod
+    def spec_problems(cls, spec: LauncherSpec) -> list[tuple[str, str]]:
+        """(field of `launcher:`, what is wrong) for each setting this launcher needs and the profile lacks."""
+        return []
+
+    @classmethod
+    def where(cls, plan: Plan) -> str:
+        """Where the plan's instances run, as `pdctl plan` shows it ("here", "on the Ray cluster at ...")."""
+        return "here"
 
     def __init__(
         self,
@@ -142,4 +163,46 @@ class Launcher(ABC):
 def make_launcher(
     spec: LauncherSpec, cluster: str, token: str = "", inventory: Callable[[], GpuInventory] = discover
 ) -> Launcher:
+    """The spec's launcher; UsageError naming the field where its kind is unknown or a setting it needs is missing
+    (a profile is checked with its file and line before, by `launcher_problems`)."""
+    problems = _spec_problems(spec)
+    if problems:
+        raise UsageError("\n".join(f"launcher.{field}: {message}" for field, message in problems))
     return LAUNCHERS[spec.kind](spec, cluster, token, inventory)
+
+
+def launcher_class(kind: str) -> type[Launcher]:
+    """The launcher registered as `kind`, or UsageError naming the known kinds."""
+    _load_builtin()
+    if kind not in LAUNCHERS:
+        raise UsageError(_unknown(kind))
+    return LAUNCHERS[kind]
+
+
+def known_launchers() -> list[str]:
+    _load_builtin()
+    return sorted(LAUNCHERS)
+
+
+def launcher_problems(profile: ClusterProfile) -> list[tuple[Loc, str]]:
+    """The profile's launcher section checked against the registry: a `load_profile` check."""
+    return [(("launcher", field), message) for field, message in _spec_problems(profile.launcher)]
+
+
+def _spec_problems(spec: LauncherSpec) -> list[tuple[str, str]]:
+    _load_builtin()
+    if spec.kind not in LAUNCHERS:
+        return [("kind", _unknown(spec.kind))]
+    return LAUNCHERS[spec.kind].spec_problems(spec)
+
+
+def _unknown(kind: str) -> str:
+    return f"unknown launcher {kind!r}; known launchers: {', '.join(known_launchers())}"
+
+
+@functools.cache
+def _load_builtin() -> None:
+    package = importlib.import_module("pdctl.launchers")
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{module.name}")

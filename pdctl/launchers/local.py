@@ -10,7 +10,8 @@ from pathlib import Path
 import psutil
 
 from pdctl import procs
-from pdctl.engines import runtime, tinymodel
+from pdctl.engines import tinymodel
+from pdctl.engines.adapter import engine_adapter
 from pdctl.errors import ClusterError, PlacementError
 from pdctl.gpus import GpuInventory
 from pdctl.launchers.base import InstanceHandle, Launcher, LaunchError, SweepReport
@@ -52,6 +53,9 @@ class LocalHandle(InstanceHandle):
             return "exited (started by an earlier daemon: its exit code is not known here)"
         return super().exit_message(exit_code)
 
+    def activity(self, window_s: float) -> procs.Activity:
+        return procs.activity(procs.tree_of(self.record, self.token, self.instance_id), window_s)
+
     def stop(self, grace_s: float) -> None:
         procs.terminate(procs.tree_of(self.record, self.token, self.instance_id), grace_s)
         if self.popen is not None:
@@ -71,8 +75,8 @@ class LocalLauncher(Launcher, kind="local"):
         force: bool = False,
         cores: list[int] | None = None,
     ) -> dict[str, Assignment]:
-        if profile.engine.kind == "sim":
-            return {}  # the emulator needs no devices of its own
+        if not engine_adapter(profile.engine.kind).uses_devices:
+            return {}
         if device == "cuda":
             return {a.instance_id: a for a in place_on_gpus(requests, inventory, force=force)}
         cores = cores if cores is not None else available_cores()
@@ -86,7 +90,7 @@ class LocalLauncher(Launcher, kind="local"):
         return {a.instance_id: a for a in place_on_cpus(requests, cores)}
 
     def place_added(self, profile: ClusterProfile, request: PlacementRequest, plan: Plan) -> Assignment:
-        if profile.engine.kind == "sim":
+        if not engine_adapter(profile.engine.kind).uses_devices:
             return Assignment(instance_id=request.instance.instance_id)
         if plan.device == "cuda":
             taken = {gpu.index for i in plan.instances for gpu in i.gpus}
@@ -122,6 +126,10 @@ class LocalLauncher(Launcher, kind="local"):
                 start_new_session=True,  # its own process group: the whole engine is signalled as one
                 cwd=cwd,
             )
+        if planned.affinity:
+            # Before the engine has started a thread or a child: each inherits it. (vLLM's Worker then binds its
+            # compute threads within it, VLLM_CPU_OMP_THREADS_BIND.)
+            os.sched_setaffinity(popen.pid, planned.affinity)
         record = procs.record_of(popen.pid, planned.argv, leads_group=True)
         return LocalHandle(record, self.token, planned.id, popen)
 
@@ -162,11 +170,10 @@ def _taken_ports(instances: list[PlannedInstance]) -> list[tuple[str, int, str]]
 
 def prepare_engine(profile: ClusterProfile, plan: Plan) -> None:
     """The engine runtime and the builtin model on this host, or an error saying what to run."""
-    if profile.engine.kind != "vllm" or profile.engine.command or not plan.launched:
+    engine_runtime = engine_adapter(profile.engine.kind).runtime
+    if engine_runtime is None or profile.engine.command or not plan.launched:
         return
     python = Path(plan.engine_python) if plan.engine_python else None
-    info = runtime.check_runtime(python)
-    if runtime.read_marker(info.dir) is not None:  # a runtime pdctl made; never edit another environment
-        runtime.install_hooks(info.dir)
+    engine_runtime.check(python)
     if profile.model.is_builtin_tiny:
         tinymodel.write_tiny_model(Path(plan.model_path), python=python)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pdctl.engines import tinymodel
+from pdctl.engines.adapter import engine_adapter
 from pdctl.errors import ClusterError, PlacementError, UsageError
 from pdctl.gpus import GpuInventory
 from pdctl.launchers import ray_node
@@ -38,7 +39,7 @@ from pdctl.placement import (
     place_on_cpus,
 )
 from pdctl.plan import Plan, PlannedInstance
-from pdctl.profile import ClusterProfile
+from pdctl.profile import ClusterProfile, LauncherSpec
 from pdctl.state import ProcessRecord
 
 LOST_EXIT = -1  # the code an instance "exits" with when its actor or node is gone
@@ -106,6 +107,17 @@ class RayHandle(InstanceHandle):
 
 
 class RayLauncher(Launcher, kind="ray"):
+    @classmethod
+    def spec_problems(cls, spec: LauncherSpec) -> list[tuple[str, str]]:
+        if spec.address:
+            return []
+        return [("address", "required for launcher kind ray (the head node's HOST:PORT)")]
+
+    @classmethod
+    def where(cls, plan: Plan) -> str:
+        asked = "" if any(i.node for i in plan.launched) else " (it did not answer: each instance says what it needs)"
+        return f"on the Ray cluster at {plan.launcher.address}{asked}"
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._ray: Any = None
@@ -186,7 +198,7 @@ class RayLauncher(Launcher, kind="ray"):
             return False
 
     def device_mode(self, profile: ClusterProfile, inventory: GpuInventory) -> DeviceMode:
-        if profile.device == "cpu" or profile.engine.kind == "sim":
+        if profile.device == "cpu" or not engine_adapter(profile.engine.kind).uses_devices:
             return "cpu"
         if not self._answers():
             return "cuda" if profile.device == "cuda" else "cpu"
@@ -268,7 +280,7 @@ class RayLauncher(Launcher, kind="ray"):
         chosen: dict[str, tuple[RayNode, dict[str, float]]],
     ) -> dict[str, list[int]]:
         """On CPU nodes, each node's cores split between the instances placed on it (as on one host)."""
-        if device != "cpu" or profile.engine.kind == "sim" or not chosen:
+        if device != "cpu" or not engine_adapter(profile.engine.kind).uses_devices or not chosen:
             return {}
         on_node: dict[str, list[PlacementRequest]] = defaultdict(list)
         for request in requests:
@@ -302,7 +314,7 @@ class RayLauncher(Launcher, kind="ray"):
             self._ask_autoscaler(needs)
             raise PlacementError(f"no Ray node with {describe_needs(needs, free=True)}") from None
         cores: list[int] = []
-        if plan.device == "cpu" and profile.engine.kind != "sim":
+        if plan.device == "cpu" and engine_adapter(profile.engine.kind).uses_devices:
             node_cores = self._node_cores([node.id])[node.id]
             cores = cores_for_added(node_cores, [i.cpu_cores for i in plan.launched if i.node_id == node.id])
         return Assignment(
@@ -351,7 +363,7 @@ class RayLauncher(Launcher, kind="ray"):
 
     def _model_path(self, profile: ClusterProfile, plan: Plan) -> str | None:
         """The model directory every node needs; the builtin model is written here and copied to them."""
-        if profile.engine.kind != "vllm":
+        if engine_adapter(profile.engine.kind).runtime is None:
             return None
         if profile.model.is_builtin_tiny:
             self._copy_builtin_model(plan)
@@ -484,8 +496,9 @@ def _groups(records: list[ProcessRecord]) -> list[tuple[int, float]]:
 def _node_problems(found: dict[str, Any], profile: ClusterProfile, model: str | None) -> list[str]:
     node = found["address"]
     problems = []
+    engine_runtime = engine_adapter(profile.engine.kind).runtime
+    fix = engine_runtime.missing_fix if engine_runtime else "install pdctl there"
     for program in found["missing_programs"]:
-        fix = "`pdctl engine install` there creates it" if profile.engine.kind == "vllm" else "install pdctl there"
         problems.append(f"Ray node {node} has no engine runtime: {program} does not exist there ({fix})")
     problems += [f"Ray node {node} has no {path} (model.path)" for path in found["missing_paths"]]
     problems += [f"port {port} on Ray node {node} cannot be bound: {why}" for port, why in found["taken_ports"]]

@@ -1,5 +1,6 @@
-"""Fit a hardware profile from `benchmarks/measure_hardware.py`'s output, and check it: predict every whole
-decoder layer the script timed and report the error (the GPU fidelity check).
+"""Fit a hardware profile from the GPU measurements of `pdctl/perfmodel/measure_gpu.py` (`pdctl calibrate` on a
+GPU host, or `benchmarks/measure_hardware.py`), and check it: predict every whole decoder layer the script
+timed and report the error (the GPU fidelity check, recorded in the profile).
 
     python -m pdctl.perfmodel.calibrate RAW.json --name h100-sxm --out pdctl/perfmodel/data/hardware/h100-sxm.json
 
@@ -23,9 +24,12 @@ from pdctl.perfmodel.arch import get_model
 from pdctl.perfmodel.hardware import (
     Attention,
     Elementwise,
+    Fidelity,
+    FidelityFigure,
     GemmCurve,
     HardwareProfile,
     Link,
+    Machine,
     Measured,
     Overhead,
     ParallelRate,
@@ -158,6 +162,14 @@ class LayerCheck:
     def error(self) -> float:
         return self.predicted_s / self.measured_s - 1
 
+    @property
+    def key(self) -> tuple[str, int, int, int, int]:
+        return self.model, self.tp, self.prefill_tokens, self.batch, self.ctx
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} TP{self.tp}, prefill {self.prefill_tokens}, decode {self.batch} x {self.ctx}"
+
 
 def layer_shape(row: dict[str, Any]) -> BatchShape:
     shape = BatchShape()
@@ -181,10 +193,22 @@ def check_layers(layers: Iterable[dict[str, Any]], hardware: HardwareProfile) ->
     return checks
 
 
-def fit_profile(raw: dict[str, Any], name: str, description: str, links: dict[str, Link], overhead: Overhead,
-                notes: list[str]) -> HardwareProfile:  # fmt: skip
+def machine_of(raw: dict[str, Any], vllm: str | None = None) -> Machine:
+    """The machine a measurement names in its device info (the driver and CPU only since measure_gpu.py)."""
     info = raw["info"]
-    return HardwareProfile(
+    unrecorded = [what for what, key in (("driver", "driver"), ("CPU", "cpu")) if key not in info]
+    return Machine(cpu=info.get("cpu"), cores=info.get("cores"), gpu=info.get("name"), gpus=info.get("gpus", 0),
+                   driver=info.get("driver"), cuda=info.get("cuda"), torch=info.get("torch"), vllm=vllm,
+                   source=f"the device info of {raw['script']}'s output"
+                   + (f" ({' and '.join(unrecorded)} not recorded then)" if unrecorded else ""))  # fmt: skip
+
+
+def fit_profile(raw: dict[str, Any], name: str, description: str, links: dict[str, Link], overhead: Overhead,
+                notes: list[str], vllm: str | None = None) -> HardwareProfile:  # fmt: skip
+    """The profile fitted to one GPU's measurements, its machine and its fidelity (every whole decoder layer
+    measured, which the fit does not use) recorded in it."""
+    info = raw["info"]
+    profile = HardwareProfile(
         name=name,
         description=description,
         measured=Measured(
@@ -193,6 +217,7 @@ def fit_profile(raw: dict[str, Any], name: str, description: str, links: dict[st
             "fitted by pdctl.perfmodel.calibrate",
             device=info.get("name", info["device"]),
             notes=notes,
+            machine=machine_of(raw, vllm),
         ),
         memory_bytes=info.get("memory_bytes", 0) or 1,
         gemm=fit_gemm(raw["gemm"]),
@@ -204,6 +229,41 @@ def fit_profile(raw: dict[str, Any], name: str, description: str, links: dict[st
         overhead=overhead,
         activation_reserve_bytes=4 * 2**30,
     )
+    return profile.model_copy(update={"fidelity": layer_fidelity(check_layers(raw["layers"], profile))})
+
+
+def layer_fidelity(checks: list[LayerCheck], repeat: list[dict[str, Any]] | None = None) -> Fidelity:
+    """The layer checks as a profile records them; with a repeat measurement of the same layers, those against
+    the first."""
+    again = {_layer_key(row): row["seconds"] for row in repeat or []}
+    return Fidelity(
+        figures_are="whole decoder-layer times measured in PyTorch",
+        figures=[FidelityFigure(run=c.label, figure="layer_s", real=c.measured_s, modelled=c.predicted_s)
+                 for c in checks],
+        real_against_real=[FidelityFigure(run=c.label, figure="layer_s", real=c.measured_s, modelled=again[c.key])
+                           for c in checks if c.key in again],
+    )  # fmt: skip
+
+
+def _layer_key(row: dict[str, Any]) -> tuple[str, int, int, int, int]:
+    return row["model"], row["tp"], row["prefill_tokens"], row["batch"], row["ctx"]
+
+
+def with_collectives(
+    collectives: dict[str, Any], links: dict[str, Link], notes: list[str]
+) -> tuple[dict[str, Link], list[str]]:
+    """The all-reduce (and, where none is given, the pipeline link) from a measurement's NCCL section, if it has
+    one; the links given otherwise."""
+    nccl = collectives.get("nccl")
+    if not nccl:
+        return links, notes
+    device = collectives["info"].get("name", "?")
+    allreduce = fit_link(nccl["allreduce"], f"NCCL all-reduce on {nccl['world']}x {device}, "
+                         f"measured {collectives['measured_at']}")  # fmt: skip
+    p2p = nccl["p2p"]
+    p2p_link = Link(latency_s=allreduce.latency_s, bytes_per_s=p2p["bytes"] / p2p["seconds"],
+                    source=f"peer-to-peer copy on {device}")  # fmt: skip
+    return {"pipeline": p2p_link, **links, "allreduce": allreduce}, notes
 
 
 def render_checks(checks: list[LayerCheck]) -> str:
@@ -237,24 +297,21 @@ def main(argv: list[str] | None = None) -> int:
         "--overhead", type=Path, required=True, help="JSON of the Overhead fields (not measurable there)"
     )
     parser.add_argument("--kv-transfer", type=Path, required=True, help="JSON of the kv_transfer and pipeline links")
+    parser.add_argument("--repeat", type=Path, help="a second measurement of the same layers: real against real")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     raw = _load(args.raw)
-    notes = []
     links = {key: Link.model_validate(value) for key, value in _load(args.kv_transfer).items()}
     collectives = _load(args.collectives) if args.collectives else raw
-    if collectives.get("nccl"):
-        nccl = collectives["nccl"]
-        device = collectives["info"].get("name", "?")
-        links["allreduce"] = fit_link(nccl["allreduce"], f"NCCL all-reduce on {nccl['world']}x {device}, "
-                                      f"measured {collectives['measured_at']}")  # fmt: skip
-        p2p = nccl["p2p"]
-        p2p_link = Link(latency_s=links["allreduce"].latency_s, bytes_per_s=p2p["bytes"] / p2p["seconds"],
-                        source=f"peer-to-peer copy on {device}")  # fmt: skip
-        links.setdefault("pipeline", p2p_link)
-        notes.append(f"all-reduce measured on {nccl['world']}x {device}, not on this device")
+    notes = []
+    if args.collectives and collectives.get("nccl"):
+        notes.append(f"all-reduce measured on {collectives['nccl']['world']}x {collectives['info'].get('name', '?')}, "
+                     "not on this device")  # fmt: skip
+    links, notes = with_collectives(collectives, links, notes)
     profile = fit_profile(raw, args.name, args.description, links, Overhead.model_validate(_load(args.overhead)), notes)
     checks = check_layers(raw["layers"], profile)
+    if args.repeat:
+        profile = profile.model_copy(update={"fidelity": layer_fidelity(checks, _load(args.repeat)["layers"])})
     print(render_checks(checks))
     if args.out:
         args.out.write_text(profile.model_dump_json(indent=1) + "\n")

@@ -1,18 +1,22 @@
-"""Hardware profiles as data: what one GPU (or CPU) achieves, measured, with how and when it was measured.
+"""Hardware profiles as data: what one GPU (or CPU) achieves, measured, with how, when and on which machine it
+was measured, and how closely the model it times matches measurements it was not fitted to.
 
-A profile is a JSON file under data/hardware/ (or any path). `benchmarks/measure_hardware.py` measures a GPU
-and `python -m pdctl.perfmodel.calibrate` fits the file from its output; cpu-local is fitted to real vLLM CPU
-runs by `benchmarks/fit_cpu_local.py`."""
+A profile is a JSON file: shipped under data/hardware/, written by `pdctl calibrate` under the user's hardware
+directory (user_hardware_dir()), or any path. `pdctl calibrate` measures the machine it runs on (real vLLM CPU
+runs, or a GPU's kernels) and fits the file; `benchmarks/fit_cpu_local.py` and `python -m
+pdctl.perfmodel.calibrate` made the shipped ones."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import statistics
 from bisect import bisect_left
 from functools import cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pdctl.perfmodel.arch import DATA
 
@@ -23,11 +27,76 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Machine(_Strict):
+    """The machine a profile was measured on, as far as it is known (None: not recorded). Its timings hold there;
+    pdctl.perfmodel.machine compares it with the machine a profile is used on."""
+
+    cpu: str | None = None  # /proc/cpuinfo's model name
+    # The instruction sets among machine.ISA_FLAGS the CPU has: vLLM's CPU kernels differ by them (AMX, AVX-512).
+    cpu_flags: list[str] | None = None
+    cores: int | None = None
+    gpu: str | None = None  # None: the engine ran on the CPU
+    gpus: int = 0
+    driver: str | None = None
+    cuda: str | None = None
+    torch: str | None = None
+    vllm: str | None = None
+    source: str = "detected by pdctl calibrate"
+
+    def describe(self) -> str:
+        if self.gpu:
+            return self.gpu + (f" (driver {self.driver})" if self.driver else "")
+        flags = f" ({', '.join(self.cpu_flags)})" if self.cpu_flags else ""
+        return (self.cpu or "a CPU not recorded") + flags
+
+
 class Measured(_Strict):
     at: str
     how: str
     device: str
     notes: list[str] = Field(default_factory=list)
+    machine: Machine | None = None
+
+
+class FidelityFigure(_Strict):
+    """One figure of a held-out measurement beside the model's."""
+
+    run: str
+    figure: str
+    real: float
+    modelled: float
+
+    @property
+    def error(self) -> float:
+        return self.modelled / self.real - 1 if self.real else 0.0
+
+
+class Fidelity(_Strict):
+    """The profile's model against measurements of its own machine that its fit did not use, and, where the
+    machine was measured twice, those measurements against each other: what no model can be held closer than."""
+
+    figures_are: str  # what each figure is, for a sentence: "median figures of held-out real vLLM runs"
+    bar: float = 0.10
+    figures: list[FidelityFigure]
+    real_against_real: list[FidelityFigure] = Field(default_factory=list)
+
+    def within(self, bar: float | None = None) -> int:
+        return _within(self.figures, self.bar if bar is None else bar)
+
+    def median_error(self) -> float:
+        return statistics.median(abs(f.error) for f in self.figures) if self.figures else 0.0
+
+    def summary(self) -> str:
+        line = (f"{self.within()}/{len(self.figures)} {self.figures_are} within {self.bar * 100:.0f} %, median |error| "
+                f"{self.median_error() * 100:.1f} %")  # fmt: skip
+        if self.real_against_real:
+            line += (f" (real against real: {_within(self.real_against_real, self.bar)}/"
+                     f"{len(self.real_against_real)})")  # fmt: skip
+        return line
+
+
+def _within(figures: list[FidelityFigure], bar: float) -> int:
+    return sum(abs(f.error) <= bar for f in figures)
 
 
 class GemmCurve(_Strict):
@@ -166,6 +235,7 @@ class HardwareProfile(_Strict):
     kv_transfer: Link
     overhead: Overhead
     noise: Noise = Noise()
+    fidelity: Fidelity | None = None
     # Memory vLLM keeps for activations and CUDA graphs besides weights and KV cache, per GPU.
     activation_reserve_bytes: float = Field(0.0, ge=0)
     # vLLM's default --max-num-batched-tokens for the API server on this platform (GPU 8192, CPU 2048).
@@ -176,14 +246,44 @@ class UnknownHardware(KeyError):
     pass
 
 
-def known_hardware() -> list[str]:
+def user_hardware_dir() -> Path:
+    """Where `pdctl calibrate` writes named profiles: `$XDG_DATA_HOME/pdctl/hardware` (`~/.local/share/...`)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home).expanduser() / "pdctl" / "hardware"
+
+
+def shipped_hardware() -> list[str]:
     return sorted(path.stem for path in HARDWARE_DIR.glob("*.json"))
 
 
-@cache
+def known_hardware() -> list[str]:
+    """Shipped profiles, then the user's (a user's profile of a shipped name is not reachable by that name)."""
+    calibrated = sorted(path.stem for path in user_hardware_dir().glob("*.json"))
+    return shipped_hardware() + [name for name in calibrated if name not in shipped_hardware()]
+
+
+def hardware_path(name: str) -> Path:
+    """A profile file by path, else a shipped profile by name, else one `pdctl calibrate` wrote."""
+    if name.endswith(".json"):
+        return Path(name)
+    shipped = HARDWARE_DIR / f"{name}.json"
+    return shipped if shipped.is_file() else user_hardware_dir() / f"{name}.json"
+
+
 def get_hardware(name: str) -> HardwareProfile:
-    """A shipped profile by name, or a profile file by path."""
-    path = Path(name) if name.endswith(".json") else HARDWARE_DIR / f"{name}.json"
+    path = hardware_path(name)
     if not path.is_file():
-        raise UnknownHardware(f"unknown hardware profile {name!r}; known: {', '.join(known_hardware())}")
-    return HardwareProfile.model_validate(json.loads(path.read_text()))
+        raise UnknownHardware(f"unknown hardware profile {name!r}; known: {', '.join(known_hardware())} "
+                              "(`pdctl calibrate NAME` measures this machine into a new one)")  # fmt: skip
+    return _load(path.resolve(), path.stat().st_mtime_ns)
+
+
+@cache
+def _load(path: Path, _mtime_ns: int) -> HardwareProfile:
+    """Read once per version of the file: a profile calibrated again under the same name is read again."""
+    try:
+        return HardwareProfile.model_validate(json.loads(path.read_text()))
+    except (ValueError, ValidationError) as error:
+        first = error.errors()[0] if isinstance(error, ValidationError) else None
+        where = f" at {'.'.join(str(p) for p in first['loc'])}: {first['msg']}" if first else f": {error}"
+        raise UnknownHardware(f"{path} is not a hardware profile{where}") from None

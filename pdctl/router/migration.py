@@ -175,9 +175,10 @@ class StreamLedger:
     def can_continue(self) -> bool:
         return self.prompt_ids is not None and self.first_event is not None and not self.done
 
-    def continuation(self, body: dict[str, Any], max_tokens: int | None) -> dict[str, Any] | None:
+    def continuation(self, body: dict[str, Any], max_tokens: int | None, kv_field: str) -> dict[str, Any] | None:
         """The completions request that continues this stream (None: nothing is left to generate). The tokens
-        whose text the client does not have yet are dropped: the continuation generates them again."""
+        whose text the client does not have yet are dropped: the continuation generates them again. kv_field:
+        the engine's KV hand-off field, never sent on: the continuation prefills on its own instance."""
         assert self.prompt_ids is not None and self.first_event is not None
         self._head = _head_of(self.first_event) or {}
         self._resent = len(self.ids) - self.committed
@@ -185,7 +186,7 @@ class StreamLedger:
         remaining = None if max_tokens is None else max_tokens - self.committed
         if self.finished or remaining == 0:
             return None
-        continued = {k: v for k, v in body.items() if k not in _CHAT_ONLY and k != "kv_transfer_params"}
+        continued = {k: v for k, v in body.items() if k not in _CHAT_ONLY and k != kv_field}
         continued.update(prompt=self.prompt_ids + self.ids, max_tokens=remaining, return_token_ids=True)
         if isinstance(body.get("min_tokens"), int):
             continued["min_tokens"] = max(0, body["min_tokens"] - self.committed)

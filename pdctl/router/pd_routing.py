@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pdctl.errors import MissingPrompt
-from pdctl.router.phase import (
+from pdctl.router.tokens import TokenCounter
+from pdctl.routing.phase import (
     PhaseDecision,
     PhasePolicy,
     PoolLoad,
@@ -19,7 +20,6 @@ from pdctl.router.phase import (
     make_phase_policy,
     with_availability,
 )
-from pdctl.router.tokens import TokenCounter
 from pdctl.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig, RequestMetadata
 
 EVERY_POOL = frozenset(ExecutionInstanceType)

@@ -13,47 +13,49 @@ import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pdctl import tokentiming
+from pdctl.engines.adapter import DEFAULT_ENGINE, engine_adapter
 from pdctl.httpserver import HttpError, Request, Response, StreamingResponse, json_response
+from pdctl.procs import Activity
 from pdctl.router import requests
 from pdctl.router import stats as cluster_stats
 from pdctl.router.admission import Admission, DeadlineExceeded
 from pdctl.router.migration import MIGRATIONS_TRAILER, StreamLedger, error_message, why_not_migratable
 from pdctl.router.pd_routing import PDRoutingStrategy
-from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, instances_for_phase
-from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
-from pdctl.router.pool import Instance, Pool
-from pdctl.router.prefix import PrefixTable, block_hashes
 from pdctl.router.recorder import DisabledRecorder, RouterMetrics
 from pdctl.router.scrape import EngineTelemetry
 from pdctl.router.tokens import TokenCounter, utf8_length
 from pdctl.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from pdctl.routing.phase import PhaseDecision, PoolLoad, RequestFeatures, instances_for_phase
+from pdctl.routing.pieces import DEFAULT_STRATEGY, Composition, RoutingRequest, Selection, make_strategy
+from pdctl.routing.pool import Instance, Pool
+from pdctl.routing.prefix import PrefixTable, block_hashes
 from pdctl.types import ExecutionInstanceType as Phase
 from pdctl.types import PDSeparationConfig
 
 log = logging.getLogger("pdctl.router")
 
+# An engine that computes but moves no token may only be crowded off the CPU (few cores, an instance loading
+# beside it): restarting it would crowd the others more. Its streams wait up to this many stall timeouts
+# (bounded: an engine hung in a spinning loop computes too).
+STARVED_LIMIT_FACTOR = 3
+
+# Long enough to fill a few KV blocks with any tokenizer, so the warm-up moves a KV cache.
+_WARM_PROMPT = "pdctl warms the KV path between a prefill and a decode instance. " * 2
+
 _USAGE_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _USAGE_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
-REMOTE_DECODE = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 
 
 @dataclass
 class RouterSettings:
     served_model_name: str
     pd: PDSeparationConfig
-    routing_strategy: str = "load_balanced"
+    routing_strategy: str | Composition = DEFAULT_STRATEGY
     scheduling_policy: str = "slo_aware"
     ttft_slo_ms: float = 1000.0
     tpot_target_ms: float = 50.0
@@ -71,6 +73,8 @@ class RouterSettings:
     max_migrations: int = 3
     # The cluster's engines' own key (vLLM's --api-key), sent with every request to them.
     engine_api_key: str | None = None
+    # The engines' kind (engine.kind): its adapter names the metrics scraped and the PD hand-off's field.
+    engine: str = DEFAULT_ENGINE
 
 
 @dataclass
@@ -137,15 +141,17 @@ class Router:
         self.counter = counter
         recorder = RouterMetrics if settings.record_metrics else DisabledRecorder
         self.metrics = recorder(settings.ttft_slo_ms / 1000, settings.tpot_target_ms / 1000)
-        self.telemetry = EngineTelemetry()
+        engine = engine_adapter(settings.engine)
+        self.telemetry = EngineTelemetry(metrics=engine.metrics)
+        # Resolved once here: every PD request reads them.
+        self.kv_field = engine.handoff.request_field
+        self.prefill_params = engine.handoff.prefill_params
         self.context = cluster_stats.StatsContext()
-        self.pd_routing = PDRoutingStrategy(settings.pd, counter)
         self.tables: defaultdict[str, PrefixTable] = defaultdict(
             lambda: PrefixTable(eviction=settings.pd.kv_cache_eviction_policy)
         )
         self.strategy = make_strategy(settings.routing_strategy, self.tables.__getitem__)
-        # Prefix hashes cost time on the hot path: only where a piece reads them.
-        self._uses_prefixes = self.strategy.uses_prefixes or settings.pd.routing_policy == "adaptive"
+        self.apply_pd(settings.pd)
         self.admission = Admission(settings.scheduling_policy == "slo_aware", settings.max_queue_wait_s)
         self.avg_output_tokens = 128.0
         self._ids = itertools.count(1)
@@ -155,6 +161,10 @@ class Router:
         # Streams between their first token and their end, for the stall watch; told of a stalled instance.
         self.streams: set[_Stream] = set()
         self.on_stall: Callable[[str, str], None] = lambda instance_id, why: None
+        # What an instance's processes do (the supervisor samples them); None where it cannot see them.
+        self.engine_activity: Callable[[str], Awaitable[Activity | None]] = _activity_unknown
+        self._starved: set[str] = set()  # instances whose stall verdict waits: they compute
+        self._warm_pairs: set[tuple[str, str]] = set()  # (prefill, decode) whose NIXL handshake is made
         self._busy_since: dict[str, float] = {}  # instance id -> since when it has had requests in flight
 
     def stalled_streams(self, now: float) -> list[_Stream]:
@@ -195,12 +205,35 @@ class Router:
         limit = self.settings.stall_timeout_s
         while True:
             await asyncio.sleep(interval_s)
-            for stream in self.stalled_streams(time.monotonic()):
-                await self._report_stalled(stream.instance, f"a stream got no token for {limit:g} s")
-            for instance in self.stalled_instances(time.monotonic()):
-                await self._report_stalled(
-                    instance, f"its engine made no progress for {limit:g} s with requests in flight"
-                )
+            now = time.monotonic()
+            suspects: _Suspects = {}
+            for stream in self.stalled_streams(now):
+                why = f"a stream got no token for {limit:g} s"
+                _note_suspect(suspects, stream.instance, now - stream.last_at, why)
+            for instance in self.stalled_instances(now):
+                why = f"its engine made no progress for {limit:g} s with requests in flight"
+                _note_suspect(suspects, instance, now - self._busy_since[instance.id], why)
+            for instance, waited_s, why in suspects.values():
+                if await self._stalled_for_sure(instance, waited_s):
+                    await self._report_stalled(instance, why)
+            self._starved &= suspects.keys()
+
+    async def _stalled_for_sure(self, instance: Instance, waited_s: float) -> bool:
+        """Unless its engine computes (then it is slow, not stalled) and has not waited past the bound."""
+        bound_s = STARVED_LIMIT_FACTOR * self.settings.stall_timeout_s
+        if waited_s >= bound_s:
+            return True
+        activity = await self.engine_activity(instance.id)
+        if activity is None or not activity.working:
+            return True
+        if instance.id not in self._starved:
+            self._starved.add(instance.id)
+            log.warning(
+                "%s moved no token for %.0f s but its engine computes (%.0f%% of a core): crowded off the CPU, "
+                "not stalled; its streams wait up to %.0f s",
+                instance.id, waited_s, 100 * activity.cores, bound_s,
+            )  # fmt: skip
+        return False
 
     async def _report_stalled(self, instance: Instance, why: str) -> None:
         """Stop sending work to a stalled instance, end its streams (each moves elsewhere), report it."""
@@ -210,6 +243,46 @@ class Router:
         for stream in [s for s in self.streams if s.instance is instance and not s.stalled]:
             stream.stalled = True
             await stream.upstream.aclose()
+
+    async def warm_kv_path(self, instance_id: str) -> None:
+        """Move one small KV cache between a newly healthy instance and each healthy instance of the other PD
+        role: the first transfer between two engines makes their NIXL handshake (about 0.6 s on the CPU), and
+        it is paid here, not by a user's first request. A failure only means the first request pays it."""
+        instance = self.pool.by_id.get(instance_id)
+        if instance is None or not self.settings.pd.enabled:
+            return
+        other = {Phase.PREFILLING: Phase.DECODING, Phase.DECODING: Phase.PREFILLING}.get(instance.role)
+        if other is None:
+            return
+        for peer in [p for p in self.pool.role(other) if p.healthy]:
+            prefill, decode = (instance, peer) if instance.role is Phase.PREFILLING else (peer, instance)
+            pair = (prefill.id, decode.id)
+            if pair in self._warm_pairs:  # both became healthy at once: the other's warm-up has it
+                continue
+            self._warm_pairs.add(pair)
+            try:
+                await self._transfer_once(prefill, decode)
+            except (UpstreamError, ValueError, TimeoutError) as error:
+                self._warm_pairs.discard(pair)
+                log.info("warming the KV path %s -> %s: %s", prefill.id, decode.id, error)
+
+    def forget_kv_paths(self, instance_id: str) -> None:
+        """The instance is down: restarted, it makes new handshakes, so its paths are warmed again."""
+        self._warm_pairs = {pair for pair in self._warm_pairs if instance_id not in pair}
+
+    async def _transfer_once(self, prefill: Instance, decode: Instance) -> None:
+        body = {"model": self.settings.served_model_name, "prompt": _WARM_PROMPT, "max_tokens": 1}
+        timeout_s = self.settings.prefill_timeout_s
+        status, content = await self.fetch(
+            prefill.url + "/v1/completions", {**body, self.kv_field: dict(self.prefill_params)}, timeout_s
+        )
+        params = json.loads(content).get(self.kv_field) if status == 200 else None
+        if not isinstance(params, dict):
+            raise ValueError(f"{prefill.id} answered {status} without {self.kv_field}")
+        status, _ = await self.fetch(decode.url + "/v1/completions", {**body, self.kv_field: params}, timeout_s)
+        if status != 200:
+            raise ValueError(f"{decode.id} answered {status}")
+        log.info("KV path %s -> %s warmed: their NIXL handshake is done", prefill.id, decode.id)
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
@@ -258,7 +331,7 @@ class Router:
     def stats(self) -> cluster_stats.ClusterStats:
         settings = self.settings
         return cluster_stats.build(
-            self.metrics, self.pool, self.telemetry, self.context, settings.pd, settings.routing_strategy
+            self.metrics, self.pool, self.telemetry, self.context, settings.pd, self.strategy.label
         )
 
     def health(self) -> Response:
@@ -280,6 +353,18 @@ class Router:
         return paths
 
     # ---- deciding --------------------------------------------------------------------------------------------
+
+    def apply_pd(self, pd: PDSeparationConfig) -> None:
+        """Route by this PD config (kept, not copied) from the next request on."""
+        self.settings.pd = pd
+        self.pd_routing = PDRoutingStrategy(pd, self.counter)
+        self.pd_routing.policy  # noqa: B018 - built now: an unknown name fails here, not at the first request
+
+    @property
+    def _uses_prefixes(self) -> bool:
+        """Prefix hashes cost time on the hot path: only where a piece or the phase policy reads them. Asked
+        per request: the design document's API changes the policy by assigning to the config the router holds."""
+        return self.strategy.uses_prefixes or self.pd_routing.policy.uses_prefixes
 
     def plan(self, parsed: requests.ParsedRequest) -> Route:
         started = time.perf_counter()
@@ -424,7 +509,7 @@ class Exchange:
                 self.phase = Phase.DECODING
                 self.router.metrics.fell_back("prefill_failed")
             else:
-                decode_body = {**self.body, "kv_transfer_params": params}
+                decode_body = {**self.body, self.router.kv_field: params}
         return await self._decode(decode_body)
 
     # ---- prefill hop ---------------------------------------------------------------------------------------
@@ -433,7 +518,7 @@ class Exchange:
         """The prefill hop, retried once on another prefill instance; None means serve without it."""
         router = self.router
         selection = self.route.prefill
-        body = {**self.body, "max_tokens": 1, "stream": False, "kv_transfer_params": dict(REMOTE_DECODE)}
+        body = {**self.body, "max_tokens": 1, "stream": False, router.kv_field: dict(router.prefill_params)}
         for key in ("stream_options", "min_tokens"):
             body.pop(key, None)
         if "max_completion_tokens" in body:
@@ -450,7 +535,7 @@ class Exchange:
                         instance.url + self.path, body, router.settings.prefill_timeout_s
                     )
                 if status == 200:
-                    params = json.loads(content).get("kv_transfer_params")
+                    params = json.loads(content).get(router.kv_field)
                     instance.record_success()
                     self.prefill_s = time.monotonic() - started
                     router.record_prefill(instance, self.route.input_tokens, self.prefill_s)
@@ -500,9 +585,9 @@ class Exchange:
             if attempt == 0:
                 router.metrics.retried("decode")
                 selection = self._another(role)
-                if "kv_transfer_params" in body and selection is not None:
+                if router.kv_field in body and selection is not None:
                     # The KV blocks may have been pulled or freed: the retry prefills itself.
-                    body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+                    body = {k: v for k, v in body.items() if k != router.kv_field}
                     self.phase = Phase.DECODING
         self._record("failed", None, e2e_s=time.monotonic() - self.arrived)
         raise HttpError(502, f"every attempt failed: {last_error}", "BadGatewayError")
@@ -510,7 +595,7 @@ class Exchange:
     async def _attempt(self, instance: Instance, body: dict[str, Any]) -> Response | StreamingResponse | str:
         """One try on one instance: a response, or why it failed before any byte reached the client."""
         router = self.router
-        kv_source = self.prefill_instance if "kv_transfer_params" in body else None
+        kv_source = self.prefill_instance if router.kv_field in body else None
         slot = _in_flight(instance, self.route.input_tokens, kv_source)
         slot.__enter__()
         try:
@@ -681,13 +766,13 @@ class Exchange:
             max_tokens = self.parsed.max_tokens
             if max_tokens is None and not self.parsed.chat:
                 max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
-            body = ledger.continuation(self.body, max_tokens)
+            body = ledger.continuation(self.body, max_tokens, router.kv_field)
             if body is None:
                 return ledger.closing_events()
             path = "/v1/completions"
         elif ledger.first_event is None:  # no event reached the client: the request starts again, whole
             ledger.migrations += 1
-            body = {k: v for k, v in self.body.items() if k != "kv_transfer_params"}
+            body = {k: v for k, v in self.body.items() if k != router.kv_field}
             path = self.path
         else:
             return None
@@ -754,6 +839,20 @@ def _stalled(instance: Instance, router: Router) -> str:
 def _error_event(message: str) -> bytes:
     payload = {"error": {"message": message, "type": "ServiceUnavailableError", "code": 503}}
     return b"data: " + json.dumps(payload).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+async def _activity_unknown(instance_id: str) -> Activity | None:
+    return None
+
+
+_Suspects = dict[str, tuple[Instance, float, str]]  # instance id -> (instance, its wait in s, why)
+
+
+def _note_suspect(suspects: _Suspects, instance: Instance, waited_s: float, why: str) -> None:
+    """One verdict per instance a round: the longest wait among its stalled streams and its own."""
+    known = suspects.get(instance.id)
+    if known is None or waited_s > known[1]:
+        suspects[instance.id] = (instance, waited_s, why)
 
 
 class _Stream:

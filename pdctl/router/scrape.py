@@ -2,8 +2,9 @@
 kept for a minute so that rates (prefix-cache hits over queries, tokens/s, NIXL transfers) come from their
 deltas over a window.
 
-Only the lines of the families pdctl reads reach prometheus_client's parser: a vLLM /metrics page has hundreds
-of histogram buckets pdctl never uses, and parsing them all would cost most of the scrape.
+Which samples are read, and under which names, is the engine adapter's (`EngineAdapter.metrics`). Only the lines
+of the families pdctl reads reach prometheus_client's parser: a vLLM /metrics page has hundreds of histogram
+buckets pdctl never uses, and parsing them all would cost most of the scrape.
 """
 
 from __future__ import annotations
@@ -19,40 +20,21 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdctl.router.pool import Instance, Pool
+from pdctl.engines.adapter import DEFAULT_ENGINE, EngineMetrics, engine_adapter
+from pdctl.routing.pool import Instance, Pool
 
 log = logging.getLogger("pdctl.router.scrape")
 
 HISTORY = 62  # one sample a second: a 60 s window and its base
 SCRAPE_INTERVAL_S = 1.0
 
-# sample name -> EngineSample field (vLLM's names; the sim engine exposes the same)
-SAMPLES = {
-    "vllm:num_requests_running": "running",
-    "vllm:num_requests_waiting": "waiting",
-    "vllm:kv_cache_usage_perc": "kv_usage",
-    "vllm:prefix_cache_hits_total": "prefix_hits",
-    "vllm:prefix_cache_queries_total": "prefix_queries",
-    "vllm:prompt_tokens_total": "prompt_tokens",
-    "vllm:generation_tokens_total": "generation_tokens",
-    "vllm:num_preemptions_total": "preemptions",
-    "vllm:nixl_xfer_time_seconds_count": "nixl_transfers",
-    "vllm:nixl_xfer_time_seconds_sum": "nixl_seconds",
-    "vllm:nixl_bytes_transferred_sum": "nixl_bytes",
-    "vllm:nixl_num_failed_transfers_total": "nixl_failed",
-}
-BY_SOURCE = {
-    "local_compute": "prompt_computed",
-    "local_cache_hit": "prompt_cache_hit",
-    "external_kv_transfer": "prompt_transferred",
-}
-_WANTED = (*SAMPLES, "vllm:prompt_tokens_by_source_total")
 GAUGES = ("running", "waiting", "kv_usage")
 
 
 @dataclass(slots=True)
 class EngineSample:
-    """One scrape of one instance: gauges now, counters since the engine started."""
+    """One scrape of one instance: gauges now, counters since the engine started. An engine adapter's
+    `metrics` names the sample that fills each field."""
 
     at: float = 0.0
     running: float = 0.0
@@ -78,12 +60,12 @@ COUNTERS = tuple(f.name for f in fields(EngineSample) if f.name not in ("at", *G
 _SOURCE = re.compile(r'source="([^"]*)"')
 
 
-def _wanted_lines(text: str) -> str:
+def _wanted_lines(text: str, wanted: tuple[str, ...]) -> str:
     """The series pdctl reads, with the labels it sums over (engine, model_name) dropped: the parser's label
     scanner costs tens of microseconds a series, most of a scrape, for labels that are summed away anyway."""
     kept = []
     for line in text.splitlines():
-        if not line.startswith(_WANTED):
+        if not line.startswith(wanted):
             continue
         name, brace, rest = line.partition("{")
         if brace:
@@ -94,16 +76,17 @@ def _wanted_lines(text: str) -> str:
     return "\n".join(kept) + "\n"
 
 
-def parse_engine_metrics(text: str, at: float = 0.0) -> EngineSample:
+def parse_engine_metrics(text: str, at: float = 0.0, metrics: EngineMetrics | None = None) -> EngineSample:
     """Sum each series over the engine's label sets (one per engine core under data parallelism); the KV
-    cache usage is their mean."""
+    cache usage is their mean. `metrics`: the engine's names, the default engine's when None."""
+    metrics = metrics or engine_adapter(DEFAULT_ENGINE).metrics
     sums: dict[str, float] = {}
     kv_series = 0
-    for family in text_string_to_metric_families(_wanted_lines(text)):
+    for family in text_string_to_metric_families(_wanted_lines(text, metrics.names)):
         for sample in family.samples:
-            field = SAMPLES.get(sample.name)
-            if sample.name == "vllm:prompt_tokens_by_source_total":
-                field = BY_SOURCE.get(sample.labels.get("source", ""))
+            field = metrics.samples.get(sample.name)
+            if sample.name == metrics.by_source:
+                field = metrics.sources.get(sample.labels.get("source", ""))
             if field is None:
                 continue
             sums[field] = sums.get(field, 0.0) + sample.value
@@ -175,8 +158,9 @@ class EngineHistory:
 class EngineTelemetry:
     """Every instance's history, filled by the scrape loop; the router's stats read it."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, metrics: EngineMetrics | None = None):
         self.clock = clock
+        self.metrics = metrics or engine_adapter(DEFAULT_ENGINE).metrics
         self.histories: dict[str, EngineHistory] = {}
         self._connections: dict[str, MetricsConnection] = {}
 
@@ -270,7 +254,7 @@ class MetricsConnection:
 async def scrape_once(telemetry: EngineTelemetry, instance: Instance) -> None:
     try:
         text = await telemetry.connection(instance).get()
-        sample = parse_engine_metrics(text, telemetry.clock())
+        sample = parse_engine_metrics(text, telemetry.clock(), telemetry.metrics)
     except (OSError, TimeoutError, ValueError, IndexError, asyncio.IncompleteReadError) as error:
         log.debug("scrape of %s failed: %s", instance.id, error)
         return

@@ -1,5 +1,7 @@
 """The router as the daemon runs it: instances from the plan, settings from the profile, health from the
-supervisor, load from the engines' /metrics (and NVML), served on the profile's router host and port."""
+supervisor, load from the engines' /metrics (and NVML), served on the profile's router host and port. The
+design document's ControlPlaneManager builds and serves its router with the same assemble_router and
+RouterService."""
 
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ from pdctl.gpus import GpuSource, NvmlGpuSource
 from pdctl.httpserver import HttpServer
 from pdctl.plan import Plan
 from pdctl.profile import ClusterProfile
-from pdctl.router.pool import Instance, Pool
 from pdctl.router.proxy import Router, RouterSettings
 from pdctl.router.scrape import scrape_forever
 from pdctl.router.stats import GpuFigures, StatsContext
 from pdctl.router.tokens import TokenCounter
-from pdctl.types import ExecutionInstanceType
+from pdctl.routing.pieces import Composition
+from pdctl.routing.pool import Instance, Pool
+from pdctl.types import ExecutionInstanceType, PDSeparationConfig
 
 log = logging.getLogger("pdctl.router.server")
 
@@ -52,27 +55,66 @@ def max_num_seqs(profile: ClusterProfile, role: ExecutionInstanceType) -> int:
     return profile.decode.max_parallel_requests
 
 
+def assemble_router(
+    instances: list[Instance],
+    served_model_name: str,
+    pd: PDSeparationConfig,
+    *,
+    routing_strategy: str | Composition,
+    scheduling_policy: str,
+    ttft_slo_ms: float,
+    tpot_slo_ms: float,
+    prefill_tokens_per_s: float,
+    tokens: TokenCounter,
+    engine_key: str | None = None,
+    record_metrics: bool = RouterSettings.record_metrics,
+    stall_timeout_s: float | None = None,
+    max_migrations: int = RouterSettings.max_migrations,
+    engine: str = RouterSettings.engine,
+) -> Router:
+    """A router over these instances, for every owner of one (the daemon, the design document's
+    ControlPlaneManager), so both decide, time out and give up alike. `pd` is kept, not copied: assignments to
+    it apply to the next request. stall_timeout_s: None for 50 x the TPOT SLO, at least 10 s."""
+    settings = RouterSettings(
+        served_model_name=served_model_name,
+        pd=pd,
+        routing_strategy=routing_strategy,
+        scheduling_policy=scheduling_policy,
+        ttft_slo_ms=ttft_slo_ms,
+        tpot_target_ms=tpot_slo_ms,
+        default_prefill_tokens_per_s=prefill_tokens_per_s,
+        # A prefill hop far beyond the TTFT SLO is hung, not slow: fall back to decode instead of waiting.
+        prefill_timeout_s=max(10.0, 10 * ttft_slo_ms / 1000),
+        record_metrics=record_metrics,
+        stall_timeout_s=stall_timeout_s or max(10.0, 50 * tpot_slo_ms / 1000),
+        max_migrations=max_migrations,
+        engine_api_key=engine_key,
+        engine=engine,
+    )
+    return Router(settings, Pool(instances), tokens)
+
+
 def build_router(
     profile: ClusterProfile, plan: Plan, state_root: Path | None = None, engine_key: str | None = None
 ) -> Router:
-    """engine_key: the cluster's engines' own key, sent with every request to them."""
-    pool = Pool([Instance(i.id, i.role, i.url, max_num_seqs=max_num_seqs(profile, i.role)) for i in plan.instances])
-    settings = RouterSettings(
-        served_model_name=plan.served_model_name,
-        pd=profile.pd,
+    """The daemon's router over the plan's instances (unhealthy until the supervisor says otherwise).
+    engine_key: the cluster's engines' own key, sent with every request to them."""
+    router = assemble_router(
+        [Instance(i.id, i.role, i.url, max_num_seqs=max_num_seqs(profile, i.role)) for i in plan.instances],
+        plan.served_model_name,
+        profile.pd.model_copy(deep=True),  # the router's own: changes reach it through RouterService.apply_pd
         routing_strategy=profile.router.routing_strategy,
         scheduling_policy=profile.router.scheduling_policy,
         ttft_slo_ms=profile.router.slo.ttft_ms,
-        tpot_target_ms=profile.slo_tpot_ms,
-        default_prefill_tokens_per_s=profile.prefill.target_throughput_tokens_per_sec,
-        # A prefill hop far beyond the TTFT SLO is hung, not slow: fall back to decode instead of waiting.
-        prefill_timeout_s=max(10.0, 10 * profile.router.slo.ttft_ms / 1000),
+        tpot_slo_ms=profile.slo_tpot_ms,
+        prefill_tokens_per_s=profile.prefill.target_throughput_tokens_per_sec,
+        tokens=TokenCounter.for_model(plan.model_path),
+        engine_key=engine_key,
         record_metrics=profile.router.metrics,
-        stall_timeout_s=profile.router.stall_timeout_s or max(10.0, 50 * profile.slo_tpot_ms / 1000),
+        stall_timeout_s=profile.router.stall_timeout_s,
         max_migrations=profile.router.max_migrations,
-        engine_api_key=engine_key,
+        engine=plan.engine,
     )
-    router = Router(settings, pool, TokenCounter.for_model(plan.model_path))
     router.context = StatsContext(
         cluster=plan.cluster,
         engine=plan.engine,
@@ -117,6 +159,7 @@ class RouterService:
         entry = entry or RouterEntry()
         self.server = HttpServer(entry.guard(router.handle), host=host, port=port, tls=entry.tls)
         self._tasks: list[asyncio.Task[None]] = []
+        self._warming: set[asyncio.Task[None]] = set()  # held until done: the loop keeps only weak references
 
     async def start(self) -> None:
         await self.server.start()
@@ -126,7 +169,7 @@ class RouterService:
             self._tasks.append(asyncio.create_task(sample_gpus(self.router, self.plan, NvmlGpuSource())))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._warming]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -141,5 +184,18 @@ class RouterService:
 
     def set_health(self, instance_id: str, healthy: bool) -> None:
         instance = self.router.pool.by_id.get(instance_id)
-        if instance is not None:
-            instance.healthy = healthy
+        if instance is None:
+            return
+        if healthy and not instance.healthy:
+            task = asyncio.get_running_loop().create_task(self.router.warm_kv_path(instance_id))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
+        elif not healthy:
+            self.router.forget_kv_paths(instance_id)
+        instance.healthy = healthy
+
+    def apply_pd(self, pd: PDSeparationConfig) -> None:
+        """The cluster's PD config changed at run time (`pdctl scale --set`, the design document's remedy):
+        requests from the next one on are routed by it. The router keeps a copy of its own, so no one else's
+        object changes under it."""
+        self.router.apply_pd(pd.model_copy(deep=True))

@@ -16,9 +16,9 @@ from pydantic import BaseModel, Field
 
 from pdctl.cost import CostComparison, load_comparison, usd_per_million_tokens
 from pdctl.metrics import Counter, Key, LedgerHistogram, Row, summarize, window_span
-from pdctl.router.pool import Instance, Pool
 from pdctl.router.recorder import RouterMetrics
 from pdctl.router.scrape import EngineHistory, EngineTelemetry
+from pdctl.routing.pool import Instance, Pool
 from pdctl.types import ExecutionInstanceType, PDMetrics, PDSeparationConfig
 
 WINDOWS = {"10s": 10, "60s": 60}

@@ -19,8 +19,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pdctl.errors import ClusterError, UsageError
-from pdctl.scaling.actuator import Scaler, ScaleRequestError
+from pdctl.scaling.decider import ScaleRequestError
 from pdctl.scaling.report import ScalingReport
+from pdctl.scaling.scaler import Scaler
 from pdctl.scaling.signals import Role
 from pdctl.state import ClusterDir
 

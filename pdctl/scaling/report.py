@@ -3,6 +3,7 @@ Prometheus lines on the router's /metrics, and a rich rendering for the status v
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pdctl.safetext import cell
+from pdctl.scaling.policy import Decision
 
 REPORT_FILE = "scaling.json"
 
@@ -115,6 +117,35 @@ class ScalerMetrics:
         for pool, record in sorted(latest.items()):
             labels = _labels(pool=pool, reason=record.reason, outcome=record.outcome)
             yield f"pdctl_scaler_last_decision_timestamp_seconds{labels} {record.at}"
+
+
+class DecisionLog:
+    """The latest decisions with their outcomes (what `status` shows), and every settled one counted by
+    outcome (what /metrics shows)."""
+
+    def __init__(self, keep: int = 20) -> None:
+        self.records: collections.deque[DecisionRecord] = collections.deque(maxlen=keep)
+        self.metrics = ScalerMetrics()
+
+    def add(self, decision: Decision, outcome: str = "in progress") -> DecisionRecord:
+        return self.note(str(decision.role), decision.reason, outcome, decision.delta, decision.loop)
+
+    def note(self, pool: str, reason: str, outcome: str, delta: int = 0, loop: str = "manual") -> DecisionRecord:
+        record = DecisionRecord(at=time.time(), pool=pool, delta=delta, loop=loop, reason=reason, outcome=outcome)
+        self.records.append(record)
+        return record
+
+    def settle(self, record: DecisionRecord, outcome: str) -> None:
+        record.outcome = outcome
+        self.metrics.count(record)
+
+    def for_action(self, catch_up: Decision) -> DecisionRecord:
+        """The pool's latest decision still in progress, which an action now carries out; else the catch-up
+        (the pool is not at the size it should be, and no decision is waiting for that), recorded."""
+        for record in reversed(self.records):
+            if record.pool == catch_up.role and record.outcome == "in progress":
+                return record
+        return self.add(catch_up)
 
 
 def render_scaling(report: ScalingReport, now: float | None = None, last: int = 5) -> Group:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pdctl.router.pool import Instance
+from pdctl.routing.pool import Instance, instance_load
 from pdctl.types import ExecutionInstanceType
 
 
@@ -41,7 +41,7 @@ class InstanceSignal:
     @property
     def busy(self) -> float:
         """Share of the engine's sequence slots taken, counting queued requests (may exceed 1)."""
-        return max(self.in_flight, self.running + self.waiting) / max(1, self.max_num_seqs)
+        return instance_load(self.in_flight, self.running, self.waiting, self.max_num_seqs)
 
     @classmethod
     def of(cls, instance: Instance) -> InstanceSignal:

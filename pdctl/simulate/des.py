@@ -21,10 +21,10 @@ from pdctl.perfmodel.hardware import HardwareProfile
 from pdctl.perfmodel.scheduler import Engine, EngineConfig, EngineRequest
 from pdctl.perfmodel.steptime import StepModel
 from pdctl.profile import ClusterProfile
-from pdctl.router.phase import PhaseDecision, PoolLoad, RequestFeatures, make_phase_policy, with_availability
-from pdctl.router.pieces import RoutingRequest, Selection, make_strategy
-from pdctl.router.pool import Instance, Pool
-from pdctl.router.prefix import PrefixTable, block_ends
+from pdctl.routing.phase import PhaseDecision, PoolLoad, RequestFeatures, make_phase_policy, with_availability
+from pdctl.routing.pieces import RoutingRequest, Selection, make_strategy
+from pdctl.routing.pool import Instance, Pool
+from pdctl.routing.prefix import PrefixTable, block_ends
 from pdctl.simulate.report import RequestRecord
 from pdctl.simulate.workload import SimRequest
 from pdctl.types import ExecutionInstance
@@ -134,11 +134,12 @@ class ClusterSim:
             lambda: PrefixTable(eviction=profile.pd.kv_cache_eviction_policy)
         )
         self.strategy = make_strategy(profile.router.routing_strategy, self.tables.__getitem__, random.Random(seed))
-        self.uses_prefixes = self.strategy.uses_prefixes or profile.pd.routing_policy == "adaptive"
+        self.uses_prefixes = self.strategy.uses_prefixes or self.policy.uses_prefixes
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._held: deque[_Flight] = deque()  # admitted by the router only when an instance has room
+        self._open: dict[int, _Flight] = {}  # arrived and not yet answered, by request id
         self.records: list[RequestRecord] = []
         self.decisions: dict[str, int] = defaultdict(int)
         self._on_done: Callable[[], None] = lambda: None  # under a concurrency limit: send the next request
@@ -149,7 +150,8 @@ class ClusterSim:
         heapq.heappush(self._events, (when, next(self._order), action))
 
     def run(self, requests: list[SimRequest], max_concurrency: int | None = None) -> float:
-        """Simulate until every request is answered; returns the virtual duration from the first arrival."""
+        """Simulate until no event is left, every request answered or failed; returns the virtual duration from
+        the first arrival."""
         pending = deque(sorted(requests, key=lambda r: r.arrival_s))
         if max_concurrency is None:
             for request in pending:
@@ -168,7 +170,21 @@ class ClusterSim:
         while self._events:
             self.now, _, action = heapq.heappop(self._events)
             action()
+        self._fail_unanswered(requests)
         return self.now - start
+
+    def _fail_unanswered(self, requests: list[SimRequest]) -> None:
+        """With no event left, a request not answered never will be: it is failed, by where it stopped, never
+        dropped. (simulate() refuses layouts that cannot serve a workload, so this marks a fault of the model.)"""
+        for flight in self._open.values():
+            flight.record.error_kind = "held_by_router" if flight in self._held else "stalled_in_engine"
+            self.records.append(flight.record)
+        seen = {record.id for record in self.records}
+        self.records += [
+            RequestRecord(r.id, r.input_tokens, r.output_tokens, r.arrival_s, error_kind="not_sent")
+            for r in requests
+            if r.id not in seen
+        ]  # never sent: a closed-loop client's requests queued behind those
 
     # -- routing: the daemon's pieces, as Router.plan uses them -------------------------------------------------
 
@@ -179,6 +195,7 @@ class ClusterSim:
         flight = _Flight(
             request, record, blocks, _hashes(request, range(block_size, request.input_tokens + 1, block_size))
         )
+        self._open[request.id] = flight
         if self._held or not self._route(flight):
             self._held.append(flight)  # the router's admission queue, in arrival order
 
@@ -269,9 +286,12 @@ class ClusterSim:
         done = self.now + result.seconds
 
         def finished() -> None:
-            node.stepping = False
+            # The step's tokens are all delivered before the next step starts: a token that frees a slot lets
+            # the router send a held request here, and a step started then would run ahead of the tokens still
+            # to deliver (a request finishing in it was then answered twice).
             for engine_request in result.tokens:
                 engine_request.tag.on_token(engine_request)
+            node.stepping = False
             self._scrape(node)
             self._kick(node)
 
@@ -326,6 +346,7 @@ class ClusterSim:
             record.cached_tokens = engine_request.cached_tokens
             record.preemptions = engine_request.preemptions
             self.records.append(record)
+            del self._open[record.id]
             self._release(engine_request)
             self._on_done()
 

@@ -18,15 +18,9 @@ from typing import Any
 
 import yaml
 
-from pdctl.perfmodel.arch import ModelArch
-from pdctl.perfmodel.hardware import HardwareProfile
-from pdctl.perfmodel.steptime import StepModel
 from pdctl.profile import ClusterProfile, load_profile
-from pdctl.simulate.des import engine_config
-from pdctl.simulate.run import SimulationResult, resolve, simulate
+from pdctl.simulate.run import CannotRunError, Shortfall, SimulationResult, simulate
 from pdctl.simulate.workload import SimRequest, WorkloadSpec, generate
-from pdctl.types import ExecutionInstance
-from pdctl.types import ExecutionInstanceType as Phase
 
 DESIGN_DIR = Path(__file__).parent / "design"
 DESIGN_WORKLOAD = WorkloadSpec(num_requests=1000, input_tokens=200, output_tokens=500)
@@ -92,17 +86,6 @@ class SweepPoint:
 
 
 @dataclass(frozen=True)
-class Shortfall:
-    """Instances of one kind that cannot run, and why."""
-
-    instances: str  # "decode TP 2"
-    why: str
-
-    def __str__(self) -> str:
-        return f"{self.instances} {self.why}"
-
-
-@dataclass(frozen=True)
 class CannotRun:
     layout: Layout
     shortfalls: tuple[Shortfall, ...]
@@ -155,64 +138,17 @@ def layout_profile(base: ClusterProfile, layout: Layout) -> ClusterProfile:
     return ClusterProfile.model_validate(data)
 
 
-GIB = 2**30
-ROLE = {Phase.PREFILLING: "prefill", Phase.DECODING: "decode", Phase.HYBRID: "hybrid"}
-
-
-def shortfalls(profile: ClusterProfile, requests: list[SimRequest], hardware: str | None) -> tuple[Shortfall, ...]:
-    """Why the profile's instances cannot serve the workload, nothing when they can: with the memory fraction
-    each is given, the weights and activations leave no KV cache (vLLM does not start), or the KV cache cannot
-    hold the longest request (it would wait forever) or `model.max_model_len` (vLLM does not start)."""
-    arch, hw = resolve(profile, hardware, None)
-    prompt = max(r.input_tokens for r in requests)
-    whole = max(r.input_tokens + r.output_tokens for r in requests)
-    kinds = {(i.instance_type, i.tensor_parallel_size or 1, i.pipeline_parallel_size or 1): i
-             for i in profile.resolved_instances()}  # fmt: skip
-    found = (
-        _shortfall(profile, instance, arch, hw, prompt + 1 if phase is Phase.PREFILLING else whole)
-        for (phase, _, _), instance in kinds.items()
-    )
-    return tuple(shortfall for shortfall in found if shortfall)
-
-
-def _shortfall(
-    profile: ClusterProfile, instance: ExecutionInstance, arch: ModelArch, hw: HardwareProfile, longest: int
-) -> Shortfall | None:
-    phase, tp, pp = instance.instance_type, instance.tensor_parallel_size or 1, instance.pipeline_parallel_size or 1
-    config = engine_config(profile, instance, hw)
-    fraction = config.gpu_memory_utilization
-    setting = "pd" if phase is Phase.PREFILLING else "decode"
-    given = f"{setting}.kv_cache_memory_fraction {fraction:g}"
-    what = f"{ROLE[phase]} TP {tp}" + (f" PP {pp}" if pp > 1 else "")
-    tokens = StepModel(arch, hw, tp, pp).kv_cache_tokens(fraction) // config.block_size * config.block_size
-    if tokens == 0:
-        needs = (arch.weight_bytes_per_gpu(tp, pp) + hw.activation_reserve_bytes) / GIB
-        memory = hw.memory_bytes / GIB
-        return Shortfall(
-            what,
-            f"needs {needs:.1f} GiB per GPU for weights and activations, "
-            f"{given} gives it {memory * fraction:.1f} of {hw.name}'s {memory:.1f} GiB",
-        )
-    needed, by = longest, "the workload's longest request"
-    limit = profile.model.max_model_len or 0
-    if limit > needed:
-        needed, by = limit, "model.max_model_len"
-    if tokens < needed:
-        return Shortfall(what, f"has KV cache for {tokens} tokens ({given}), {by} needs {needed}")
-    return None
-
-
 def sweep(base: ClusterProfile, gpus: int, requests: list[SimRequest], max_concurrency: int | None,
           hardware: str | None = None) -> Sweep:  # fmt: skip
     """Every layout of `gpus` GPUs: simulated, or said why it cannot run."""
     found = Sweep([], [])
     for layout in layouts(gpus):
         candidate = layout_profile(base, layout)
-        short = shortfalls(candidate, requests, hardware)
-        if short:
-            found.cannot_run.append(CannotRun(layout, short))
+        try:
+            result = simulate(candidate, requests, max_concurrency, hardware=hardware)
+        except CannotRunError as error:
+            found.cannot_run.append(CannotRun(layout, error.shortfalls))
             continue
-        result = simulate(candidate, requests, max_concurrency, hardware=hardware)
         found.points.append(SweepPoint(layout, result, candidate))
     return found
 

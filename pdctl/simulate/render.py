@@ -7,11 +7,16 @@ from collections import Counter
 from rich.console import Group
 from rich.table import Table
 
-from pdctl.simulate.design import DocumentRow, Shortfall, Sweep, SweepPoint
-from pdctl.simulate.run import SimulationResult
+from pdctl.simulate.design import DocumentRow, Sweep, SweepPoint
+from pdctl.simulate.run import Shortfall, SimulationResult
 
 METRICS = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
            ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency"))  # fmt: skip
+
+
+def _num(value: float | None, spec: str = ".2f") -> str:
+    """A figure, or n/a where no request gives it (a latency when none completed), which is not 0."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def result_table(result: SimulationResult) -> Table:
@@ -24,13 +29,18 @@ def result_table(result: SimulationResult) -> Table:
     )
     table.add_column("metric")
     table.add_column("value", justify="right")
-    rows = [
-        ("Successful requests", f"{m['completed']}"),
+    if result.hardware_fidelity:
+        table.caption, table.caption_justify = f"hardware {result.hardware_fidelity['summary']}", "left"
+    rows = [("Successful requests", f"{m['completed']}")]
+    if m["failed"]:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(m["failures_by_kind"].items()))
+        rows.append(("Failed requests", f"{m['failed']} ({kinds})"))
+    rows += [
         ("Benchmark duration (s)", f"{m['duration']:.2f}"),
         ("Total input tokens", f"{m['total_input_tokens']}"),
         ("Total generated tokens", f"{m['total_output_tokens']}"),
         ("Request throughput (req/s)", f"{m['request_throughput']:.2f}"),
-        ("Request goodput (req/s)", f"{m.get('request_goodput', 0.0):.2f}"),
+        ("Request goodput (req/s)", _num(m.get("request_goodput"))),
         ("Output token throughput (tok/s)", f"{m['output_throughput']:.2f}"),
         ("Output token throughput per GPU (tok/s)", f"{m['output_throughput'] / max(1, result.gpus):.2f}"),
         ("Total token throughput (tok/s)", f"{m['total_token_throughput']:.2f}"),
@@ -39,7 +49,7 @@ def result_table(result: SimulationResult) -> Table:
         rows.append((f"[bold]{title}[/bold]", ""))
         for stat in ("mean", "median", "p90", "p99"):
             rows.append((f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} {key.upper()} (ms)",
-                         f"{m[f'{stat}_{key}_ms']:.2f}"))  # fmt: skip
+                         _num(m[f"{stat}_{key}_ms"])))  # fmt: skip
     decisions = ", ".join(f"{phase} {count}" for phase, count in sorted(result.decisions.items()))
     rows += [("Routing decisions", decisions), ("Preemptions", str(result.preemptions)),
              ("Simulated in (s, wall)", f"{result.wall_s:.2f}")]  # fmt: skip
@@ -60,10 +70,10 @@ def design_table_view(rows: list[tuple[DocumentRow, SimulationResult]]) -> Table
             doc.label,
             str(sim.gpus),
             f"{doc.throughput:.0f} | {m['output_throughput']:.0f}",
-            f"{doc.p99_ms:.0f} | {m['p99_itl_ms']:.0f}",
-            f"{m['p99_ttft_ms']:.0f}",
+            f"{doc.p99_ms:.0f} | {_num(m['p99_itl_ms'], '.0f')}",
+            _num(m["p99_ttft_ms"], ".0f"),
             f"{doc.gpu_efficiency:.0%} | {sim.gpu_efficiency:.0%}",
-            f"{doc.cost_per_m:.2f} | {sim.cost_per_m_output_tokens_usd:.2f}",
+            f"{doc.cost_per_m:.2f} | {_num(sim.cost_per_m_output_tokens_usd)}",
         )
     return table
 
@@ -81,7 +91,7 @@ def sweep_view(sweep: Sweep, chosen: SweepPoint) -> Group:
         m = point.result.metrics
         table.add_row(point.layout.label + (" *" if point is chosen else ""), str(point.layout.gpus),
                       f"{point.goodput_per_gpu:.1f}", f"{m['output_throughput']:.0f}",
-                      f"{m.get('goodput_ratio', 0):.0%}", f"{m['p99_ttft_ms']:.0f}", f"{m['p99_itl_ms']:.1f}",
+                      f"{m.get('goodput_ratio', 0):.0%}", _num(m["p99_ttft_ms"], ".0f"), _num(m["p99_itl_ms"], ".1f"),
                       style="bold" if point is chosen else None)  # fmt: skip
     if not sweep.cannot_run:
         return Group(table)

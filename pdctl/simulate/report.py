@@ -22,6 +22,7 @@ class RequestRecord:
     phase: str = ""
     cached_tokens: int = 0
     preemptions: int = 0
+    error_kind: str | None = None  # why it was never answered (ClusterSim.run); None: answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +36,7 @@ def as_measured(record: RequestRecord) -> RequestResult:
     return RequestResult(
         index=record.id,
         start=record.arrival_s,
-        success=True,
+        success=record.error_kind is None,
         ttft=record.ttft,
         itl=record.itls,
         latency=record.e2e,
@@ -43,6 +44,7 @@ def as_measured(record: RequestRecord) -> RequestResult:
         output_tokens=record.output_tokens,
         token_events=record.output_tokens,  # the modelled engine streams each token as it is made
         first_event_tokens=min(1, record.output_tokens),
+        error_kind=record.error_kind,
         phase=record.phase or None,
     )
 

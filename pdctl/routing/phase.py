@@ -1,17 +1,21 @@
 """Which phase a request takes: PREFILLING (prefill instance, then decode with the KV cache moved),
 DECODING (straight to a decode instance, which prefills itself), or HYBRID (PD disabled).
 
-Each policy is a small class with one method; the registry maps the profile's names to them. The
-availability of each pool is applied after the policy, the same way for all of them.
+Each policy is one class that registers itself, `class MyPolicy(PhasePolicy, name="mine")`, with one method.
+That registration is the only place a policy's name is written: the profile, the router, the simulation and
+`bench --policies` read the registry. The availability of each pool is applied after the policy, the same way
+for all of them.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pdctl.errors import UnknownPolicy
+from pdctl.routing.pieces import unknown_name
 from pdctl.types import ExecutionInstanceType as Phase
 from pdctl.types import PDSeparationConfig
 
@@ -45,9 +49,26 @@ class PhaseDecision:
     figures: dict[str, float] = field(default_factory=dict)
 
 
-class PhasePolicy(Protocol):
-    name: ClassVar[str]
+class PhasePolicy(ABC):
+    """Decides a request's phase from its features and the pools' load. A subclass names itself (`name=`) and
+    is then a `pd.routing_policy` everywhere a policy is chosen by name."""
 
+    registry: ClassVar[dict[str, type[PhasePolicy]]] = {}
+    name: ClassVar[str]
+    # Prefix hashes cost time on the hot path: the router computes them (and so decode_cached_tokens) for the
+    # policy only where it says it reads them.
+    uses_prefixes: ClassVar[bool] = False
+
+    def __init_subclass__(cls, name: str, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.name = name
+        PhasePolicy.registry[name] = cls
+
+    def __init__(self, config: PDSeparationConfig):
+        # Kept, not copied: a threshold changed on a running system applies from the next decision.
+        self.config = config
+
+    @abstractmethod
     def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision: ...
 
 
@@ -55,12 +76,8 @@ def _ratio(tokens: float, expected_output: float) -> float:
     return tokens / max(expected_output, 1.0)
 
 
-@dataclass(slots=True)
-class ThresholdPolicy:
+class ThresholdPolicy(PhasePolicy, name="threshold"):
     """Split when input tokens >= threshold and input / expected output tokens >= ratio."""
-
-    config: PDSeparationConfig
-    name: ClassVar[str] = "threshold"
 
     def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
         tokens = features.input_tokens
@@ -75,8 +92,7 @@ class ThresholdPolicy:
         return PhaseDecision(Phase.DECODING, why, figures)
 
 
-@dataclass(slots=True)
-class AdaptivePolicy:
+class AdaptivePolicy(PhasePolicy, name="adaptive"):
     """The threshold rule on the tokens the decode instance would really compute (prompt minus its likely
     cached prefix), with the cut-off moved by live load:
 
@@ -87,8 +103,7 @@ class AdaptivePolicy:
     would stall its running streams for longer than the TPOT target, the request is split, if the prefill
     pool can still meet the TTFT SLO."""
 
-    config: PDSeparationConfig
-    name: ClassVar[str] = "adaptive"
+    uses_prefixes = True
 
     def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
         uncached = max(0, features.input_tokens - features.decode_cached_tokens)
@@ -133,35 +148,31 @@ class AdaptivePolicy:
         return PhaseDecision(Phase.DECODING, f"ratio {ratio:.2f} < {self.config.prefilling_threshold_ratio:g}", figures)
 
 
-@dataclass(slots=True)
-class AlwaysPolicy:
+class AlwaysPolicy(PhasePolicy, name="always"):
     """Every request through a prefill instance (A/B comparisons)."""
-
-    config: PDSeparationConfig
-    name: ClassVar[str] = "always"
 
     def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
         return PhaseDecision(Phase.PREFILLING, "routing_policy: always", {"input_tokens": features.input_tokens})
 
 
-@dataclass(slots=True)
-class NeverPolicy:
+class NeverPolicy(PhasePolicy, name="never"):
     """No request through a prefill instance (A/B comparisons)."""
-
-    config: PDSeparationConfig
-    name: ClassVar[str] = "never"
 
     def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
         return PhaseDecision(Phase.DECODING, "routing_policy: never", {"input_tokens": features.input_tokens})
 
 
-PHASE_POLICIES: dict[str, type] = {p.name: p for p in (ThresholdPolicy, AdaptivePolicy, AlwaysPolicy, NeverPolicy)}
+def registered_policy(name: str) -> str:
+    """The name, if a policy registered it; a ValueError naming the known ones (for a validator) otherwise."""
+    if name not in PhasePolicy.registry:
+        raise ValueError(unknown_name("routing policy", name, PhasePolicy.registry))
+    return name
 
 
 def make_phase_policy(config: PDSeparationConfig) -> PhasePolicy:
-    policy = PHASE_POLICIES.get(config.routing_policy)
+    policy = PhasePolicy.registry.get(config.routing_policy)
     if policy is None:
-        raise UnknownPolicy(f"unknown routing_policy {config.routing_policy!r}; known: {', '.join(PHASE_POLICIES)}")
+        raise UnknownPolicy(unknown_name("routing policy", config.routing_policy, PhasePolicy.registry))
     return policy(config)
 
 

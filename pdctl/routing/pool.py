@@ -9,6 +9,15 @@ from dataclasses import dataclass
 from pdctl.types import ExecutionInstanceType
 
 
+def instance_load(in_flight: float, running: float, waiting: float, max_num_seqs: int) -> float:
+    """Sequences running or queued on an instance against what its engine runs at once (above 1 while requests
+    queue): what the router picks by, the scaler's busy slots, and the scaling benchmark's model all read this.
+    The router's own count and the engine's scraped one differ by a scrape interval: the larger one counts."""
+    # Conditional expressions, not max(): the router reads this per candidate on the routing decision's hot path.
+    queued = running + waiting
+    return (in_flight if in_flight > queued else queued) / (max_num_seqs or 1)
+
+
 @dataclass(slots=True, eq=False)
 class Instance:
     id: str
@@ -34,10 +43,7 @@ class Instance:
 
     @property
     def load(self) -> float:
-        """Sequences running or queued here against what the engine runs at once."""
-        # Conditional expressions, not max(): this is read per candidate on the routing decision's hot path.
-        queued = self.running + self.waiting
-        return (self.in_flight if self.in_flight > queued else queued) / (self.max_num_seqs or 1)
+        return instance_load(self.in_flight, self.running, self.waiting, self.max_num_seqs)
 
     def record_success(self) -> None:
         self.consecutive_failures = 0

@@ -1,0 +1,3 @@
+from pdctl.engines.sim.cli import main
+
+raise SystemExit(main())
