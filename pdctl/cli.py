@@ -302,7 +302,7 @@ def simulate(
     max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", min=1)] = None,
     prefix_groups: Annotated[int, typer.Option("--prefix-groups", min=0, help="groups sharing a prefix")] = 0,
     prefix_len: Annotated[int, typer.Option("--prefix-len", min=0, help="shared prefix tokens")] = 0,
-    hardware: Annotated[str | None, typer.Option("--hardware", help="h100-sxm, cpu-local or a profile .json")] = None,
+    hardware: Annotated[str | None, typer.Option("--hardware", help="a hardware profile: name or .json")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     hop_ms: Annotated[
         float, typer.Option("--hop-ms", min=0, help="latency of each router-to-engine hop (HTTP, the router)")

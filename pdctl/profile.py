@@ -102,7 +102,9 @@ class SimTiming(_Section):
     prefill_ms_per_token: float = Field(0.05, ge=0)
     decode_ms_per_token: float = Field(10.0, ge=0)
     hardware: str | None = Field(
-        None, description="a hardware profile (h100-sxm, cpu-local or a .json path): model time, not the delays above"
+        None,
+        description="a hardware profile (h100-sxm, cpu-local, a name `pdctl calibrate` wrote, or a .json path): model "
+        "time, not the delays above",
     )
     architecture: str | None = Field(None, description="the model architecture to model; from model.path when unset")
     speed: float | None = Field(

@@ -23,7 +23,7 @@ import httpx
 from pdctl import health, procs
 from pdctl.engines import failures
 from pdctl.errors import PlacementError
-from pdctl.launchers import InstanceHandle, Launcher, LaunchError
+from pdctl.launchers import InstanceHandle, Launcher, LaunchError, PortTaken
 from pdctl.plan import Plan, PlannedInstance
 from pdctl.procs import Activity
 from pdctl.state import ClusterDir, ClusterPhase, ClusterState, InstancePhase, InstanceStatus, open_log
@@ -409,6 +409,13 @@ class Supervisor:
             managed.handle = await asyncio.to_thread(
                 self.launcher.start, planned, self._env(planned), log_path, self.dir.path
             )
+        except PortTaken as error:
+            managed.handle = None
+            if starting:
+                self._fail(managed, f"cannot start: {error}", starting)
+            else:
+                self._set_blocked(managed, f"cannot start: {error}")
+            return
         except LaunchError as error:
             log.error("%s cannot start: %s", planned.id, error)
             managed.handle = None

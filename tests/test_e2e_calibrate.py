@@ -1,7 +1,7 @@
-"""`pdctl calibrate --quick` end to end on the real CPU build of vLLM: one measurement of the calibration and
-(shortened) validation runs on a real instance, the fit, and the profile's check on its own held-out runs.
-About 3 minutes on 2 cores; it brings up its own instance on the first free ports from 23000 (clear of the
-default cluster's 8000 and 8100 on), and measures timings, so run it alone on a quiet machine:
+"""`pdctl calibrate --quick` end to end on the real CPU build of vLLM: the calibration and (shortened)
+validation runs on a real instance, twice where two measurements fit its budget, the fit, and the profile's
+check on its own held-out runs. About 3 minutes on 2 cores. It brings up its own instance on the first free
+ports from 23000 (clear of the default cluster's 8000 and 8100 on) and measures timings, so run it alone:
 `flock /tmp/pdctl-real-vllm.lock pytest tests/test_e2e_calibrate.py`."""
 
 from __future__ import annotations
@@ -41,16 +41,24 @@ def test_quick_calibration_on_the_real_cpu_engine_holds_on_its_own_held_out_runs
     assert machine is not None and machine.vllm == engine_runtime.vllm_version
     assert (machine.cpu, machine.cpu_flags) == (this_cpu().cpu, this_cpu().cpu_flags)
 
-    # Its own held-out runs: every validation run's four median figures, none of them in the fit. One
-    # measurement of real vLLM is far noisier than the eight of the full mode (over the sixteen stored ones,
-    # each fitted and checked alone with these runs: median error 3 to 9 %, 37 to 48 figures within 20 %).
+    # Its own held-out runs: every validation run's four median figures, none of them in the fit.
     fidelity = profile.fidelity
-    assert fidelity is not None and not fidelity.real_against_real
+    assert fidelity is not None and fidelity.summary() in done.stdout
     assert sorted({f.run for f in fidelity.figures}) == sorted(cpufit.QUICK_VALIDATION)
     assert len(fidelity.figures) == 48 and all(f.real > 0 and f.modelled > 0 for f in fidelity.figures)
-    assert fidelity.median_error() < 0.10, fidelity.summary()
-    assert fidelity.within(0.20) >= 36, fidelity.summary()
-    assert fidelity.summary() in done.stdout
+    floor = fidelity.floor()
+    if floor is not None:
+        # Two measurements: the model against both together about as close as the first is to the second. On
+        # this shared 2-core machine real vLLM drifted by 20 % and more within minutes (12 of 48 figures within
+        # 10 %, first four measurements against the last four), so the bar is the machine's own, not a number;
+        # a profile of another machine misses it by far (cpu-local here: 0 of 48, median error 130 %).
+        assert fidelity.within() >= floor.within() - 4, fidelity.summary()
+        assert fidelity.median_error() <= floor.median_error() + 0.02, fidelity.summary()
+    else:
+        # One measurement (a machine too slow for two in the budget): over the sixteen stored ones, each fitted
+        # and checked alone with these runs, median error 3 to 9 %, 37 to 48 figures within 20 %.
+        assert fidelity.median_error() < 0.10, fidelity.summary()
+        assert fidelity.within(0.20) >= 36, fidelity.summary()
 
     # Usable by name at once, with no line about another machine: it was measured on this one.
     profile_path = tmp_path / "calsim.yaml"

@@ -393,3 +393,33 @@ def test_each_decode_instance_reads_one_kv_cache_from_each_prefill_instance_befo
         wait_for(lambda url=instance.url: _transfers(url) >= 1, what=f"{instance.id} read a KV cache")
     time.sleep(0.5)  # nothing more comes: one per pair
     assert [_transfers(i.url) for i in decode] == [1.0, 1.0]
+
+
+def test_an_instance_whose_port_another_process_holds_waits_blocked_then_starts_without_spending_restarts(
+    tmp_path, state_root
+):
+    """A held port is no fault of the engine's: however often it is found taken, the instance is not given up."""
+    extra = "  restart: {backoff_initial_s: 2, backoff_max_s: 2, max_failures: 2, window_s: 60}\n"
+    cluster_dir, _, failures = up(sim_profile(tmp_path, extra=extra), state_root)
+    assert failures == []
+    before = cluster_dir.read_state().instances["decode-0"]
+    plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
+    port = next(i.port for i in plan.instances if i.id == "decode-0")
+    os.killpg(before.process.pid, signal.SIGKILL)
+    wait_for(lambda: lifecycle.port_owner("127.0.0.1", port) is None, what="decode-0's port free")
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+
+        def blocked_naming_us():
+            status = cluster_dir.read_state().instances["decode-0"]
+            return status.phase is InstancePhase.BLOCKED and f"taken by pid {os.getpid()}" in (status.message or "")
+
+        wait_for(blocked_naming_us, what="decode-0 blocked, naming the port's holder")
+        time.sleep(5)  # tried again every 2 s: more often than max_failures allows
+        assert cluster_dir.read_state().instances["decode-0"].phase is InstancePhase.BLOCKED
+    wait_for(
+        lambda: cluster_dir.read_state().instances["decode-0"].phase is InstancePhase.HEALTHY,
+        what="decode-0 healthy once the port is free",
+    )

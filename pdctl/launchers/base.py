@@ -37,6 +37,11 @@ class LaunchError(ClusterError):
     """An instance could not be started (its port is taken, its node is gone): the message says why."""
 
 
+class PortTaken(LaunchError):
+    """Another process holds a port the instance needs: no fault of the engine's, so it waits (blocked) and is
+    tried again, instead of spending its restart budget and failing for good."""
+
+
 class InstanceHandle(ABC):
     """One started engine, wherever it runs."""
 

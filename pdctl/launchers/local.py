@@ -14,7 +14,7 @@ from pdctl.engines import tinymodel
 from pdctl.engines.adapter import engine_adapter
 from pdctl.errors import ClusterError, PlacementError
 from pdctl.gpus import GpuInventory
-from pdctl.launchers.base import InstanceHandle, Launcher, LaunchError, SweepReport
+from pdctl.launchers.base import InstanceHandle, Launcher, PortTaken, SweepReport
 from pdctl.placement import (
     Assignment,
     DeviceMode,
@@ -115,7 +115,7 @@ class LocalLauncher(Launcher, kind="local"):
     def start(self, planned: PlannedInstance, env: dict[str, str], log_path: Path, cwd: Path) -> InstanceHandle:
         taken = [f"port {port} ({who}) is taken by {owner}" for who, port, owner in _taken_ports([planned])]
         if taken:
-            raise LaunchError("; ".join(taken))
+            raise PortTaken("; ".join(taken))
         with open_log(log_path) as log_handle:
             popen = subprocess.Popen(
                 planned.argv,

@@ -81,22 +81,25 @@ class Fidelity(_Strict):
     real_against_real: list[FidelityFigure] = Field(default_factory=list)
 
     def within(self, bar: float | None = None) -> int:
-        return _within(self.figures, self.bar if bar is None else bar)
+        return sum(abs(f.error) <= (self.bar if bar is None else bar) for f in self.figures)
 
     def median_error(self) -> float:
         return statistics.median(abs(f.error) for f in self.figures) if self.figures else 0.0
 
+    def floor(self) -> Fidelity | None:
+        """Real against real, scored as the model is."""
+        if not self.real_against_real:
+            return None
+        return Fidelity(figures_are="real against real", bar=self.bar, figures=self.real_against_real)
+
     def summary(self) -> str:
         line = (f"{self.within()}/{len(self.figures)} {self.figures_are} within {self.bar * 100:.0f} %, median |error| "
                 f"{self.median_error() * 100:.1f} %")  # fmt: skip
-        if self.real_against_real:
-            line += (f" (real against real: {_within(self.real_against_real, self.bar)}/"
-                     f"{len(self.real_against_real)})")  # fmt: skip
+        floor = self.floor()
+        if floor:
+            line += (f" (real against real: {floor.within()}/{len(floor.figures)}, median |error| "
+                     f"{floor.median_error() * 100:.1f} %)")  # fmt: skip
         return line
-
-
-def _within(figures: list[FidelityFigure], bar: float) -> int:
-    return sum(abs(f.error) <= bar for f in figures)
 
 
 class GemmCurve(_Strict):

@@ -56,6 +56,8 @@ def differences(recorded: Machine, here: Machine) -> list[str]:
     """What visibly differs, in words; only what both record is compared."""
     if recorded.gpu:
         return [f"this one has {here.gpu}"] if here.gpu and here.gpu != recorded.gpu else []
+    if recorded.cpu is None and recorded.cpu_flags is None:
+        return [f"this one is {here.cpu or 'a CPU it cannot be told from'}"]  # nothing says it is the same
     found = []
     if recorded.cpu and here.cpu and recorded.cpu != here.cpu:
         found.append(f"this one is {here.cpu}")

@@ -3,10 +3,11 @@ and the fidelity of the profile on its own held-out runs.
 
 On a CPU host: real vLLM CPU measurements of the builtin tiny model (pdctl.simulate.cpumeasure), fitted by
 pdctl.simulate.cpufit; each measurement's validation runs are not in the fit and are its check. The full mode
-pools eight measurements (about 26 minutes here): over the sixteen stored ones, eight fitted and checked
-together kept 47 or 48 of the 48 median figures within 10 %, median error 2.4 to 3.8 %, where one measurement
-alone kept 25 to 42. `--quick` is one measurement of fewer requests (about 3 minutes on 2 cores), for a first
-profile and a check that the machine matches.
+pools eight measurements (12 minutes on the 2-core AMD EPYC here, about 26 where cpu-local was measured): over
+the sixteen stored ones, eight fitted and checked together kept 47 or 48 of the 48 median figures within 10 %,
+median error 2.4 to 3.8 %, where one measurement alone kept 25 to 42. `--quick` cuts the validation runs and
+takes two measurements where they fit its budget, one where they do not (about 3 minutes on 2 cores): a first
+profile, and a check that the machine is the one measured.
 
 On a GPU host: pdctl/perfmodel/measure_gpu.py (GEMMs, attention, bandwidth, whole layers, all-reduce on two
 GPUs or more) in a Python that has PyTorch, fitted by pdctl.perfmodel.calibrate; the whole layers are its check.
@@ -46,6 +47,12 @@ from pdctl.simulate import cpufit, cpumeasure
 
 DEFAULT_NAME = "calibrated"
 FULL_MEASUREMENTS = 8
+# --quick measures twice where two fit in this many seconds, else once. Two give the check its floor (real
+# against real), which one cannot: on a shared 2-core machine one measurement's own speed drifts by 20 % and
+# more, and its check with it. About 80 s a measurement on the 2-core AMD EPYC here, 170 s where cpu-local
+# was measured.
+QUICK_BUDGET_S = 200.0
+QUICK_MEASUREMENTS = 2
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 GPU_BASE = "h100-sxm"  # what a GPU host cannot measure comes from here
 Progress = Callable[[str], None]
@@ -126,15 +133,25 @@ def _cpu(request: Request, progress: Progress) -> HardwareProfile:
 def _measure_cpu(request: Request, progress: Progress) -> dict[str, Any]:
     if runtime.find_runtime() is None:
         raise UsageError(runtime.missing_message(None))
-    count = request.measurements or (1 if request.quick else FULL_MEASUREMENTS)
+    count = request.measurements or (QUICK_MEASUREMENTS if request.quick else FULL_MEASUREMENTS)
     how = "pdctl calibrate" + (" --quick" if request.quick else "")
     runs: dict[str, Any] = {"machine": cpu_machine(how).model_dump(exclude_none=True),
                             "validation": "quick" if request.quick else "full", "measurements": []}  # fmt: skip
     validation = cpufit.QUICK_VALIDATION if request.quick else cpufit.VALIDATION
+    started = time.monotonic()
     for index in range(count):
         progress(f"measurement {index + 1} of {count}: starting a real vLLM CPU instance")
         runs["measurements"].append(cpumeasure.measure(how, validation, progress))
+        budgeted = request.quick and request.measurements is None and index + 1 < count
+        if budgeted and not another_fits(time.monotonic() - started, index + 1):
+            progress(f"one more measurement would take --quick past {QUICK_BUDGET_S:.0f} s: fitting {index + 1}")
+            break
     return runs
+
+
+def another_fits(elapsed_s: float, done: int, budget_s: float = QUICK_BUDGET_S) -> bool:
+    """Whether one more measurement, as long as the ones so far, ends within the budget."""
+    return elapsed_s + elapsed_s / done <= budget_s
 
 
 def _read_runs(path: Path) -> dict[str, Any]:

@@ -193,11 +193,11 @@ def measure(how: str, validation: Runs = VALIDATION, progress: Progress = print)
 
 
 def write_runs(out: Path, runs: dict[str, Any]) -> None:
-    """Times to the microsecond, one measurement a line (a fifth of the size of indented full precision); the
-    machine they were measured on first."""
+    """Times to the microsecond, one measurement a line (a fifth of the size of indented full precision); what
+    is said of them all (the machine, which validation runs) first."""
     lines = ",\n".join(json.dumps(_microseconds(m), separators=(",", ":")) for m in runs["measurements"])
-    machine = f'"machine": {json.dumps(runs["machine"])},\n' if runs.get("machine") else ""
-    out.write_text("{" + machine + '"measurements": [\n' + lines + "\n]}\n")
+    head = "".join(f"{json.dumps(key)}: {json.dumps(value)},\n" for key, value in runs.items() if key != "measurements")
+    out.write_text("{" + head + '"measurements": [\n' + lines + "\n]}\n")
 
 
 def _microseconds(value: Any) -> Any:

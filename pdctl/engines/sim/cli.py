@@ -85,13 +85,9 @@ def _positive(value: str) -> int:
 def _check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from pdctl.perfmodel.arch import UnknownModel, get_model
     from pdctl.perfmodel.hardware import UnknownHardware, get_hardware
-    from pdctl.perfmodel.machine import machine_note
 
     try:
-        hardware = get_hardware(args.hardware)
+        get_hardware(args.hardware)
         get_model(args.architecture or args.served_model_name)
     except (UnknownHardware, UnknownModel) as error:
         parser.error(error.args[0])
-    note = machine_note(hardware)
-    if note:
-        logging.getLogger("pdctl.engines.sim").warning(note)

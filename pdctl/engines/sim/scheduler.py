@@ -4,6 +4,7 @@ with --hardware, every step of vLLM's scheduler timed by pdctl's engine model (p
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
@@ -113,11 +114,15 @@ def _live_engine(config: SimConfig) -> LiveEngine:
     from pdctl.perfmodel.arch import get_model
     from pdctl.perfmodel.hardware import get_hardware
     from pdctl.perfmodel.live import LiveEngine as Live
+    from pdctl.perfmodel.machine import machine_note
     from pdctl.perfmodel.scheduler import Engine, EngineConfig
     from pdctl.perfmodel.steptime import StepModel
 
     assert config.hardware is not None
     hardware = get_hardware(config.hardware)
+    note = machine_note(hardware)
+    if note:
+        logging.getLogger("pdctl.engines.sim").warning(note)
     model = StepModel(get_model(config.architecture or config.model), hardware, tp=config.tensor_parallel_size)
     budget = config.max_num_batched_tokens or hardware.default_max_num_batched_tokens
     # Seeded by the port: the instances' step noise differs, and a run repeats.
