@@ -384,8 +384,12 @@ def _transfers(url: str) -> float:
 
 
 def test_each_decode_instance_reads_one_kv_cache_from_each_prefill_instance_before_any_request(tmp_path, state_root):
-    """The first KV transfer between two engines makes their NIXL handshake: the daemon pays it at start."""
-    cluster_dir, _, failures = up(sim_profile(tmp_path, decode=2), state_root)
+    """The first KV transfer between two engines makes their NIXL handshake: asked, the daemon pays it at start."""
+    profile = sim_profile(tmp_path, decode=2)
+    profile.write_text(
+        re.sub(r"router: \{port: (\d+)\}", r"router: {port: \1, warm_kv_paths: true}", profile.read_text())
+    )
+    cluster_dir, _, failures = up(profile, state_root)
     assert failures == []
     plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
     decode = [i for i in plan.instances if i.id.startswith("decode")]

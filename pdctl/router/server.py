@@ -115,6 +115,7 @@ def build_router(
         max_migrations=profile.router.max_migrations,
         engine=plan.engine,
     )
+    router.warm_kv_paths = profile.router.warm_kv_paths
     router.context = StatsContext(
         cluster=plan.cluster,
         engine=plan.engine,
