@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
+
 from pdctl import lifecycle
 from pdctl.cluster import plan_profile
 from pdctl.state import ClusterDir
@@ -62,3 +64,14 @@ def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples on an engine's /metrics, those with the given labels."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            head = line.split(" ")[0]
+            if head == name or head.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total

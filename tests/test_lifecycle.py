@@ -21,7 +21,7 @@ from pdctl.cluster import plan_profile
 from pdctl.errors import ClusterError
 from pdctl.plan import Plan
 from pdctl.state import ClusterDir, InstancePhase
-from tests.clusters import free_port_block, sim_profile, up, wait_for
+from tests.clusters import free_port_block, metric, sim_profile, up, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -373,16 +373,6 @@ def test_an_attach_only_profile_needs_no_engine_runtime(tmp_path, state_root):
         engine.wait()
 
 
-def _transfers(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    counts = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:nixl_xfer_time_seconds_count")
-    ]
-    return sum(counts)
-
-
 def test_each_decode_instance_reads_one_kv_cache_from_each_prefill_instance_before_any_request(tmp_path, state_root):
     """The first KV transfer between two engines makes their NIXL handshake: asked, the daemon pays it at start."""
     profile = sim_profile(tmp_path, decode=2)
@@ -394,9 +384,12 @@ def test_each_decode_instance_reads_one_kv_cache_from_each_prefill_instance_befo
     plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
     decode = [i for i in plan.instances if i.id.startswith("decode")]
     for instance in decode:
-        wait_for(lambda url=instance.url: _transfers(url) >= 1, what=f"{instance.id} read a KV cache")
+        wait_for(
+            lambda url=instance.url: metric(url, "vllm:nixl_xfer_time_seconds_count") >= 1,
+            what=f"{instance.id} read a KV cache",
+        )
     time.sleep(0.5)  # nothing more comes: one per pair
-    assert [_transfers(i.url) for i in decode] == [1.0, 1.0]
+    assert [metric(i.url, "vllm:nixl_xfer_time_seconds_count") for i in decode] == [1.0, 1.0]
 
 
 def test_an_instance_whose_port_another_process_holds_waits_blocked_then_starts_without_spending_restarts(

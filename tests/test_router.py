@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from pdctl import lifecycle
-from tests.clusters import sim_profile, up
+from tests.clusters import metric, sim_profile, up
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 8  # 360 byte tokens
 SECTIONS = (
@@ -39,16 +39,6 @@ def cluster(tmp_path_factory):
     assert failures == []
     yield cluster_dir, started.plan, cluster_dir.read_state().router
     lifecycle.down(cluster_dir, grace_s=2)
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            head = line.split(" ")[0]
-            if head == name or head.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def completion(router: str, prompt: str, **extra) -> httpx.Response:

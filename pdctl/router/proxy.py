@@ -75,6 +75,8 @@ class RouterSettings:
     engine_api_key: str | None = None
     # The engines' kind (engine.kind): its adapter names the metrics scraped and the PD hand-off's field.
     engine: str = DEFAULT_ENGINE
+    # router.warm_kv_paths: make each prefill/decode pair's NIXL handshake as an instance becomes healthy.
+    warm_kv_paths: bool = False
 
 
 @dataclass
@@ -165,7 +167,6 @@ class Router:
         self.engine_activity: Callable[[str], Awaitable[Activity | None]] = _activity_unknown
         self._starved: set[str] = set()  # instances whose stall verdict waits: they compute
         self._warm_pairs: set[tuple[str, str]] = set()  # (prefill, decode) whose NIXL handshake is made
-        self.warm_kv_paths = False  # router.warm_kv_paths
         self._busy_since: dict[str, float] = {}  # instance id -> since when it has had requests in flight
 
     def stalled_streams(self, now: float) -> list[_Stream]:
@@ -250,7 +251,7 @@ class Router:
         role: the first transfer between two engines makes their NIXL handshake (about 0.6 s on the CPU), and
         it is paid here, not by a user's first request. A failure only means the first request pays it."""
         instance = self.pool.by_id.get(instance_id)
-        if instance is None or not self.warm_kv_paths or not self.settings.pd.enabled:
+        if instance is None or not self.settings.warm_kv_paths or not self.settings.pd.enabled:
             return
         other = {Phase.PREFILLING: Phase.DECODING, Phase.DECODING: Phase.PREFILLING}.get(instance.role)
         if other is None:

@@ -71,6 +71,7 @@ def assemble_router(
     stall_timeout_s: float | None = None,
     max_migrations: int = RouterSettings.max_migrations,
     engine: str = RouterSettings.engine,
+    warm_kv_paths: bool = RouterSettings.warm_kv_paths,
 ) -> Router:
     """A router over these instances, for every owner of one (the daemon, the design document's
     ControlPlaneManager), so both decide, time out and give up alike. `pd` is kept, not copied: assignments to
@@ -90,6 +91,7 @@ def assemble_router(
         max_migrations=max_migrations,
         engine_api_key=engine_key,
         engine=engine,
+        warm_kv_paths=warm_kv_paths,
     )
     return Router(settings, Pool(instances), tokens)
 
@@ -114,8 +116,8 @@ def build_router(
         stall_timeout_s=profile.router.stall_timeout_s,
         max_migrations=profile.router.max_migrations,
         engine=plan.engine,
+        warm_kv_paths=profile.router.warm_kv_paths,
     )
-    router.warm_kv_paths = profile.router.warm_kv_paths
     router.context = StatsContext(
         cluster=plan.cluster,
         engine=plan.engine,
