@@ -368,10 +368,10 @@ def calibrate(
         "calibrated"
     ),
     quick: Annotated[
-        bool, typer.Option("--quick", help="one measurement of fewer runs: about 3 minutes on a 2-core CPU host")
+        bool, typer.Option("--quick", help="fewer runs, two measurements where they fit: about 3 minutes on 2 cores")
     ] = False,
     measurements: Annotated[
-        int | None, typer.Option("--measurements", min=1, help="CPU: real vLLM measurements pooled (8; --quick 1)")
+        int | None, typer.Option("--measurements", min=1, help="CPU: real vLLM measurements pooled (8; --quick 2 or 1)")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto (GPU where NVML sees one), cpu or gpu")] = "auto",
     out_file: Annotated[

@@ -92,6 +92,7 @@ async def run(cluster_dir: ClusterDir, given: DaemonInput, adopt: bool = False) 
         relocate=InstancePlanner(profile, plan, launcher).moved,
         on_moved=moved,
         engine_headers=bearer(engine_key),
+        before_ready=router.kv_paths_warmed,
     )
     router.router.on_stall = supervisor.stalled
     router.router.engine_activity = supervisor.activity

@@ -224,7 +224,7 @@ class RouterSpec(_Section):
         "the TPOT SLO, at least 10 s",
     )
     warm_kv_paths: bool = Field(
-        False,
+        True,
         description="make each prefill/decode pair's NIXL handshake (one small KV transfer) when an instance "
         "becomes healthy, so no user request pays it (about 0.6 s on the CPU)",
     )

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -90,8 +90,11 @@ class Supervisor:
         relocate: Callable[[PlannedInstance], PlannedInstance] | None = None,
         on_moved: Callable[[PlannedInstance], None] = lambda planned: None,
         engine_headers: dict[str, str] | None = None,
+        before_ready: Callable[[], Awaitable[None]] | None = None,
     ):
-        """engine_headers: sent with every health check (the engines' API key: /v1/models is behind it)."""
+        """engine_headers: sent with every health check (the engines' API key: /v1/models is behind it).
+        before_ready: awaited once every instance is healthy at start, before the cluster is ready (the router's
+        KV-path warm-ups: `up` returns when a first request would not race them)."""
         self.plan = plan
         self.dir = cluster_dir
         self.state = state
@@ -101,6 +104,7 @@ class Supervisor:
         self.on_health = on_health
         self.relocate = relocate
         self.on_moved = on_moved
+        self.before_ready = before_ready
         self.managed = {i.id: _Managed(i, state.instances.get(i.id) or InstanceStatus(id=i.id)) for i in plan.instances}
         for managed in self.managed.values():
             state.instances[managed.planned.id] = managed.status
@@ -133,6 +137,8 @@ class Supervisor:
                 self._save(force=True)
                 return False
             if all(m.status.phase in SERVING for m in self.managed.values()):
+                if self.before_ready is not None:
+                    await self.before_ready()
                 self.state.phase = ClusterPhase.READY
                 self._save(force=True)
                 return True

@@ -374,20 +374,13 @@ def test_an_attach_only_profile_needs_no_engine_runtime(tmp_path, state_root):
 
 
 def test_each_decode_instance_reads_one_kv_cache_from_each_prefill_instance_before_any_request(tmp_path, state_root):
-    """The first KV transfer between two engines makes their NIXL handshake: asked, the daemon pays it at start."""
-    profile = sim_profile(tmp_path, decode=2)
-    profile.write_text(
-        re.sub(r"router: \{port: (\d+)\}", r"router: {port: \1, warm_kv_paths: true}", profile.read_text())
-    )
-    cluster_dir, _, failures = up(profile, state_root)
+    """The first KV transfer between two engines makes their NIXL handshake: the daemon pays it at start, and
+    `up` returns once it has, so that no first request races it."""
+    cluster_dir, _, failures = up(sim_profile(tmp_path, decode=2), state_root)
     assert failures == []
     plan = Plan.model_validate_json(cluster_dir.plan_file.read_bytes())
     decode = [i for i in plan.instances if i.id.startswith("decode")]
-    for instance in decode:
-        wait_for(
-            lambda url=instance.url: metric(url, "vllm:nixl_xfer_time_seconds_count") >= 1,
-            what=f"{instance.id} read a KV cache",
-        )
+    assert [metric(i.url, "vllm:nixl_xfer_time_seconds_count") for i in decode] == [1.0, 1.0]
     time.sleep(0.5)  # nothing more comes: one per pair
     assert [metric(i.url, "vllm:nixl_xfer_time_seconds_count") for i in decode] == [1.0, 1.0]
 

@@ -4,6 +4,7 @@ simulation agrees with the held-out real vLLM runs within the bar."""
 from __future__ import annotations
 
 import json
+import statistics
 from typing import Any
 
 import pytest
@@ -42,8 +43,8 @@ def test_fit_recovers_a_known_engines_overheads() -> None:
 
 
 def test_fit_recovers_a_known_machines_step_noise() -> None:
-    """Eight measurements' decode runs by an engine with known noise, each at its own speed: the spread within
-    each run gives the step variance back, the spread of the runs' medians the speed's."""
+    """Eight measurements' decode runs by an engine with known noise, each at its own speed: the lone decode's
+    mean over its median gives the step variance back, the spread of the runs' medians the speed's."""
     known = Noise(step_variance_s=0.0008, speed_sigma=0.1)
     fit = cpufit.CpuFit(KNOWN, KNOWN_PER_CONTEXT_TOKEN_S, KNOWN_PER_ATTENTION_WORK_S, known)
     decode_runs = [f"decode-b{b}" for b in cpufit.DECODE_BATCHES]
@@ -53,6 +54,16 @@ def test_fit_recovers_a_known_machines_step_noise() -> None:
     fitted = cpufit.fit_noise(measurements)
     assert fitted.step_variance_s == pytest.approx(known.step_variance_s, rel=0.2)
     assert fitted.speed_sigma == pytest.approx(known.speed_sigma, rel=0.2)
+
+
+def test_the_fitted_step_keeps_the_stalls_that_e2e_and_throughput_add_up() -> None:
+    """A lone decode whose steps take 4 ms but stall to 12 ms one time in twenty: the model's step, as fit_cpu
+    centres it (the median gap plus a third of the step variance), is the gaps' mean, stalls included."""
+    gaps = ([0.004] * 19 + [0.012]) * 3
+    record = {"itls": gaps, "tokens_at": list(range(1, len(gaps) + 2))}
+    measurement = {"calibration": {f"decode-b{b}": {"requests": [record] * 4} for b in cpufit.DECODE_BATCHES}}
+    noise = cpufit.fit_noise([measurement])
+    assert 0.004 + noise.step_variance_s / 3 == pytest.approx(statistics.fmean(gaps))
 
 
 @pytest.fixture(scope="module")

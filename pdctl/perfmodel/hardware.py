@@ -215,8 +215,9 @@ class Noise(_Strict):
 
     - `step_variance_s`: other work delaying the engine by small amounts that add up over a step, so the longer
       the step, the smaller its relative spread: a step the model puts at d seconds takes a Gamma-distributed
-      time of mean d and variance step_variance_s x d (cpu-local: 0.70 ms, a 12 ms decode step varies by 24 %,
-      a 250 ms prefill by 5 %).
+      time of mean d and variance step_variance_s x d (cpu-local: 0.83 ms, a 12 ms decode step varies by 26 %,
+      a 250 ms prefill by 6 %). Fitted to the gaps' mean over their median, the rare long stalls included: E2E and
+      throughput add the steps up.
     - `speed_sigma`: the machine's speed between one measurement and the next, one draw per engine, lognormal
       with median 1 (cpu-local: the same decode runs differ by 10 % from one measurement to the next)."""
 

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -44,8 +45,13 @@ log = logging.getLogger("pdctl.router")
 # (bounded: an engine hung in a spinning loop computes too).
 STARVED_LIMIT_FACTOR = 3
 
-# Long enough to fill a few KV blocks with any tokenizer, so the warm-up moves a KV cache.
-_WARM_PROMPT = "pdctl warms the KV path between a prefill and a decode instance. " * 2
+
+def _warm_prompt(prefill: str, decode: str) -> str:
+    """Long enough to fill a few KV blocks with any tokenizer, so the warm-up moves a KV cache; new each time, so
+    that neither engine finds it in its prefix cache and the warm-up takes the path a user's prompt takes (a
+    decode instance's partial prefix hit on a remote prompt is a path no user request needs warmed)."""
+    return f"pdctl warms the KV path {prefill} -> {decode} ({uuid.uuid4().hex}). " * 3
+
 
 _USAGE_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _USAGE_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
@@ -75,7 +81,8 @@ class RouterSettings:
     engine_api_key: str | None = None
     # The engines' kind (engine.kind): its adapter names the metrics scraped and the PD hand-off's field.
     engine: str = DEFAULT_ENGINE
-    # router.warm_kv_paths: make each prefill/decode pair's NIXL handshake as an instance becomes healthy.
+    # router.warm_kv_paths (on in a profile): make each prefill/decode pair's NIXL handshake as an instance becomes
+    # healthy. Off for a router built in code, whose tests count the requests its engines see.
     warm_kv_paths: bool = False
 
 
@@ -273,7 +280,11 @@ class Router:
         self._warm_pairs = {pair for pair in self._warm_pairs if instance_id not in pair}
 
     async def _transfer_once(self, prefill: Instance, decode: Instance) -> None:
-        body = {"model": self.settings.served_model_name, "prompt": _WARM_PROMPT, "max_tokens": 1}
+        body = {
+            "model": self.settings.served_model_name,
+            "prompt": _warm_prompt(prefill.id, decode.id),
+            "max_tokens": 1,
+        }
         timeout_s = self.settings.prefill_timeout_s
         status, content = await self.fetch(
             prefill.url + "/v1/completions", {**body, self.kv_field: dict(self.prefill_params)}, timeout_s

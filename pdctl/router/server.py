@@ -26,6 +26,10 @@ from pdctl.types import ExecutionInstanceType, PDSeparationConfig
 
 log = logging.getLogger("pdctl.router.server")
 
+# How long `up` waits for the KV-path warm-ups before it calls the cluster ready: a pair's takes about 1 s on the
+# CPU (its NIXL handshake), and a warm-up that hangs must not keep a healthy cluster from serving.
+WARM_WAIT_S = 60.0
+
 
 def use_fast_event_loop() -> bool:
     """Run the daemon on uvloop (a dependency wherever libuv builds), else on asyncio's own loop.
@@ -184,6 +188,15 @@ class RouterService:
         instance = self.router.pool.by_id.get(instance_id)
         if instance is not None:
             instance.url = url
+
+    async def kv_paths_warmed(self) -> None:
+        """Until the warm-ups under way are done, or WARM_WAIT_S have passed (each of their hops has its own
+        timeout; this bounds a cluster of many pairs)."""
+        if self._warming:
+            _, pending = await asyncio.wait(self._warming, timeout=WARM_WAIT_S)
+            if pending:
+                log.warning("%d KV-path warm-ups still under way after %g s: ready without them", len(pending),
+                            WARM_WAIT_S)  # fmt: skip
 
     def set_health(self, instance_id: str, healthy: bool) -> None:
         instance = self.router.pool.by_id.get(instance_id)

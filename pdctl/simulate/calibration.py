@@ -3,11 +3,10 @@ and the fidelity of the profile on its own held-out runs.
 
 On a CPU host: real vLLM CPU measurements of the builtin tiny model (pdctl.simulate.cpumeasure), fitted by
 pdctl.simulate.cpufit; each measurement's validation runs are not in the fit and are its check. The full mode
-pools eight measurements (12 minutes on the 2-core AMD EPYC here, about 26 where cpu-local was measured): over
-the sixteen stored ones, eight fitted and checked together kept 47 or 48 of the 48 median figures within 10 %,
-median error 2.4 to 3.8 %, where one measurement alone kept 25 to 42. `--quick` cuts the validation runs and
-takes two measurements where they fit its budget, one where they do not (about 3 minutes on 2 cores): a first
-profile, and a check that the machine is the one measured.
+pools eight measurements: 11 minutes on the 2-core AMD EPYC here (about 26 where cpu-local was measured), and
+47 of the 48 median figures within 10 %, median error 4.3 %, where real against real kept 29, 7.1 %.
+`--quick` cuts the validation runs and takes two measurements where they fit its budget, one where they do
+not (156 s here): a first profile, and a check that the machine is the one measured.
 
 On a GPU host: pdctl/perfmodel/measure_gpu.py (GEMMs, attention, bandwidth, whole layers, all-reduce on two
 GPUs or more) in a Python that has PyTorch, fitted by pdctl.perfmodel.calibrate; the whole layers are its check.
@@ -66,7 +65,7 @@ class CalibrationError(PdctlError):
 class Request:
     name: str = DEFAULT_NAME
     quick: bool = False
-    measurements: int | None = None  # CPU: real vLLM measurements pooled (default FULL_MEASUREMENTS, quick 1)
+    measurements: int | None = None  # CPU: real vLLM measurements pooled (FULL_MEASUREMENTS; quick: 2 or 1)
     device: str = "auto"  # auto (GPU where NVML sees one), cpu or gpu
     out: Path | None = None  # default: user_hardware_dir() / NAME.json
     runs_out: Path | None = None  # CPU: also write the raw measurements here
