@@ -422,12 +422,9 @@ def fit_profile(
     return cpu_profile(fit, measured, name, description)
 
 
-# The PD hop, from benchmarks/pd_path.py (one 800-token prompt at a time, PD after the pair's first transfer,
-# medians of 10; 2-core AMD EPYC, 2026-12-06): the decode instance waited 5.9 ms for the KV, of which the NIXL
-# read of its 1.6 MB took 2.7 ms. The first transfer between two engines also makes their NIXL handshake (about
-# 0.6 s), which the model leaves out: router.warm_kv_paths pays it before any request. Measured with
-# cpu.shm_spin_us at its default; with vLLM's own 1 s spin the prefill hop after a transfer took 2.4x longer
-# (docs/running.md#the-engine-runtime), and no fitted constant carries that.
+# The PD hop as benchmarks/pd_path.py measured it (one prompt at a time, after the pair's first transfer, medians
+# of 10), with cpu.shm_spin_us at its default: vLLM's own 1 s spin made the prefill hop after a transfer 2.4x
+# longer (docs/running.md#the-engine-runtime), and no fitted constant carries that.
 KV_LINK = Link(latency_s=0.0032, bytes_per_s=1.6384e6 / 0.0027,
                source="benchmarks/pd_path.py on the 2-core AMD EPYC, 2026-12-06: the decode's wait for the KV, "
                "3.2 ms of set-up and the 1.6 MB NIXL read of an 800-token prompt in 2.7 ms; the first transfer's "
