@@ -162,6 +162,11 @@ class CpuSpec(_Section):
         ge=0,
         description="pause of NIXL's progress thread between polls; 0 keeps NIXL's own busy polling, a core each",
     )
+    keep_worker_cores: bool = Field(
+        True,
+        description="keep each Worker's model thread on the instance's cores; false lets vLLM's NIXL connector move "
+        "it to the host's last core (vLLM's own behaviour), another instance's on a small host",
+    )
     pin_processes: bool = Field(
         False,
         description="run all of an instance's processes (its API server and EngineCore too, not only the "

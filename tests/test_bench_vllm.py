@@ -59,7 +59,9 @@ def test_pdctl_bench_runs_clean_against_the_real_cluster(local_cluster: LocalClu
     assert data["pdctl"]["tokenizer"] == "byte-level (one token per byte)" and set(data["input_lens"]) == {151}
     server = data["pdctl"]["server"]
     assert data["pdctl"]["sim"] is False and "sim engine" not in result.stdout
-    # 151 tokens >= the local profile's threshold of 64: every request is prefilled, its KV moved by NIXL.
-    assert server["phase_split"] == {"PREFILLING": {"ok": 12.0}}
-    assert server["nixl_transfers"] >= 12 and server["nixl_bytes_transferred"] > 0
+    # 151 tokens >= the local profile's threshold of 64: each is split, its KV moved by NIXL, unless the conditional
+    # policy found the decode instance's prefill queue shorter than the prefill instance's (it prefills it then).
+    split = {phase: counts["ok"] for phase, counts in server["phase_split"].items()}
+    assert set(split) <= {"PREFILLING", "DECODING"} and sum(split.values()) == 12 and split["PREFILLING"] > 0
+    assert server["nixl_transfers"] >= split["PREFILLING"] and server["nixl_bytes_transferred"] > 0
     assert 0 <= server["prefix_cache_hit_rate"] <= 1 and server["cost_per_million_output_tokens_usd"] > 0

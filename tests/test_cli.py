@@ -30,8 +30,8 @@ def test_validate_good_and_bad(write_profile):
     result = pdctl("validate", str(bad))
     assert result.returncode == 2
     assert (
-        f"{bad}:5:3: pd.routing_policy: unknown routing policy 'smart'; known: threshold, adaptive, always, never"
-        in result.stderr
+        f"{bad}:5:3: pd.routing_policy: unknown routing policy 'smart'; "
+        "known: threshold, adaptive, conditional, always, never" in result.stderr
     )
     assert "Traceback" not in result.stderr
 

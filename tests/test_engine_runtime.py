@@ -453,6 +453,7 @@ def test_the_hooks_read_the_variables_pdctl_sets() -> None:
 
     assert runtime_hooks.NIXL_ENV == commands.NIXL_PROGRESS_ENV
     assert runtime_hooks.SHM_ENV == commands.SHM_SPIN_ENV
+    assert runtime_hooks.CORES_ENV == commands.KEEP_WORKER_CORES_ENV
 
 
 FAKE_BINDINGS = """
@@ -472,6 +473,14 @@ class SpinCondition:
         self.busy_loop_s = busy_loop_s if is_reader else 0
 """
 
+# vLLM's CPU platform as far as the hook touches it (vllm/platforms/cpu.py): the last core of each NUMA node.
+FAKE_CPU_PLATFORM = """
+class CpuPlatform:
+    @classmethod
+    def discover_numa_topology(cls):
+        return [[1]]
+"""
+
 
 def hooked_site(tmp_path: Path) -> Path:
     """A site directory with the hook, its .pth line, and stand-ins for NIXL's bindings and vLLM's queues."""
@@ -479,6 +488,7 @@ def hooked_site(tmp_path: Path) -> Path:
     modules = {
         "nixl_cu99/_bindings.py": FAKE_BINDINGS,
         "vllm/distributed/device_communicators/shm_broadcast.py": FAKE_SHM_QUEUES,
+        "vllm/platforms/cpu.py": FAKE_CPU_PLATFORM,
         "pdctl_runtime_hooks.py": (Path(runtime.__file__).parent / "runtime_hooks.py").read_text(),
         "pdctl_runtime_hooks.pth": "import pdctl_runtime_hooks\n",
     }
@@ -486,7 +496,7 @@ def hooked_site(tmp_path: Path) -> Path:
         path = site / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    for package in ("nixl_cu99", "vllm", "vllm/distributed", "vllm/distributed/device_communicators"):
+    for package in ("nixl_cu99", "vllm", "vllm/distributed", "vllm/distributed/device_communicators", "vllm/platforms"):
         (site / package / "__init__.py").write_text("")
     return site
 
@@ -517,3 +527,10 @@ def test_the_hook_shortens_the_spin_of_shm_queue_readers_and_their_recheck(tmp_p
     assert run_hooked(site, make, {"PDCTL_SHM_SPIN_US": "5000"}) == "0.005 0 5"
     assert run_hooked(site, make, {"PDCTL_SHM_SPIN_US": "200"}) == "0.0002 0 1"
     assert run_hooked(site, make, {}) == "1 0 5000"  # vLLM's own: nothing asked
+
+
+def test_the_hook_leaves_the_nixl_connector_no_core_to_move_the_worker_to(tmp_path: Path) -> None:
+    site = hooked_site(tmp_path)
+    ask = "from vllm.platforms.cpu import CpuPlatform; print(CpuPlatform.discover_numa_topology())"
+    assert run_hooked(site, ask, {"PDCTL_KEEP_WORKER_CORES": "1"}) == "[]"
+    assert run_hooked(site, ask, {}) == "[[1]]"  # vLLM's own: nothing asked

@@ -59,6 +59,7 @@ def test_local_profile_on_the_cpu():
     assert prefill.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] != decode.env["VLLM_NIXL_SIDE_CHANNEL_PORT"]
     assert prefill.env["PDCTL_NIXL_PROGRESS_DELAY_US"] == decode.env["PDCTL_NIXL_PROGRESS_DELAY_US"] == "100"
     assert prefill.env["PDCTL_SHM_SPIN_US"] == decode.env["PDCTL_SHM_SPIN_US"] == "1000"
+    assert prefill.env["PDCTL_KEEP_WORKER_CORES"] == decode.env["PDCTL_KEEP_WORKER_CORES"] == "1"
     assert (prefill.cpu_cores, decode.cpu_cores) == ([0], [1])
     assert (prefill.affinity, decode.affinity) == ([], [])  # cpu.pin_processes is off unless asked
 
@@ -90,18 +91,18 @@ def test_gpu_profile_maps_every_knob(write_profile):
     }
     # A GPU host's NIXL progress thread keeps NIXL's own busy polling: cores are not what limits there.
     assert "PDCTL_NIXL_PROGRESS_DELAY_US" not in prefill.env and "PDCTL_SHM_SPIN_US" not in prefill.env
+    assert "PDCTL_KEEP_WORKER_CORES" not in prefill.env
 
 
-def test_zero_keeps_nixls_polling_and_vllms_spinning(write_profile):
+def test_each_hook_can_be_turned_off_for_vllms_and_nixls_own_behaviour(write_profile):
     plan = plan_of(
         write_profile(
-            "name: g\nmodel: {path: m}\ndevice: cpu\ncpu: {nixl_progress_delay_us: 0, shm_spin_us: 0}\n"
+            "name: g\nmodel: {path: m}\ndevice: cpu\n"
+            "cpu: {nixl_progress_delay_us: 0, shm_spin_us: 0, keep_worker_cores: false}\n"
             "prefill: {tensor_parallel_size: 1}\ndecode: {tensor_parallel_size: 1}\n"
         )
     )
-    hooked = [
-        name for instance in plan.instances for name in instance.env if name.startswith("PDCTL_") and "_US" in name
-    ]
+    hooked = [name for instance in plan.instances for name in instance.env if name.startswith("PDCTL_")]
     assert plan.instances and hooked == []
 
 

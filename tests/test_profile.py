@@ -191,7 +191,7 @@ def test_an_unknown_routing_policy_is_named_with_the_registrys_names(write_profi
     message = error_of(write_profile, MINIMAL + "pd:\n  routing_policy: adaptve\n")
     assert message == (
         "P:5:3: pd.routing_policy: unknown routing policy 'adaptve' (did you mean 'adaptive'?); "
-        "known: threshold, adaptive, always, never"
+        "known: threshold, adaptive, conditional, always, never"
     )
 
 
@@ -213,7 +213,7 @@ def test_a_phase_policy_registered_in_one_class_is_a_name_a_profile_may_use(writ
         assert profile.pd.routing_policy == "never"
     finally:
         del PhasePolicy.registry["split_all"]
-    assert "known: threshold, adaptive, always, never" in error_of(write_profile, text)
+    assert "known: threshold, adaptive, conditional, always, never" in error_of(write_profile, text)
 
 
 def test_a_composed_strategy_loads_in_the_registrys_order(write_profile):

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from pdctl import lifecycle
-from tests.clusters import metric, sim_profile, up
+from tests.clusters import metric, sim_profile, up, wait_for
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 8  # 360 byte tokens
 SECTIONS = (
@@ -240,3 +240,41 @@ def test_start_up_heap_freezes_out_of_the_collectors_reach():
         assert len(gc.get_objects()) < gc.get_freeze_count()  # a full collection now walks only what came after
     finally:
         gc.unfreeze()
+
+
+def test_conditional_shares_a_burst_of_long_prompts_between_the_pools(tmp_path):
+    """Four long prompts at once: the first finds the prefill instance idle and is split; each later one goes to
+    whichever instance has fewer prompt tokens still to prefill (ties to the prefill instance), so the decode
+    instance prefills every other one itself. Once all are answered both queues are empty again."""
+    profile = sim_profile(
+        tmp_path, name="burst", port_start=18000, extra="  sim: {prefill_ms_per_token: 5, decode_ms_per_token: 5}\n"
+    )
+    conditional = "routing_policy: conditional, prefilling_threshold_input_tokens: 64, prefilling_threshold_ratio: 1}"
+    text = profile.read_text().replace(
+        "enable_dynamic_scaling: false}", f"enable_dynamic_scaling: false, {conditional}"
+    )
+    # A TPOT target no stall breaks: the prefill speed is the profile's default until the first split is timed.
+    profile.write_text(text.replace("router: {port:", "router: {slo: {tpot_ms: 60000}, port:"))
+    cluster_dir, _, failures = up(profile, tmp_path / "state")
+    try:
+        assert failures == []
+        router = cluster_dir.read_state().router
+        # The router hears of health from the supervisor: a prompt decided before then is not split.
+        wait_for(lambda: "prefill->decode" in httpx.get(f"{router}/health").json()["paths"], what="both pools healthy")
+        for wave in range(2):  # the second finds both queues empty again, or it splits differently
+            phases: list[str] = []
+
+            def send(index: int, phases: list[str] = phases) -> None:
+                response = completion(router, f"{index} {LONG * 2}")  # 720 byte tokens: seconds of prefill
+                assert response.status_code == 200
+                phases.append(response.headers["x-pdctl-phase"])
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+            for thread in threads:
+                thread.start()
+                time.sleep(0.05)  # in this order: each decision sees the ones before it
+            for thread in threads:
+                thread.join()
+            assert sorted(phases) == ["DECODING", "DECODING", "PREFILLING", "PREFILLING"], (wave, phases)
+    finally:
+        lifecycle.down(cluster_dir, grace_s=2)

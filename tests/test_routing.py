@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from dataclasses import asdict
 
 import pytest
 
@@ -18,12 +19,14 @@ from pdctl.router.proxy import Router, RouterSettings
 from pdctl.router.tokens import TokenCounter, utf8_length
 from pdctl.routing.phase import (
     AdaptivePolicy,
+    ConditionalPolicy,
     PhaseDecision,
     PhasePolicy,
     PoolLoad,
     RequestFeatures,
     ThresholdPolicy,
     make_phase_policy,
+    pool_load,
     with_availability,
 )
 from pdctl.routing.pieces import (
@@ -82,6 +85,56 @@ def test_adaptive_protects_running_streams_from_a_long_stall():
     assert idle.phase is Phase.DECODING
 
 
+def test_conditional_prefills_on_the_decode_instance_while_the_prefill_queue_is_longer():
+    policy = ConditionalPolicy(CONFIG)
+    busy = PoolLoad(prefill_queue_tokens=4000, prefill_tokens_per_s=20000, decode_running=3, tpot_target_s=0.2)
+    sent = decide(policy, 2000, 100, load=busy)  # 100 ms of prefill on the decode instance
+    assert sent.phase is Phase.DECODING
+    assert sent.reason == "prefill queue 4000 tokens > the decode instance's own 0: it prefills this one"
+    assert sent.figures["decode_stall_s"] == 0.1
+    # Its own queue as long as the prefill instance's: split, as the threshold rule says.
+    even = PoolLoad(prefill_queue_tokens=4000, decode_queue_tokens=4000, prefill_tokens_per_s=20000)
+    assert decide(policy, 2000, 100, load=even).phase is Phase.PREFILLING
+    # An idle prefill instance: split.
+    assert decide(policy, 2000, 100, load=PoolLoad(prefill_tokens_per_s=20000)).phase is Phase.PREFILLING
+    # What the threshold rule sends straight to decode stays there.
+    assert decide(policy, 500, 100, load=busy).phase is Phase.DECODING
+
+
+def test_conditional_keeps_a_prompt_that_would_stall_running_streams_past_the_tpot_target_on_prefill():
+    policy = ConditionalPolicy(CONFIG)
+    slow = PoolLoad(prefill_queue_tokens=4000, decode_queue_tokens=1000, prefill_tokens_per_s=10000, tpot_target_s=0.2)
+    stalled = decide(policy, 2000, 100, load=PoolLoad(**{**asdict(slow), "decode_running": 2}))
+    assert stalled.phase is Phase.PREFILLING and stalled.reason.endswith("would stall its streams 300 ms")
+    # With no stream running there, nothing stalls.
+    assert decide(policy, 2000, 100, load=slow).phase is Phase.DECODING
+
+
+def test_pool_load_reads_the_least_backed_up_prefill_instance_and_the_decode_instances_own_queue():
+    prefills = [
+        Instance("p0", Phase.PREFILLING, "http://p0", in_flight_prompt_tokens=3000, prefill_tokens_per_s=10000),
+        Instance("p1", Phase.PREFILLING, "http://p1", in_flight_prompt_tokens=4000, prefill_tokens_per_s=20000),
+    ]
+    decode = instance("d", in_flight=3, in_flight_prompt_tokens=2600, prefilling_tokens=600)
+    load = pool_load(decode, prefills, default_speed=1000, ttft_slo_s=1, tpot_target_s=0.05)
+    assert (load.prefill_backlog_s, load.prefill_queue_tokens, load.prefill_tokens_per_s) == (0.2, 4000, 20000)
+    assert (load.decode_queue_tokens, load.decode_running, load.decode_prefill_tokens_per_s) == (600, 3, 1000)
+
+
+def test_the_prefill_speed_is_the_busy_periods_not_one_prompts():
+    """Four prompts that arrive together and are answered 25 ms apart: the instance prefills 1000 tokens in 25 ms
+    (40,000 tokens/s), though the last prompt waited 100 ms for its first token."""
+    prefill = Instance("p", Phase.PREFILLING, "http://p")
+    for _ in range(4):
+        prefill.prefill_queued(1000, now=10.0)
+    for answered in (10.025, 10.05, 10.075, 10.1):
+        prefill.prefill_answered(1000, timed_at=answered)
+    assert prefill.prefilling_tokens == 0 and round(prefill.prefill_tokens_per_s) == 40000
+    prefill.prefill_queued(1000, now=20.0)  # a new busy period, after an idle one
+    prefill.prefill_answered(1000)  # failed, untimed: out of the queue, no sample
+    assert prefill.prefilling_tokens == 0 and round(prefill.prefill_tokens_per_s) == 40000
+
+
 def test_always_never_and_unknown():
     assert (
         decide(make_phase_policy(CONFIG.model_copy(update={"routing_policy": "always"})), 1, 1).phase
@@ -94,7 +147,8 @@ def test_always_never_and_unknown():
     # The bottom layer's config knows no policy names: the router refuses the unknown one when it builds it.
     typo = PlainPDConfig(routing_policy="adaptve")
     known = (
-        r"unknown routing policy 'adaptve' \(did you mean 'adaptive'\?\); known: threshold, adaptive, always, never$"
+        r"unknown routing policy 'adaptve' \(did you mean 'adaptive'\?\); "
+        r"known: threshold, adaptive, conditional, always, never$"
     )
     with pytest.raises(UnknownPolicy, match=known):
         make_phase_policy(typo)

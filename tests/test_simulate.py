@@ -388,3 +388,16 @@ def test_requests_the_router_holds_are_each_answered_once() -> None:
     assert sorted(r.id for r in result.records) == list(range(200))
     assert result.metrics["completed"] == 200 and result.metrics["total_output_tokens"] == 100_000
     assert all(len(r.itls) == r.output_tokens - 1 for r in result.records)
+
+
+def test_the_conditional_policy_shares_prompts_and_every_queue_drains() -> None:
+    """profiles/local.yaml (the conditional policy) on cpu-local with four clients of 800-token prompts: the
+    decode instance prefills some prompts itself, and when the last request is answered no instance counts a
+    prompt still to prefill or in flight."""
+    profile = load_profile(PROFILES / "local.yaml")
+    assert profile.pd.routing_policy == "conditional"
+    sim = ClusterSim(profile, get_model(profile.model.path), get_hardware("cpu-local"))
+    sim.run(generate(WorkloadSpec(num_requests=40, input_tokens=800, output_tokens=32, seed=1)), max_concurrency=4)
+    assert summarize(sim.records, 1.0)["completed"] == 40
+    assert sim.decisions["PREFILLING"] > 0 and sim.decisions["DECODING"] > 0
+    assert [(i.prefilling_tokens, i.in_flight_prompt_tokens, i.in_flight) for i in sim.pool.all()] == [(0, 0, 0)] * 2

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the profile reads the engines' registry: engines only name 
 # The names pdctl/engines/runtime_hooks.py reads (that module runs in vLLM's interpreter, not here).
 NIXL_PROGRESS_ENV = "PDCTL_NIXL_PROGRESS_DELAY_US"
 SHM_SPIN_ENV = "PDCTL_SHM_SPIN_US"
+KEEP_WORKER_CORES_ENV = "PDCTL_KEEP_WORKER_CORES"
 KV_ROLE = {
     ExecutionInstanceType.PREFILLING: "kv_producer",
     ExecutionInstanceType.DECODING: "kv_consumer",
@@ -144,6 +145,10 @@ def _add_kv_transfer(profile: ClusterProfile, ctx: InstanceContext, command: Eng
     command.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ctx.nixl_port)
     command.side_channel_port = ctx.nixl_port
     command.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = ctx.instance.host
+    if ctx.device == "cpu" and profile.cpu.keep_worker_cores:
+        # Read by pdctl's hook in the runtime: vLLM's NIXL connector would move the Worker's forward pass to the
+        # host's last core, another instance's here.
+        command.env[KEEP_WORKER_CORES_ENV] = "1"
     if ctx.device == "cpu" and profile.cpu.nixl_progress_delay_us:
         # Read by pdctl's hook in the runtime (pdctl/engines/runtime_hooks.py): cores are the engine's here.
         command.env[NIXL_PROGRESS_ENV] = str(profile.cpu.nixl_progress_delay_us)

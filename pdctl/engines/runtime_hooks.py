@@ -14,6 +14,12 @@ interpreter, so it imports nothing of pdctl's.
   (`benchmarks/pd_path.py`). Cut to a few milliseconds, the spin still covers back-to-back steps. vLLM's queues
   can lose a wake-up (its own comment: found again at its 5 s recheck); a reader that sleeps after a short spin
   meets that far more often, so the recheck interval is cut to the spin window too.
+- The Worker's core (`PDCTL_KEEP_WORKER_CORES`). On a CPU, vLLM's NIXL connector moves the thread that builds
+  it, the Worker's main thread, which also runs the model, to the last core of each NUMA node (to keep KV
+  loads apart from the forward pass, as its comment says). pdctl gives each instance cores of its own: on this
+  2-core host that moved the prefill instance's forward pass onto the decode instance's core, where it waited
+  for a core 54 % of the time under PD traffic and ran 23 % (`/proc/<tid>/schedstat`). The thread keeps the
+  cores vLLM bound it to (VLLM_CPU_OMP_THREADS_BIND, pdctl's).
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from types import ModuleType
 
 NIXL_ENV = "PDCTL_NIXL_PROGRESS_DELAY_US"
 SHM_ENV = "PDCTL_SHM_SPIN_US"
+CORES_ENV = "PDCTL_KEEP_WORKER_CORES"
 # The compiled bindings of every NIXL build: nixl_cu12._bindings, nixl_cu13._bindings, nixl_rocm._bindings.
 _NIXL_BINDINGS = ("nixl_", "._bindings")
 _SHM_QUEUES = "vllm.distributed.device_communicators.shm_broadcast"
+_CPU_PLATFORM = "vllm.platforms.cpu"
 
 Patch = Callable[[ModuleType], None]
 
@@ -57,6 +65,11 @@ def with_short_spin(queues: ModuleType, spin_us: int) -> None:
 
     condition.__init__ = short_spin
     queues.SHM_READER_RECHECK_INTERVAL_MS = max(1, spin_us // 1000)
+
+
+def with_worker_cores_kept(platform: ModuleType) -> None:
+    """The NIXL connector finds no core to move its thread to (the topology it asks for is used for that only)."""
+    platform.CpuPlatform.discover_numa_topology = classmethod(lambda cls: [])
 
 
 class _PatchOnLoad(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -93,20 +106,22 @@ class _PatchOnLoad(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def patches(environ: dict[str, str] | os._Environ[str]) -> Callable[[str], Patch | None]:
     """Which patch a module gets, from the launch environment; None for every module if nothing is asked."""
-    delay, spin = environ.get(NIXL_ENV, ""), environ.get(SHM_ENV, "")
+    delay, spin, keep_cores = environ.get(NIXL_ENV, ""), environ.get(SHM_ENV, ""), environ.get(CORES_ENV) == "1"
 
     def patch_for(fullname: str) -> Patch | None:
         if delay.isdigit() and fullname.startswith(_NIXL_BINDINGS[0]) and fullname.endswith(_NIXL_BINDINGS[1]):
             return lambda module: with_progress_delay(module, int(delay))
         if spin.isdigit() and fullname == _SHM_QUEUES:
             return lambda module: with_short_spin(module, int(spin))
+        if keep_cores and fullname == _CPU_PLATFORM:
+            return with_worker_cores_kept
         return None
 
     return patch_for
 
 
 def install() -> None:
-    if os.environ.get(NIXL_ENV, "").isdigit() or os.environ.get(SHM_ENV, "").isdigit():
+    if os.environ.get(NIXL_ENV, "").isdigit() or os.environ.get(SHM_ENV, "").isdigit() or CORES_ENV in os.environ:
         sys.meta_path.insert(0, _PatchOnLoad(patches(os.environ)))
 
 

@@ -31,7 +31,7 @@ from pdctl.router.recorder import DisabledRecorder, RouterMetrics
 from pdctl.router.scrape import EngineTelemetry
 from pdctl.router.tokens import TokenCounter, utf8_length
 from pdctl.router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
-from pdctl.routing.phase import PhaseDecision, PoolLoad, RequestFeatures, instances_for_phase
+from pdctl.routing.phase import PhaseDecision, PoolLoad, RequestFeatures, instances_for_phase, pool_load
 from pdctl.routing.pieces import DEFAULT_STRATEGY, Composition, RoutingRequest, Selection, make_strategy
 from pdctl.routing.pool import Instance, Pool
 from pdctl.routing.prefix import PrefixTable, block_hashes
@@ -403,22 +403,12 @@ class Router:
 
     def _load(self, decode: Selection | None, prefills: list[Instance]) -> PoolLoad:
         settings = self.settings
-        backlog = min(
-            (
-                p.in_flight_prompt_tokens / (p.prefill_tokens_per_s or settings.default_prefill_tokens_per_s)
-                for p in prefills
-            ),
-            default=0.0,
-        )
-        chosen = decode.instance if decode else None
-        return PoolLoad(
-            prefill_backlog_s=backlog,
-            decode_running=max(chosen.in_flight, chosen.running) if chosen else 0.0,
-            decode_max_seqs=chosen.max_num_seqs if chosen else 1,
-            decode_prefill_tokens_per_s=(chosen.prefill_tokens_per_s if chosen else 0)
-            or settings.default_prefill_tokens_per_s,
-            ttft_slo_s=settings.ttft_slo_ms / 1000,
-            tpot_target_s=settings.tpot_target_ms / 1000,
+        return pool_load(
+            decode.instance if decode else None,
+            prefills,
+            settings.default_prefill_tokens_per_s,
+            settings.ttft_slo_ms / 1000,
+            settings.tpot_target_ms / 1000,
         )
 
     # ---- serving ---------------------------------------------------------------------------------------------
@@ -461,13 +451,6 @@ class Router:
                 await self.admission.wait(parsed.priority, deadline_at)
             except DeadlineExceeded as exceeded:
                 raise _too_late(exceeded.waited_s) from None
-
-    def record_prefill(self, instance: Instance, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            speed = tokens / seconds
-            instance.prefill_tokens_per_s = (
-                speed if not instance.prefill_tokens_per_s else 0.8 * instance.prefill_tokens_per_s + 0.2 * speed
-            )
 
     def record_output(self, tokens: int) -> None:
         if tokens > 0:
@@ -543,15 +526,16 @@ class Exchange:
             self.tried.add(instance.id)
             started = time.monotonic()
             try:
-                with _in_flight(instance, self.route.input_tokens):
+                with _in_flight(instance, self.route.input_tokens) as slot:
                     status, content = await router.fetch(
                         instance.url + self.path, body, router.settings.prefill_timeout_s
                     )
+                    if status == 200:
+                        slot.first_token(timed_at=time.monotonic())
                 if status == 200:
                     params = json.loads(content).get(router.kv_field)
                     instance.record_success()
                     self.prefill_s = time.monotonic() - started
-                    router.record_prefill(instance, self.route.input_tokens, self.prefill_s)
                     router.tables[instance.id].record(self.route.routing.prefix_blocks)
                     self.prefill_instance = instance
                     return params if isinstance(params, dict) else None
@@ -703,7 +687,7 @@ class Exchange:
         try:
             continuing = False
             while True:
-                leg = _Stream(self.route.request_id, instance, upstream, continuing)
+                leg = _Stream(self.route.request_id, instance, upstream, slot, continuing)
                 async for chunk in self._leg(leg, timing):
                     yield chunk
                 if leg.failure is None:
@@ -755,6 +739,9 @@ class Exchange:
                 else:  # an engine that sends no token ids: one token an event that has a choice
                     tokens = chunk.count(b"data: {") - chunk.count(b'"choices":[]')
                 timing.seen(tokens, now)
+                if tokens and leg.prefilling is not None:
+                    leg.prefilling.first_token()
+                    leg.prefilling = None
                 yield chunk
             if ledger is not None and not ledger.done:
                 leg.failure = f"the engine {instance.id} ended the stream before its end"
@@ -872,10 +859,13 @@ class _Stream:
     """One upstream response of a stream, as the stall watch looks at it: whether and when its last chunk came,
     how to end it; and why it ended early, if it did."""
 
-    __slots__ = ("failure", "first", "instance", "last_at", "moved", "request_id", "stalled", "upstream")
+    __slots__ = ("failure", "first", "instance", "last_at", "moved", "prefilling", "request_id", "stalled", "upstream")
 
-    def __init__(self, request_id: str, instance: Instance, upstream: UpstreamResponse, moved: bool = False):
+    def __init__(
+        self, request_id: str, instance: Instance, upstream: UpstreamResponse, slot: _Slot, moved: bool = False
+    ):
         self.request_id, self.instance, self.upstream = request_id, instance, upstream
+        self.prefilling: _Slot | None = slot  # in its instance's prefill queue until the first token
         self.last_at = time.monotonic()
         self.first = False  # a chunk came
         self.moved = moved  # a continuation elsewhere: watched from its start
@@ -927,23 +917,33 @@ class _Timing:
 
 class _Slot:
     """Counts a request against an instance while it is there; exits once, whatever path ends it. A decode
-    request carrying a prefill instance's KV parameters also holds that instance (kv_pending) until it ends."""
+    request carrying a prefill instance's KV parameters also holds that instance (kv_pending) until it ends. A
+    request the instance prefills itself is in its prefill queue (prefilling_tokens) until its first token."""
 
-    __slots__ = ("_done", "_instance", "_kv_source", "_tokens")
+    __slots__ = ("_done", "_instance", "_kv_source", "_prefilling", "_tokens")
 
     def __init__(self, instance: Instance, tokens: int, kv_source: Instance | None = None):
         self._instance, self._tokens, self._kv_source, self._done = instance, tokens, kv_source, False
+        self._prefilling = 0 if kv_source is not None else tokens
 
     def __enter__(self) -> _Slot:
-        self._instance.in_flight += 1
-        self._instance.in_flight_prompt_tokens += self._tokens
+        instance = self._instance
+        instance.in_flight += 1
+        instance.in_flight_prompt_tokens += self._tokens
+        if self._prefilling:
+            instance.prefill_queued(self._prefilling, time.monotonic())
         if self._kv_source is not None:
             self._kv_source.kv_pending += 1
         return self
 
+    def first_token(self, timed_at: float | None = None) -> None:
+        self._instance.prefill_answered(self._prefilling, timed_at)
+        self._prefilling = 0
+
     def __exit__(self, *_: object) -> None:
         if not self._done:
             self._done = True
+            self.first_token()
             self._instance.in_flight -= 1
             self._instance.in_flight_prompt_tokens -= self._tokens
             if self._kv_source is not None:

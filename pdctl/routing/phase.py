@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pdctl.errors import UnknownPolicy
 from pdctl.routing.pieces import unknown_name
+from pdctl.routing.pool import Instance
 from pdctl.types import ExecutionInstanceType as Phase
 from pdctl.types import PDSeparationConfig
 
@@ -32,14 +33,39 @@ class RequestFeatures:
 
 @dataclass(slots=True)
 class PoolLoad:
-    """The live figures the adaptive policy moves its cut-off by."""
+    """The live figures the load-aware policies (adaptive, conditional) decide by."""
 
     prefill_backlog_s: float = 0.0  # queued prompt tokens on the least loaded prefill instance / its speed
+    prefill_queue_tokens: float = 0.0  # those queued prompt tokens
+    prefill_tokens_per_s: float = 1000.0  # that speed (measured, else the profile's goal)
+    decode_queue_tokens: float = 0.0  # prompt tokens the chosen decode instance is prefilling itself
     decode_running: float = 0.0  # sequences running on the chosen decode instance
     decode_max_seqs: int = 1
     decode_prefill_tokens_per_s: float = 1000.0
     ttft_slo_s: float = 1.0
     tpot_target_s: float = 0.05
+
+
+def pool_load(
+    decode: Instance | None, prefills: list[Instance], default_speed: float, ttft_slo_s: float, tpot_target_s: float
+) -> PoolLoad:
+    """The pools' load as the router (and the simulation, on its own records) sees it now."""
+    load = PoolLoad(ttft_slo_s=ttft_slo_s, tpot_target_s=tpot_target_s, prefill_tokens_per_s=default_speed)
+    backlog = None
+    for prefill in prefills:  # a loop, not min(): this runs per request on the router's hot path
+        speed = prefill.prefill_tokens_per_s or default_speed
+        queued = prefill.in_flight_prompt_tokens
+        if backlog is None or queued / speed < backlog:
+            backlog, load.prefill_queue_tokens, load.prefill_tokens_per_s = queued / speed, queued, speed
+    load.prefill_backlog_s = backlog or 0.0
+    if decode is not None:
+        load.decode_running = decode.in_flight if decode.in_flight > decode.running else decode.running
+        load.decode_max_seqs = decode.max_num_seqs
+        load.decode_prefill_tokens_per_s = decode.prefill_tokens_per_s or default_speed
+        load.decode_queue_tokens = decode.prefilling_tokens
+    else:
+        load.decode_prefill_tokens_per_s = default_speed
+    return load
 
 
 @dataclass(slots=True)
@@ -146,6 +172,36 @@ class AdaptivePolicy(PhasePolicy, name="adaptive"):
             )
             return PhaseDecision(Phase.DECODING, f"{uncached} uncached tokens{cached} < cut-off {cutoff:.0f}", figures)
         return PhaseDecision(Phase.DECODING, f"ratio {ratio:.2f} < {self.config.prefilling_threshold_ratio:g}", figures)
+
+
+class ConditionalPolicy(ThresholdPolicy, name="conditional"):
+    """The threshold rule, except that a prompt it would split goes to the chosen decode instance when the
+    prefill pool is behind: the least loaded prefill instance has more prompt tokens queued than the decode
+    instance is prefilling itself, and prefilling there (that queue and this prompt, at the prefill pool's
+    measured speed: the same engine) would hold the decode instance's running streams no longer than the TPOT
+    target. A burst of long prompts is then shared by both pools, as colocated instances share it, instead of
+    queueing on the prefill instance (conditional disaggregation, as NVIDIA Dynamo's router does it)."""
+
+    def decide(self, features: RequestFeatures, load: PoolLoad) -> PhaseDecision:
+        decision = super().decide(features, load)
+        if decision.phase is not Phase.PREFILLING or load.prefill_queue_tokens <= load.decode_queue_tokens:
+            return decision
+        prefill_queue, decode_queue = round(load.prefill_queue_tokens), round(load.decode_queue_tokens)
+        stall_s = (load.decode_queue_tokens + features.input_tokens) / max(load.prefill_tokens_per_s, 1.0)
+        figures = {
+            **decision.figures,
+            "prefill_queue_tokens": prefill_queue,
+            "decode_queue_tokens": decode_queue,
+            "decode_stall_s": round(stall_s, 4),
+        }
+        if load.decode_running > 0 and stall_s > load.tpot_target_s:
+            why = f"; prefilling on the decode instance would stall its streams {stall_s * 1000:.0f} ms"
+            return PhaseDecision(Phase.PREFILLING, decision.reason + why, figures)
+        return PhaseDecision(
+            Phase.DECODING,
+            f"prefill queue {prefill_queue} tokens > the decode instance's own {decode_queue}: it prefills this one",
+            figures,
+        )
 
 
 class AlwaysPolicy(PhasePolicy, name="always"):

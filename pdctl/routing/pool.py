@@ -32,18 +32,44 @@ class Instance:
     # The router's own view, exact and immediate.
     in_flight: int = 0
     in_flight_prompt_tokens: int = 0
+    # Prompt tokens this instance computes itself and has not yet answered with a first token: the prefill
+    # queue a new prompt waits behind. A decode request that brings its KV cache adds none.
+    prefilling_tokens: int = 0
     # The engine's view, from its /metrics (a scrape interval old).
     running: float = 0.0
     waiting: float = 0.0
     kv_usage: float = 0.0
     # Measured prompt tokens per second of prefill on this instance (EWMA), for TTFT estimates.
     prefill_tokens_per_s: float = 0.0
+    # When the prefill queue last went from empty to busy, and the prompt tokens answered since: the speed
+    # sample. A prompt's own time would count the prompts it waited behind (or was batched with) as slowness.
+    prefill_busy_since: float = 0.0
+    prefill_busy_tokens: int = 0
     # Decode requests still to read this prefill instance's KV cache: it must not stop while any remain.
     kv_pending: int = 0
 
     @property
     def load(self) -> float:
         return instance_load(self.in_flight, self.running, self.waiting, self.max_num_seqs)
+
+    def prefill_queued(self, tokens: int, now: float) -> None:
+        if not self.prefilling_tokens:
+            self.prefill_busy_since, self.prefill_busy_tokens = now, 0
+        self.prefilling_tokens += tokens
+
+    def prefill_answered(self, tokens: int, timed_at: float | None = None) -> None:
+        """A prompt out of the prefill queue; timed_at (its first token's time) moves the speed towards the busy
+        period's. Only the prefill hop is timed: a decode instance's first tokens wait on its decode steps."""
+        self.prefilling_tokens -= tokens
+        if timed_at is None:
+            return
+        self.prefill_busy_tokens += tokens
+        seconds = timed_at - self.prefill_busy_since
+        if seconds > 0:
+            speed = self.prefill_busy_tokens / seconds
+            self.prefill_tokens_per_s = (
+                speed if not self.prefill_tokens_per_s else 0.8 * self.prefill_tokens_per_s + 0.2 * speed
+            )
 
     def record_success(self) -> None:
         self.consecutive_failures = 0

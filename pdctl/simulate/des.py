@@ -21,7 +21,14 @@ from pdctl.perfmodel.hardware import HardwareProfile
 from pdctl.perfmodel.scheduler import Engine, EngineConfig, EngineRequest
 from pdctl.perfmodel.steptime import StepModel
 from pdctl.profile import ClusterProfile
-from pdctl.routing.phase import PhaseDecision, PoolLoad, RequestFeatures, make_phase_policy, with_availability
+from pdctl.routing.phase import (
+    PhaseDecision,
+    PoolLoad,
+    RequestFeatures,
+    make_phase_policy,
+    pool_load,
+    with_availability,
+)
 from pdctl.routing.pieces import RoutingRequest, Selection, make_strategy
 from pdctl.routing.pool import Instance, Pool
 from pdctl.routing.prefix import PrefixTable, block_ends
@@ -87,8 +94,12 @@ class _Ticket:
 
     flight: _Flight
     node: _Node
-    started: float
     on_token: Callable[[EngineRequest], None]
+    prefilling: int = 0  # prompt tokens in the node's prefill queue (Instance.prefilling_tokens) until a token
+
+    def first_token(self, timed_at: float | None = None) -> None:
+        self.node.record.prefill_answered(self.prefilling, timed_at)
+        self.prefilling = 0
 
 
 def _hashes(request: SimRequest, ends: Iterable[int]) -> list[int]:
@@ -218,17 +229,13 @@ class ClusterSim:
         return decision, prefill, decode
 
     def _load(self, decode: Selection | None, prefills: list[Instance]) -> PoolLoad:
-        default_speed = self.profile.prefill.target_throughput_tokens_per_sec
-        backlog = min((p.in_flight_prompt_tokens / (p.prefill_tokens_per_s or default_speed) for p in prefills),
-                      default=0.0)  # fmt: skip
-        chosen = decode.instance if decode else None
-        return PoolLoad(
-            prefill_backlog_s=backlog,
-            decode_running=max(chosen.in_flight, chosen.running) if chosen else 0.0,
-            decode_max_seqs=chosen.max_num_seqs if chosen else 1,
-            decode_prefill_tokens_per_s=(chosen.prefill_tokens_per_s if chosen else 0) or default_speed,
-            ttft_slo_s=self.profile.router.slo.ttft_ms / 1000,
-            tpot_target_s=self.profile.slo_tpot_ms / 1000,
+        profile = self.profile
+        return pool_load(
+            decode.instance if decode else None,
+            prefills,
+            profile.prefill.target_throughput_tokens_per_sec,
+            profile.router.slo.ttft_ms / 1000,
+            profile.slo_tpot_ms / 1000,
         )
 
     def _route(self, flight: _Flight) -> bool:
@@ -269,7 +276,11 @@ class ClusterSim:
             external_tokens=external,
             ready_at=ready_at,
         )
-        engine_request.tag = _Ticket(flight, node, self.now, self._prefilled if prefill_only else self._token)
+        prefilling = 0 if external else request.input_tokens
+        if prefilling:
+            node.record.prefill_queued(prefilling, self.now)
+        on_token = self._prefilled if prefill_only else self._token
+        engine_request.tag = _Ticket(flight, node, on_token, prefilling)
         node.engine.add(engine_request)  # raises ready_at to when the instance's API server has taken it in
         if engine_request.ready_at > self.now:
             self.at(engine_request.ready_at, lambda: self._kick(node))
@@ -312,13 +323,8 @@ class ClusterSim:
 
     def _prefilled(self, engine_request: EngineRequest) -> None:
         ticket: _Ticket = engine_request.tag
-        node, flight = ticket.node, ticket.flight
-        seconds = self.now - ticket.started
-        speed = engine_request.prompt_tokens / seconds if seconds > 0 else 0.0
-        record = node.record
-        record.prefill_tokens_per_s = (
-            speed if not record.prefill_tokens_per_s else 0.8 * record.prefill_tokens_per_s + 0.2 * speed
-        )
+        ticket.first_token(timed_at=self.now)
+        flight = ticket.flight
         self._release(engine_request)
         assert flight.decode is not None
         # The decode instance pulls the KV once the request has reached it and its API server has taken it in,
@@ -333,8 +339,10 @@ class ClusterSim:
         self._submit(flight.decode, flight, prefill_only=False, external=flight.request.input_tokens, ready_at=ready)
 
     def _token(self, engine_request: EngineRequest) -> None:
-        flight: _Flight = engine_request.tag.flight
-        record = flight.record
+        ticket: _Ticket = engine_request.tag
+        flight, record = ticket.flight, ticket.flight.record
+        if ticket.prefilling:
+            ticket.first_token()
         if flight.tokens == 0:
             record.ttft = self.now - record.arrival_s
         else:
