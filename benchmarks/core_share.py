@@ -104,14 +104,15 @@ def main() -> None:
     # threshold: every long prompt takes the prefill hop, so the prefill instance's core is what is measured.
     parser.add_argument("--policy", default="threshold", help="pd.routing_policy of both variants")
     args = parser.parse_args()
-    variants = [("kept on its cores", keep_cores(True, args.policy)), ("vLLM's own", keep_cores(False, args.policy))]
+    variants = [("kept", keep_cores(True, args.policy)), ("vllm-own", keep_cores(False, args.policy))]
     columns = {
         name: figures
         for name, _, figures in each_variant(
             args.profile, variants, state_root(), lambda target: measure(target, args), _Quiet()
         )
     }
-    print(f"\n{args.profile}, PD, {args.policy}: {args.num_prompts} requests of {args.input_len} in / "
+    print("\nkept: cpu.keep_worker_cores true (pdctl's hook); vllm-own: false (the NIXL connector moves the thread)")
+    print(f"{args.profile}, PD, {args.policy}: {args.num_prompts} requests of {args.input_len} in / "
           f"{args.output_len} out, {args.concurrency} clients; prefill hop over the router's last 60 s")  # fmt: skip
     names = list(columns)
     print(f"{'':40}" + "".join(f"{name:>20}" for name in names))
