@@ -111,9 +111,13 @@ def test_every_process_carries_the_cluster_token(local_cluster: LocalCluster):
 def test_each_instance_runs_its_model_on_its_own_core(local_cluster: LocalCluster):
     """vLLM's NIXL connector moves the thread that builds it, the Worker's main thread, which runs the model, to
     the host's last core: the decode instance's here. pdctl's runtime hook keeps it where vLLM bound it."""
-    workers = [p for p in procs.marked_processes(local_cluster.state().token) if p.name() == "VLLM::Worker"]
-    bound = sorted((p.environ()["VLLM_CPU_OMP_THREADS_BIND"], sorted(os.sched_getaffinity(p.pid))) for p in workers)
-    assert bound == [("0", [0]), ("1", [1])]
+    bound = []
+    # From each API server down: vLLM's setproctitle hides the Worker's own environment from /proc.
+    for server in procs.marked_processes(local_cluster.state().token):
+        cores = server.environ()["VLLM_CPU_OMP_THREADS_BIND"]
+        workers = [p for p in server.children(recursive=True) if p.name() == "VLLM::Worker"]
+        bound += [(cores, sorted(os.sched_getaffinity(worker.pid))) for worker in workers]
+    assert sorted(bound) == [("0", [0]), ("1", [1])]
 
 
 def test_the_router_sends_long_prompts_through_prefill_and_nixl(local_cluster: LocalCluster):
