@@ -473,3 +473,7 @@ def main() -> None:
             "(set PDCTL_DEBUG=1 for the traceback)"
         )
         sys.exit(1)
+
+
+if __name__ == "__main__":  # `python -m pdctl.cli` as `python -m pdctl`: not a silent no-op
+    main()

@@ -144,6 +144,19 @@ async def test_a_completion_stream_moves_and_is_the_stream_without_the_fault(kin
         assert len(continued) == 1 and continued[0]["max_tokens"] == 25
 
 
+async def test_a_stream_whose_engine_fails_before_its_first_event_starts_again_whole_elsewhere():
+    """An error event before any token: the request starts again on the other instance, whose stream is judged on
+    its own events (the first engine's error event once ended the second's stream at its first chunk)."""
+    body = {"prompt": PROMPT, "max_tokens": 20, "temperature": 0}
+    async with cluster(TWO_DECODE) as c:
+        baseline, _ = await stream(c.url, body)
+        c.faults.append(Fault(after_tokens=0, kind="error"))
+        events, response = await stream(c.url, body)
+        assert text(events) == text(baseline) == text_of(expected(list(PROMPT.encode()), 20))
+        assert response.trailers["x-pdctl-migrations"] == "1"
+        assert c.migrations() == {"failed": 1.0}
+
+
 async def test_a_chat_stream_moves_into_chat_events_token_for_token():
     body = {"messages": CHAT, "max_tokens": 30, "temperature": 0, "return_token_ids": True}
     async with cluster(TWO_DECODE) as c:

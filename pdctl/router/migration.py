@@ -196,6 +196,12 @@ class StreamLedger:
         self.migrations += 1
         return continued
 
+    def restart(self) -> None:
+        """The request starts again whole elsewhere: the new stream is judged on its own events, not on the error
+        event that ended the last one (which would end the new one at its first chunk, that chunk lost)."""
+        self.failed_event = None
+        self.migrations += 1
+
     def closing_events(self) -> bytes:
         """The end of a stream whose every token the client already has (the engine failed after its last token,
         before its finish event)."""

@@ -771,7 +771,7 @@ class Exchange:
                 return ledger.closing_events()
             path = "/v1/completions"
         elif ledger.first_event is None:  # no event reached the client: the request starts again, whole
-            ledger.migrations += 1
+            ledger.restart()
             body = {k: v for k, v in self.body.items() if k != router.kv_field}
             path = self.path
         else:
