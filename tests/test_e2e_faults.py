@@ -9,6 +9,7 @@ suite prints the same faults as a table.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -94,8 +95,9 @@ def stream_text(url: str, body: dict, parts: list[str] | None = None, headers: d
 
 def test_streams_on_stalled_decode_engines_move_token_for_token(cluster: FaultCluster):
     """A completions stream, then a chat stream, at temperature 0, each with its decode engine SIGSTOPped
-    mid-stream: the first moves to the other decode instance, the second (both decode engines stopped now) to
-    the prefill instance; each is, character for character, the stream without the fault."""
+    mid-stream: the first moves to the other decode instance, the second to the prefill instance while the first
+    decode instance is still being replaced, or to that instance once it is back (a restart on two cores takes
+    20 to 60 s); each is, character for character, the stream without the fault."""
     # ignore_eos: the random-weight model may end a stream early, before the fault; each must be under way.
     common = {"model": cluster.model, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
     bodies = [
@@ -112,7 +114,9 @@ def test_streams_on_stalled_decode_engines_move_token_for_token(cluster: FaultCl
     assert sorted(cluster.faulted) == ["decode-0", "decode-1"]
     log = (cluster.dir.path / "daemon.log").read_text()
     assert cluster.migrations() - before == 2, [line for line in log.splitlines() if "WARNING" in line][-20:]
-    assert "moved from decode-" in log and " to prefill-0" in log
+    for stopped in cluster.faulted:
+        moved_to = re.findall(rf"moved from {stopped} to (\S+)", log)
+        assert moved_to and stopped not in moved_to, moved_to
 
 
 def stream_with_its_engine_stopped(cluster: FaultCluster, body: dict) -> tuple[str | BaseException, str]:
