@@ -264,12 +264,13 @@ def test_conditional_shares_a_burst_of_long_prompts_between_the_pools(tmp_path):
         for wave in range(2):  # the second finds both queues empty again, or it splits differently
             phases: list[str] = []
 
-            def send(index: int, phases: list[str] = phases) -> None:
-                response = completion(router, f"{index} {LONG * 2}")  # 720 byte tokens: seconds of prefill
+            def send(prompt: str, phases: list[str] = phases) -> None:
+                response = completion(router, prompt)
                 assert response.status_code == 200
                 phases.append(response.headers["x-pdctl-phase"])
 
-            threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+            # 720 byte tokens, seconds of prefill; a prompt of its own each time: none is in a prefix cache.
+            threads = [threading.Thread(target=send, args=(f"{wave} {i} {LONG * 2}",)) for i in range(4)]
             for thread in threads:
                 thread.start()
                 time.sleep(0.05)  # in this order: each decision sees the ones before it
