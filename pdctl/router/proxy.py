@@ -943,7 +943,8 @@ class _Slot:
     def __exit__(self, *_: object) -> None:
         if not self._done:
             self._done = True
-            self.first_token()
+            if self._prefilling:
+                self.first_token()
             self._instance.in_flight -= 1
             self._instance.in_flight_prompt_tokens -= self._tokens
             if self._kv_source is not None:

@@ -50,7 +50,12 @@ def pool_load(
     decode: Instance | None, prefills: list[Instance], default_speed: float, ttft_slo_s: float, tpot_target_s: float
 ) -> PoolLoad:
     """The pools' load as the router (and the simulation, on its own records) sees it now."""
-    load = PoolLoad(ttft_slo_s=ttft_slo_s, tpot_target_s=tpot_target_s, prefill_tokens_per_s=default_speed)
+    load = PoolLoad(
+        ttft_slo_s=ttft_slo_s,
+        tpot_target_s=tpot_target_s,
+        prefill_tokens_per_s=default_speed,
+        decode_prefill_tokens_per_s=default_speed,
+    )
     backlog = None
     for prefill in prefills:  # a loop, not min(): this runs per request on the router's hot path
         speed = prefill.prefill_tokens_per_s or default_speed
@@ -63,8 +68,6 @@ def pool_load(
         load.decode_max_seqs = decode.max_num_seqs
         load.decode_prefill_tokens_per_s = decode.prefill_tokens_per_s or default_speed
         load.decode_queue_tokens = decode.prefilling_tokens
-    else:
-        load.decode_prefill_tokens_per_s = default_speed
     return load
 
 
